@@ -1,0 +1,1 @@
+"""The emotion model and everything that changes it."""

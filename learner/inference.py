@@ -1,0 +1,82 @@
+"""Turning a clip into an emotion with probabilities, for the CLI, evaluation and the service."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from learner.audio import decode_audio
+from learner.checkpoint import LoadedModel
+from learner.features import extract_features
+
+
+@dataclass(frozen=True)
+class Prediction:
+    emotion: str
+    confidence: float
+    probabilities: dict[str, float]
+
+
+class EmotionPredictor:
+    """A loaded model ready for inference: eval mode, no gradients."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.labels = model.labels
+
+    @torch.inference_mode()
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """(frames, F) -> (n_labels,) logits."""
+        x = torch.from_numpy(features).unsqueeze(0)
+        lengths = torch.tensor([features.shape[0]])
+        return self.model.net(x, lengths)[0].numpy()
+
+    @torch.inference_mode()
+    def logits_batch(self, features: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Many clips at once, batched by similar length (padding does not change outputs,
+        it only costs time). -> (n_clips, n_labels)."""
+        order = sorted(range(len(features)), key=lambda i: features[i].shape[0])
+        out = np.zeros((len(features), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            x, lengths = pad_batch([features[i] for i in chunk])
+            out[chunk] = self.model.net(x, lengths).numpy()
+        return out
+
+    def predict_features(self, features: np.ndarray, allowed: tuple[str, ...] | None = None) -> Prediction:
+        """`allowed` restricts the answer to a subset of labels (the per-corpus evaluation protocol)."""
+        return self.predict_logits(self.logits(features), allowed)
+
+    def predict_wave(self, wave: np.ndarray) -> Prediction:
+        return self.predict_features(extract_features(wave))
+
+    def predict_audio(self, source, max_seconds: float = 30.0) -> Prediction:
+        return self.predict_wave(decode_audio(source, max_seconds=max_seconds))
+
+    def warm_up(self) -> None:
+        """Run once on a synthetic clip, so numba compilation and first-call allocations happen
+        before a user's request does."""
+        t = np.arange(int(1.5 * 16_000)) / 16_000
+        wave = (0.3 * np.sin(2 * np.pi * 180 * t) * np.hanning(t.size)).astype(np.float32)
+        self.predict_wave(wave)
+
+    def predict_logits(self, logits: np.ndarray, allowed: tuple[str, ...] | None = None) -> Prediction:
+        if allowed is not None:
+            keep = np.array([label in allowed for label in self.labels])
+            logits = np.where(keep, logits, -np.inf)
+        shifted = np.exp(logits - logits.max())
+        probs = shifted / shifted.sum()
+        best = int(probs.argmax())
+        return Prediction(
+            emotion=self.labels[best],
+            confidence=float(probs[best]),
+            probabilities={label: float(p) for label, p in zip(self.labels, probs)},
+        )
+
+
+def pad_batch(features: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (frames_i, F) -> zero-padded (B, max_frames, F) float32 and (B,) lengths."""
+    lengths = torch.tensor([f.shape[0] for f in features])
+    batch = torch.zeros(len(features), int(lengths.max()), features[0].shape[1])
+    for i, f in enumerate(features):
+        batch[i, : f.shape[0]] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+    return batch, lengths

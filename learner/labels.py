@@ -1,0 +1,41 @@
+"""The canonical emotion labels and how each corpus's own codes map onto them."""
+
+# RAVDESS's eight, in the order the bundled default model's head uses.
+DEFAULT_LABELS: tuple[str, ...] = (
+    "neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised",
+)
+# Every label a corpus in the shared layout may carry.
+CANONICAL_LABELS: tuple[str, ...] = DEFAULT_LABELS + ("boredom",)
+
+# The corpora's own codes, for reading originals that were not converted to the shared layout.
+RAVDESS_CODES = {
+    "01": "neutral", "02": "calm", "03": "happy", "04": "sad",
+    "05": "angry", "06": "fearful", "07": "disgust", "08": "surprised",
+}
+TESS_WORDS = {
+    "neutral": "neutral", "happy": "happy", "sad": "sad", "angry": "angry",
+    "fear": "fearful", "disgust": "disgust", "ps": "surprised",
+}
+BANGLASER_CODES = {"01": "happy", "02": "sad", "03": "angry", "04": "surprised", "05": "neutral"}
+
+
+def canonical_label(label: str) -> str:
+    """Normalise a user's or a manifest's label; raises ValueError for a label we do not know."""
+    normalised = label.strip().lower()
+    if normalised not in CANONICAL_LABELS:
+        raise ValueError(
+            f"unknown emotion label {label!r}; known labels: {', '.join(CANONICAL_LABELS)}"
+        )
+    return normalised
+
+
+def label_from_source(corpus: str, source_label: str) -> str:
+    """Map a corpus's own code (RAVDESS '05-strong', TESS 'ps', BanglaSER '03') to a canonical label."""
+    code = source_label.strip().lower()
+    if corpus == "ravdess":
+        return RAVDESS_CODES[code.split("-")[0]]
+    if corpus == "tess":
+        return TESS_WORDS[code]
+    if corpus == "banglaser":
+        return BANGLASER_CODES[code]
+    raise KeyError(f"no label mapping for corpus {corpus!r}")

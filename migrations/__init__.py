@@ -1,0 +1,1 @@
+"""Alembic environment and versions: the only way emoloop's schema is made (storage.migrate)."""

@@ -1,0 +1,1 @@
+"""Everything that answers requests: the CLI now, the HTTP API next."""

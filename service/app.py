@@ -1,0 +1,95 @@
+"""The FastAPI app. `create_app(settings)` builds one; `emoloop serve` runs `app_for_worker` in
+every uvicorn worker process.
+
+Start-up does not wait for the model: the process answers /health at once, and loads, checks
+and warms up the active model in the background; /ready turns true when that is done. From then
+on the same task polls the registry, so a version activated elsewhere is served here too.
+"""
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from service.bootstrap import BundledModelMissing, register_bundled_model
+from service.engine import InferenceEngine
+from service.errors import install_error_handlers
+from service.group_commit import GroupCommitWriter
+from service.metrics import RequestMetrics
+from service.routes import api_router
+from service.upload_limit import UploadSizeLimit
+from storage.artifacts import ArtifactStore
+from storage import db
+from storage.db import create_db_engine, make_session_factory
+from storage.settings import Settings, get_settings
+
+log = logging.getLogger("emoloop.service")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    db_engine = create_db_engine(settings.database.url,
+                                 busy_timeout_s=settings.database.busy_timeout_s)
+    session_factory = make_session_factory(db_engine)
+    # TEMPORARY fallback until storage.db has make_read_session_factory (requested).
+    read_session_factory = getattr(db, "make_read_session_factory", make_session_factory)(db_engine)
+    artifacts = ArtifactStore(settings.storage.artifacts_dir)
+    engine = InferenceEngine(read_session_factory, artifacts,
+                             max_audio_seconds=settings.api.max_audio_seconds)
+    writer = GroupCommitWriter(session_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        writer.start()
+        follower = asyncio.create_task(follow_active_model(
+            engine, session_factory, settings.api.model_poll_interval_s))
+        try:
+            yield
+        finally:
+            follower.cancel()
+            writer.stop()
+            db_engine.dispose()
+
+    app = FastAPI(title="emoloop", version="0.1.0", lifespan=lifespan,
+                  description="Speech emotion recognition that learns from its users' "
+                              "corrections. Send `Authorization: Bearer KEY` on /v1 routes.")
+    app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.read_session_factory = read_session_factory
+    app.state.writer = writer
+    app.state.artifacts = artifacts
+    app.state.engine = engine
+    install_error_handlers(app)
+    app.include_router(api_router)
+    # The last added runs first: metrics see every request, 413s from the size limit included.
+    app.add_middleware(UploadSizeLimit, max_file_bytes=settings.api.max_upload_bytes)
+    app.add_middleware(RequestMetrics)
+    return app
+
+
+async def follow_active_model(engine: InferenceEngine, session_factory: sessionmaker[Session],
+                              poll_interval_s: float) -> None:
+    """Load the active model (registering the bundled one on an empty registry), then keep
+    following the registry's active version."""
+    try:
+        await run_in_threadpool(register_bundled_model, session_factory, engine.artifacts)
+    except BundledModelMissing as err:
+        log.error("%s", err)  # /ready stays false until a version is registered and activated
+    while True:
+        try:
+            await run_in_threadpool(engine.refresh)
+        except Exception:  # the database may be away for a moment; keep serving, retry
+            log.exception("could not check the active model version")
+        await asyncio.sleep(poll_interval_s)
+
+
+def app_for_worker() -> FastAPI:
+    """The uvicorn factory `emoloop serve` runs in each worker process."""
+    import torch
+
+    # One thread per worker: N workers on N cores, instead of N workers each starting a thread
+    # per core and fighting over them.
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    return create_app(get_settings())

@@ -1,0 +1,1 @@
+"""Benchmarks behind `emoloop bench ...`: they print medians, targets and ratios side by side."""

@@ -1,0 +1,48 @@
+"""Typed dependencies the routes declare, all made once per app in `service.app`: database
+sessions, the group-commit writer, the artifact store, the inference engine, the settings."""
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from service.engine import InferenceEngine
+from service.group_commit import GroupCommitWriter
+from storage.artifacts import ArtifactStore
+from storage.settings import Settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session for reads and writes (on SQLite, its transactions take the write lock)."""
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+def get_read_session(request: Request) -> Iterator[Session]:
+    """A session for reads only: on SQLite it never waits for a writer's commit."""
+    with request.app.state.read_session_factory() as session:
+        yield session
+
+
+def get_writer(request: Request) -> GroupCommitWriter:
+    return request.app.state.writer
+
+
+def get_engine(request: Request) -> InferenceEngine:
+    return request.app.state.engine
+
+
+def get_artifacts(request: Request) -> ArtifactStore:
+    return request.app.state.artifacts
+
+
+def get_settings_from_app(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+WriterDep = Annotated[GroupCommitWriter, Depends(get_writer)]
+EngineDep = Annotated[InferenceEngine, Depends(get_engine)]
+ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
+SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]

@@ -1,0 +1,130 @@
+"""The inference engine: which model answers, and how it is replaced while requests run.
+
+A request takes `engine.serving` once and uses that model to the end, so swapping a version in
+(`engine.activate`) never changes a request half-way: in-flight requests finish on the model
+they started with and the next ones get the new one. A model is loaded and warmed up completely
+before the swap, from the artifact store with its sha256 checked; a file that fails the check or
+does not load is never swapped in, and the model serving before keeps serving.
+
+Each worker process has its own engine. A version activated through another process (another
+worker, the CLI, the learner) is noticed by `refresh`, which the app runs every
+`api.model_poll_interval_s` seconds.
+"""
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from learner.audio import decode_audio
+from learner.checkpoint import ModelFileError, model_from_bytes
+from learner.features import extract_features
+from learner.inference import EmotionPredictor, Prediction
+from service.metrics import ACTIVE_MODEL_VERSION
+from storage.artifacts import ArtifactError, ArtifactStore
+from storage.registry import ModelRegistry
+
+log = logging.getLogger("emoloop.engine")
+
+
+class ModelLoadError(RuntimeError):
+    """A version that cannot be served: unknown, its file missing or corrupt, or not a model."""
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    version: int
+    predictor: EmotionPredictor
+
+
+@dataclass(frozen=True)
+class Inference:
+    model: ServingModel
+    wave: np.ndarray  # the decoded clip, 16 kHz mono
+    prediction: Prediction
+    latency_ms: float
+
+
+class InferenceEngine:
+    def __init__(self, session_factory: sessionmaker[Session], artifacts: ArtifactStore,
+                 *, max_audio_seconds: float):
+        self.session_factory = session_factory
+        self.artifacts = artifacts
+        self.max_audio_seconds = max_audio_seconds
+        self._serving: ServingModel | None = None
+        # Held while deciding and making a swap, so a poll that read the old active version
+        # cannot swap it back in after an activation in this process swapped the new one.
+        self._swap_lock = threading.Lock()
+        self._unloadable: set[int] = set()  # versions whose file failed; logged once, not retried
+
+    @property
+    def serving(self) -> ServingModel | None:
+        """The model new requests use; None until the first one is loaded and warm."""
+        return self._serving
+
+    def load(self, version: int) -> ServingModel:
+        """Read, verify, build and warm up a version without serving it."""
+        with self.session_factory() as session:
+            row = ModelRegistry(session, self.artifacts).get(version)
+            session.commit()  # end the read transaction at once (SQLite: it holds the write lock)
+        if row is None:
+            raise ModelLoadError(f"no model version {version}")
+        try:
+            data = self.artifacts.read_model(row.artifact_path, row.sha256)
+            predictor = EmotionPredictor(model_from_bytes(data, expected_sha256=row.sha256))
+        except (ArtifactError, ModelFileError) as err:
+            raise ModelLoadError(f"model version {version} cannot be loaded: {err}") from err
+        predictor.warm_up()  # first-call allocations happen here, not in a user's request
+        return ServingModel(version, predictor)
+
+    def serve(self, model: ServingModel) -> None:
+        """Swap a loaded model in for the requests that start from now on."""
+        with self._swap_lock:
+            self._swap(model)
+
+    def activate(self, version: int) -> ServingModel:
+        """Load a version and swap it in; raises ModelLoadError and keeps the current model if
+        it cannot be loaded. Does not change the registry: the caller records activations."""
+        model = self.load(version)
+        self.serve(model)
+        return model
+
+    def refresh(self) -> int | None:
+        """Serve the registry's active global version if this process does not yet; returns the
+        version served. A version that fails to load is logged once and skipped until another
+        one is activated."""
+        with self._swap_lock:
+            with self.session_factory() as session:
+                active = ModelRegistry(session, self.artifacts).active_global()
+                session.commit()
+            if active is None:
+                return None
+            current = self._serving.version if self._serving else None
+            if active.version != current and active.version not in self._unloadable:
+                try:
+                    self._swap(self.load(active.version))
+                except ModelLoadError as err:
+                    self._unloadable.add(active.version)
+                    log.error("%s; still serving version %s", err, current)
+            return self._serving.version if self._serving else None
+
+    def predict(self, audio: bytes) -> Inference:
+        """Decode, compute features and predict, on the model serving when called. Raises
+        AudioError for a clip we refuse. CPU-bound: call it from a worker thread."""
+        model = self._serving
+        if model is None:
+            raise ModelLoadError("no model is loaded yet")
+        start = time.perf_counter()
+        wave = decode_audio(audio, max_seconds=self.max_audio_seconds)
+        prediction = model.predictor.predict_features(extract_features(wave))
+        return Inference(model, wave, prediction, (time.perf_counter() - start) * 1000)
+
+    def _swap(self, model: ServingModel) -> None:
+        previous = self._serving.version if self._serving else None
+        self._serving = model  # one reference assignment: atomic for the threads reading it
+        self._unloadable.discard(model.version)
+        ACTIVE_MODEL_VERSION.set(model.version)
+        if previous != model.version:
+            log.info("serving model version %s (was %s)", model.version, previous)

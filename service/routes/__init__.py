@@ -1,0 +1,11 @@
+"""The API's routes, one small module per resource."""
+from fastapi import APIRouter
+
+from service.routes import admin, feedback, health, models, predictions
+
+api_router = APIRouter()
+api_router.include_router(predictions.router)
+api_router.include_router(feedback.router)
+api_router.include_router(models.router)
+api_router.include_router(admin.router)
+api_router.include_router(health.router)

@@ -1,0 +1,45 @@
+"""The labels and the model versions, for any key."""
+from fastapi import APIRouter
+
+from learner.labels import CANONICAL_LABELS
+from service.auth import CurrentKey
+from service.deps import ArtifactsDep, EngineDep, ReadSessionDep
+from service.errors import ERROR_RESPONSES, ApiError, not_found
+from service.schemas import LabelsOut, ModelVersionOut
+from storage.models import ModelVersion
+from storage.registry import ModelRegistry
+
+router = APIRouter(prefix="/v1", tags=["models"], responses=ERROR_RESPONSES)
+
+
+@router.get("/labels", response_model=LabelsOut)
+def list_labels(_: CurrentKey, engine: EngineDep) -> LabelsOut:
+    serving = engine.serving
+    if serving is None:
+        raise ApiError(503, "not_ready", "the model is still loading; retry shortly")
+    return LabelsOut(model_version=serving.version, labels=list(serving.predictor.labels),
+                     feedback_labels=list(CANONICAL_LABELS))
+
+
+@router.get("/models", response_model=list[ModelVersionOut])
+def list_models(_: CurrentKey, session: ReadSessionDep,
+                artifacts: ArtifactsDep) -> list[ModelVersionOut]:
+    versions = ModelRegistry(session, artifacts).list_versions(scope="global")
+    return [model_version_out(v) for v in versions]
+
+
+@router.get("/models/{version}", response_model=ModelVersionOut)
+def get_model(version: int, _: CurrentKey, session: ReadSessionDep,
+              artifacts: ArtifactsDep) -> ModelVersionOut:
+    row = ModelRegistry(session, artifacts).get(version)
+    # Personal versions belong to one user; they are not listed to apps.
+    if row is None or row.scope != "global":
+        raise not_found(f"model version {version}")
+    return model_version_out(row)
+
+
+def model_version_out(row: ModelVersion) -> ModelVersionOut:
+    return ModelVersionOut(version=row.version, parent_version=row.parent_version,
+                           status=row.status, labels=row.labels, sha256=row.sha256,
+                           metrics=row.metrics, gate_report=row.gate_report,
+                           created_at=row.created_at, activated_at=row.activated_at)

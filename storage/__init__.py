@@ -1,0 +1,1 @@
+"""Everything persisted: the SQL store and the artifact store."""

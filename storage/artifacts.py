@@ -1,0 +1,65 @@
+"""The artifact store: audio clips and model files on the local disk, under one root.
+
+Paths handed out and recorded in SQL are relative to the root (`clips/ab/ab12....wav`,
+`models/3.safetensors`), so the data directory can be moved. Every file goes through
+`storage.files.write_atomic`: a reader sees a whole file or none.
+"""
+import re
+from pathlib import Path
+
+from storage.files import sha256_bytes, write_atomic
+
+_EXTENSION = re.compile(r"^\.[a-z0-9]{1,8}$")
+
+
+class ArtifactError(RuntimeError):
+    """A stored file that is missing, unreadable or does not match its recorded sha256."""
+
+
+class ArtifactStore:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    def put_clip(self, data: bytes, extension: str = ".bin") -> tuple[str, str]:
+        """Store a clip under its sha256; returns (sha256, relative path). The same bytes sent
+        again reuse the file already there."""
+        digest = sha256_bytes(data)
+        extension = extension.lower() if _EXTENSION.match(extension.lower()) else ".bin"
+        relative = f"clips/{digest[:2]}/{digest}{extension}"
+        if not self.path(relative).is_file():
+            write_atomic(self.path(relative), data)
+        return digest, relative
+
+    def put_model(self, version: int, data: bytes) -> tuple[str, str]:
+        """Write a model file atomically; returns (sha256, relative path)."""
+        relative = f"models/{int(version)}.safetensors"
+        write_atomic(self.path(relative), data)
+        return sha256_bytes(data), relative
+
+    def read_model(self, relative: str, expected_sha256: str) -> bytes:
+        """The model file's bytes, checked against the sha256 recorded when it was written."""
+        return self.read_checked(relative, expected_sha256)
+
+    def read_checked(self, relative: str, expected_sha256: str) -> bytes:
+        try:
+            data = self.path(relative).read_bytes()
+        except OSError as err:
+            raise ArtifactError(f"cannot read artifact {relative}: {err.strerror}") from err
+        digest = sha256_bytes(data)
+        if digest != expected_sha256:
+            raise ArtifactError(f"artifact {relative} is corrupt: sha256 {digest}, "
+                                f"expected {expected_sha256}")
+        return data
+
+    def delete(self, relative: str) -> None:
+        """Remove a stored file; a file already gone is not an error (deletion is retried after
+        crashes)."""
+        self.path(relative).unlink(missing_ok=True)
+
+    def path(self, relative: str) -> Path:
+        """The absolute path of a stored file. Paths come from the database; one pointing outside
+        the root is refused rather than followed."""
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root):
+            raise ArtifactError(f"artifact path {relative!r} leaves the artifact store")
+        return path

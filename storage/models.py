@@ -1,0 +1,214 @@
+"""The SQL schema as typed SQLAlchemy models.
+
+The tables are made only by the Alembic migrations in `migrations/`; these classes describe them
+for queries and for `alembic revision --autogenerate`, which must come out empty after a migration.
+"""
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index,
+                        MetaData, String, Text, TypeDecorator, Uuid, text)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, so migrations can refer to them on both SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MODEL_STATUSES = ("candidate", "active", "rejected", "retired")
+MODEL_SCOPES = ("global", "user")
+KEY_ROLES = ("app", "admin")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out. PostgreSQL stores `timestamptz`; SQLite keeps no zone, so
+    values are normalised to UTC on the way in and marked UTC on the way out. Naive datetimes are
+    refused: a local time written by mistake would silently shift every timestamp."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware UTC time")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[str]: JSON}
+
+
+class Clip(Base):
+    """One uploaded audio clip, stored once however often it is sent (content-addressed)."""
+
+    __tablename__ = "clips"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    duration_s: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[int]
+    artifact_path: Mapped[str] = mapped_column(String(255))  # relative to the artifact root
+    size_bytes: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint("role IN ('app', 'admin')", name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(10))
+    # sha256 of the whole key. Keys are 256-bit random tokens, so a leaked hash cannot be brute
+    # forced whatever the hash's speed; a slow password hash (bcrypt, argon2) would only add tens
+    # of milliseconds to every request.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings so a key can be recognised
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class ModelVersion(Base):
+    """One trained model. Numbers come from `model_version_counter`, so they only go up."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        CheckConstraint("status IN ('candidate', 'active', 'rejected', 'retired')", name="status"),
+        CheckConstraint("(scope = 'global' AND user_id IS NULL) OR "
+                        "(scope = 'user' AND user_id IS NOT NULL)", name="scope"),
+        # The database itself guarantees one active global model and one active model per user.
+        Index("uq_model_versions_active_global", "scope", unique=True,
+              sqlite_where=text("status = 'active' AND scope = 'global'"),
+              postgresql_where=text("status = 'active' AND scope = 'global'")),
+        Index("uq_model_versions_active_user", "user_id", unique=True,
+              sqlite_where=text("status = 'active' AND scope = 'user'"),
+              postgresql_where=text("status = 'active' AND scope = 'user'")),
+    )
+
+    version: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    parent_version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.version"))
+    scope: Mapped[str] = mapped_column(String(10), default="global")
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    labels: Mapped[list[str]]
+    artifact_path: Mapped[str] = mapped_column(String(255))  # relative to the artifact root
+    sha256: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    gate_report: Mapped[dict[str, Any] | None]
+    status: Mapped[str] = mapped_column(String(10), default="candidate")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    activated_at: Mapped[datetime | None]
+
+
+class ModelVersionCounter(Base):
+    """A single row holding the last version number handed out. Registering locks it, so two
+    registrations in flight get distinct numbers, and a deleted version never frees its number."""
+
+    __tablename__ = "model_version_counter"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    last_version: Mapped[int]
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(20))  # schedule, manual, ...
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    gate_report: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    candidate_version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.version"))
+
+
+class Prediction(Base):
+    """Everything a later learning round needs: the clip, the model version, the probabilities."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)  # the app
+    user_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    clip_id: Mapped[int] = mapped_column(ForeignKey("clips.id"), index=True)
+    model_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
+    label: Mapped[str] = mapped_column(String(64))
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict[str, Any]]
+    latency_ms: Mapped[float] = mapped_column(Float)
+    personal: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Feedback(Base):
+    """A label an app sent back for one of its predictions; a confirmation counts too."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prediction_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("predictions.id"), index=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    user_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # NULL until a learning round uses it; counting NULLs here is how a round decides to start.
+    consumed_by_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"),
+                                                           index=True)
+
+
+class ReplayExemplar(Base):
+    """One clip of the learner's class-balanced replay buffer, kept across rounds."""
+
+    __tablename__ = "replay_exemplars"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    clip_id: Mapped[int] = mapped_column(ForeignKey("clips.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(20))  # base, feedback
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # None when the CLI or the learner acted.
+    actor_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+    action: Mapped[str] = mapped_column(String(50))
+    target: Mapped[str] = mapped_column(String(100))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class LearnerLock(Base):
+    """A single row: which process is running a learning round, until when. Taking it is one
+    conditional UPDATE, so any number of processes may run the scheduler."""
+
+    __tablename__ = "learner_lock"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    holder: Mapped[str | None] = mapped_column(String(100))
+    acquired_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]

@@ -1,0 +1,123 @@
+"""All configuration, in one pydantic-settings class.
+
+Precedence, highest first: arguments to `Settings(...)`, environment, the YAML file, the defaults
+below. The YAML file is `EMOLOOP_CONFIG` if set (it must exist), else `configs/default.yaml` in
+the repository; an installed copy without that file runs on the defaults.
+
+Environment: `EMOLOOP_<SECTION>__<KEY>` sets any single setting (`EMOLOOP_API__PORT=9000`), and two
+short names exist for what deployments change most: `EMOLOOP_DATA_DIR` (where the SQLite file and
+the artifacts live; default `./data`, relative to the working directory) and
+`EMOLOOP_DATABASE_URL`.
+"""
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource,
+                               SettingsConfigDict, YamlConfigSettingsSource)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = REPO_ROOT / "configs" / "default.yaml"
+SQLITE_FILE_NAME = "emoloop.db"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key in YAML or env is an error
+
+
+class DatabaseSettings(Section):
+    url: str | None = None  # None: SQLite file `emoloop.db` in the data dir
+    busy_timeout_s: float = 10.0  # how long a SQLite writer waits for the write lock
+
+
+class StorageSettings(Section):
+    data_dir: Path = Path("data")
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+
+class ApiSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_audio_seconds: float = 30.0
+    # Workers in other processes notice a newly activated model by polling the DB this often.
+    model_poll_interval_s: float = 1.0
+
+
+class LearnerSettings(Section):
+    enabled: bool = True  # run the in-process scheduler
+    interval_s: float = 600.0  # how often the scheduler checks for new feedback
+    min_new_feedback: int = 50  # a round starts once this much unconsumed feedback exists
+    lock_ttl_s: float = 3600.0  # a crashed round's lock expires after this long
+
+
+class PersonalSettings(Section):
+    enabled: bool = True
+    min_feedback: int = 20  # corrections a user needs before getting a personal model
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMOLOOP_", env_nested_delimiter="__",
+                                      extra="forbid")
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    personal: PersonalSettings = Field(default_factory=PersonalSettings)
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> "Settings":
+        # Absolute from here on, so a later chdir cannot move the data.
+        self.storage.data_dir = self.storage.data_dir.expanduser().resolve()
+        if self.database.url is None:
+            self.database.url = f"sqlite:///{self.storage.data_dir / SQLITE_FILE_NAME}"
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, ShortEnvNames(settings_cls), env_settings,
+                YamlConfigSettingsSource(settings_cls, yaml_file=config_file()))
+
+
+class ShortEnvNames(EnvSettingsSource):
+    """`EMOLOOP_DATA_DIR` and `EMOLOOP_DATABASE_URL`, the documented names for the two settings
+    every deployment sets; they win over the long `EMOLOOP_STORAGE__DATA_DIR` forms."""
+
+    NAMES = {"EMOLOOP_DATA_DIR": ("storage", "data_dir"),
+             "EMOLOOP_DATABASE_URL": ("database", "url")}
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, (section, key) in self.NAMES.items():
+            if os.environ.get(name):
+                values.setdefault(section, {})[key] = os.environ[name]
+        return values
+
+
+def config_file() -> Path | None:
+    explicit = os.environ.get("EMOLOOP_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"EMOLOOP_CONFIG names {path}, which does not exist")
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once. Tests build `Settings(...)` themselves, or call
+    `get_settings.cache_clear()` after changing the environment."""
+    return Settings()

@@ -1,0 +1,54 @@
+"""Model files: round trip, checksum, corrupt files, and the bundled default."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from learner.checkpoint import (DEFAULT_MODEL_FILE, DEFAULT_MODEL_INFO, ModelFileError,
+                                load_default_model, load_model, save_model)
+from learner.features import extract_features
+from learner.inference import EmotionPredictor
+from learner.labels import DEFAULT_LABELS
+from learner.model import EmotionNet, ModelConfig
+from service.bench.clips import voiced_clip
+
+
+def test_saved_model_loads_with_identical_outputs_and_checksum(tmp_path):
+    torch.manual_seed(0)
+    net = EmotionNet(ModelConfig()).eval()
+    digest = save_model(net, DEFAULT_LABELS, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors", expected_sha256=digest)
+    assert loaded.labels == DEFAULT_LABELS and loaded.sha256 == digest
+    x, lengths = torch.randn(2, 90, 64), torch.tensor([90, 60])
+    torch.testing.assert_close(loaded.net(x, lengths), net(x, lengths))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
+
+
+def test_checksum_mismatch_and_corrupt_files_are_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    digest = save_model(EmotionNet(ModelConfig()), DEFAULT_LABELS, path)
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path, expected_sha256="0" * 64)
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, as after a crash mid-copy
+    with pytest.raises(ModelFileError):
+        load_model(path)
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path, expected_sha256=digest)
+    with pytest.raises(ModelFileError, match="cannot read"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+def test_bundled_default_model_is_small_checked_and_answers_every_label():
+    info = json.loads(DEFAULT_MODEL_INFO.read_text())
+    assert DEFAULT_MODEL_FILE.stat().st_size <= 20 * 1024 * 1024
+    predictor = EmotionPredictor(load_default_model())
+    assert predictor.model.sha256 == info["sha256"]
+    assert predictor.labels == DEFAULT_LABELS
+    prediction = predictor.predict_features(extract_features(voiced_clip(2.0)))
+    assert set(prediction.probabilities) == set(DEFAULT_LABELS)
+    assert abs(sum(prediction.probabilities.values()) - 1.0) < 1e-5
+    assert prediction.emotion == max(prediction.probabilities, key=prediction.probabilities.get)
+    restricted = predictor.predict_features(extract_features(voiced_clip(2.0)), allowed=("sad", "angry"))
+    assert restricted.emotion in ("sad", "angry")
+    assert np.isclose(sum(restricted.probabilities.values()), 1.0)

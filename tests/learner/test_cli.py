@@ -1,0 +1,104 @@
+"""The `emoloop` command line end to end on generated audio: train, evaluate, predict, bench."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from service.bench.clips import voiced_clip
+from tests.learner.toy_corpus import make_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+EMOLOOP = str(Path(sys.executable).with_name("emoloop"))
+
+
+def emoloop(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([EMOLOOP, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(toy_corpus, tmp_path_factory) -> Path:
+    """`emoloop train` with the base recipe cut down to seconds on the toy corpus."""
+    config = yaml.safe_load((REPO / "configs" / "base-training.yaml").read_text())
+    config["corpora"] = ["toy"]
+    config["labels"] = ["happy", "sad"]
+    config["split"] = {"validation_speakers": ["toy-a03"], "test_speakers": ["toy-a04"]}
+    config["augment"]["variants"] = 2
+    config["train"].update(epochs=2, patience=2, batch_size=8, workers=1)
+    folder = tmp_path_factory.mktemp("model")
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
+    out = folder / "model.safetensors"
+    result = emoloop("train", "--config", str(folder / "tiny.yaml"), "--data", str(toy_corpus),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert summary["sha256"] == info["sha256"]
+    assert info["split"]["test_speakers"] == ["toy-a04"] and info["test"]["n"] == 8
+    return out
+
+
+def test_evaluate_prints_the_documented_json_and_writes_a_report(tiny_model, toy_corpus, tmp_path):
+    result = emoloop("evaluate", "--data", str(toy_corpus), "--model", str(tiny_model),
+                     "--json", "--report-dir", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("accuracy", "macro_f1", "unweighted_accuracy", "n", "skipped", "per_class", "per_corpus"):
+        assert key in report
+    assert report["n"] == 32 and report["skipped"] == 0
+    assert set(report["per_class"]) == {"happy", "sad"}
+    assert set(report["per_class"]["sad"]) == {"precision", "recall", "f1", "support"}
+    assert set(report["per_corpus"]["toy"]) == {"accuracy", "macro_f1", "unweighted_accuracy", "n"}
+    assert (tmp_path / "report" / "report.md").read_text().startswith("# emoloop evaluation")
+    assert (tmp_path / "report" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_counts_labels_the_model_does_not_know_as_skipped(tiny_model, tmp_path):
+    corpus = make_corpus(tmp_path, corpus="other", speakers=1, per_label=2)
+    manifest = corpus / "other" / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",sad,sad,", ",fearful,fearful,"))
+    result = emoloop("evaluate", "--data", str(corpus), "--model", str(tiny_model), "--json")
+    report = json.loads(result.stdout)
+    assert (report["n"], report["skipped"]) == (2, 2)
+
+
+def test_predict_answers_each_file_and_a_bad_file_gets_one_line(tiny_model, tmp_path):
+    good = tmp_path / "good.wav"
+    sf.write(good, voiced_clip(1.5), 16_000)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"this is not audio at all" * 10)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16_000, np.float32), 16_000)
+    result = emoloop("predict", str(good), str(bad), str(silent), str(tmp_path / "missing.wav"),
+                     "--model", str(tiny_model), "--json")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1  # some files failed
+    assert lines[0]["file"] == str(good) and lines[0]["emotion"] in ("happy", "sad")
+    assert set(lines[0]["probabilities"]) == {"happy", "sad"}
+    assert [line.get("error") for line in lines[1:]] == ["unreadable_audio", "silent_audio",
+                                                         "unreadable_audio"]
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 3 and "Traceback" not in result.stderr
+    assert errors[0].startswith(f"{bad}: error: ")
+
+
+def test_bench_latency_reports_medians_and_targets(tiny_model):
+    result = emoloop("bench", "latency", "--model", str(tiny_model), "--runs", "5",
+                     "--cold-starts", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["median_ms"] > 0 and report["p95_ms"] >= report["median_ms"]
+    assert report["cold_start_s"] > 0 and report["parameters"] > 0
+    assert set(report["clips"]) == {"wav-16k", "webm-opus-48k"}
+
+
+def test_evaluate_on_named_speakers_only(tiny_model, toy_corpus):
+    result = emoloop("evaluate", "--data", str(toy_corpus), "--model", str(tiny_model),
+                     "--speakers", "toy-a04", "--json")
+    assert json.loads(result.stdout)["n"] == 8
+    result = emoloop("evaluate", "--data", str(toy_corpus), "--speakers", "nobody", "--json")
+    assert result.returncode == 2 and "nobody" in result.stderr and "Traceback" not in result.stderr

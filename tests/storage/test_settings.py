@@ -1,0 +1,105 @@
+"""Where each setting comes from: Settings(...) > environment > YAML file > built-in defaults."""
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from storage import settings as settings_module
+from storage.settings import REPO_ROOT, Settings, get_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.startswith("EMOLOOP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # relative paths and the working directory must not matter
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def write_yaml(tmp_path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_without_a_config_file_the_builtin_defaults_apply(monkeypatch, tmp_path):
+    # An installed copy has no configs/ folder beside it.
+    monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_FILE", tmp_path / "absent.yaml")
+    settings = Settings()
+    assert settings.storage.data_dir == tmp_path / "data"
+    assert settings.database.url == f"sqlite:///{tmp_path / 'data' / 'emoloop.db'}"
+    assert settings.api.port == 8000 and settings.learner.min_new_feedback == 50
+
+
+def test_the_repository_default_yaml_is_found_from_any_directory():
+    assert settings_module.config_file() == REPO_ROOT / "configs" / "default.yaml"
+    settings = Settings()
+    assert settings.database.url.startswith("sqlite:///")
+    assert settings.learner.enabled is True
+
+
+def test_yaml_beats_defaults_and_env_beats_yaml(monkeypatch, tmp_path):
+    config = write_yaml(tmp_path, "api:\n  port: 9001\n  workers: 3\nlearner:\n  interval_s: 5\n")
+    monkeypatch.setenv("EMOLOOP_CONFIG", str(config))
+    settings = Settings()
+    assert (settings.api.port, settings.api.workers, settings.learner.interval_s) == (9001, 3, 5)
+    assert settings.api.max_upload_bytes == 10 * 1024 * 1024  # not in the file: default
+
+    monkeypatch.setenv("EMOLOOP_API__PORT", "9002")
+    monkeypatch.setenv("EMOLOOP_LEARNER__ENABLED", "false")
+    settings = Settings()
+    assert (settings.api.port, settings.api.workers) == (9002, 3)  # one key, not the section
+    assert settings.learner.enabled is False
+
+
+def test_explicit_arguments_beat_everything(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMOLOOP_API__PORT", "9002")
+    settings = Settings(api={"port": 9100}, storage={"data_dir": tmp_path / "elsewhere"})
+    assert settings.api.port == 9100
+    assert settings.database.url == f"sqlite:///{tmp_path / 'elsewhere' / 'emoloop.db'}"
+
+
+def test_data_dir_moves_the_sqlite_file_and_database_url_replaces_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMOLOOP_DATA_DIR", "state")
+    settings = Settings()
+    assert settings.storage.data_dir == tmp_path / "state"
+    assert settings.storage.artifacts_dir == tmp_path / "state" / "artifacts"
+    assert settings.database.url == f"sqlite:///{tmp_path / 'state' / 'emoloop.db'}"
+
+    monkeypatch.setenv("EMOLOOP_DATABASE_URL", "postgresql+psycopg://u:p@127.0.0.1/emo")
+    settings = Settings()
+    assert settings.database.url == "postgresql+psycopg://u:p@127.0.0.1/emo"
+    assert settings.storage.data_dir == tmp_path / "state"  # artifacts stay on disk
+
+
+def test_the_postgres_config_selects_postgresql_and_the_env_url_overrides_it(monkeypatch):
+    monkeypatch.setenv("EMOLOOP_CONFIG", str(REPO_ROOT / "configs" / "postgres.yaml"))
+    assert Settings().database.url.startswith("postgresql+psycopg://")
+    monkeypatch.setenv("EMOLOOP_DATABASE_URL", "postgresql+psycopg://other@127.0.0.1/x")
+    assert Settings().database.url == "postgresql+psycopg://other@127.0.0.1/x"
+
+
+def test_a_missing_config_file_or_a_misspelt_key_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMOLOOP_CONFIG", str(tmp_path / "nowhere.yaml"))
+    with pytest.raises(FileNotFoundError):
+        Settings()
+    monkeypatch.setenv("EMOLOOP_CONFIG", str(write_yaml(tmp_path, "api:\n  prot: 9001\n")))
+    with pytest.raises(ValidationError):
+        Settings()
+    monkeypatch.delenv("EMOLOOP_CONFIG")
+    monkeypatch.setenv("EMOLOOP_API__PROT", "1")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_get_settings_is_read_once(monkeypatch):
+    monkeypatch.setenv("EMOLOOP_API__PORT", "9003")
+    assert get_settings() is get_settings()
+    monkeypatch.setenv("EMOLOOP_API__PORT", "9004")
+    assert get_settings().api.port == 9003
+    get_settings.cache_clear()
+    assert get_settings().api.port == 9004
