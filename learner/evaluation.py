@@ -164,7 +164,7 @@ def evaluate_folder(data_dir: Path, model_path: Path | None = None, *,
     from tqdm import tqdm
 
     from learner.checkpoint import load_default_model, load_model
-    from learner.inference import EmotionPredictor
+    from learner.inference import EmotionPredictor, limit_threads
 
     predictor = EmotionPredictor(load_model(model_path) if model_path else load_default_model())
     clips = read_corpora(data_dir)
@@ -174,7 +174,7 @@ def evaluate_folder(data_dir: Path, model_path: Path | None = None, *,
             raise CorpusError(f"no clips of speakers {sorted(missing)} in {data_dir}")
     paths = [str(c.path) for c in clips]
     bar = dict(total=len(paths), desc="features", unit="clip", disable=not progress)
-    with get_context("spawn").Pool(workers) as pool:
+    with get_context("spawn").Pool(workers, initializer=limit_threads, initargs=(1,)) as pool:
         features = list(tqdm(pool.imap(_clean_features, paths, chunksize=8), **bar))
     readable = [(c, f) for c, f in zip(clips, features) if f is not None]
     report = evaluate_features(predictor, [c for c, _ in readable], [f for _, f in readable])

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from learner.audio import decode_audio
 from learner.checkpoint import LoadedModel
@@ -80,3 +81,11 @@ def pad_batch(features: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, f in enumerate(features):
         batch[i, : f.shape[0]] = torch.from_numpy(np.asarray(f, dtype=np.float32))
     return batch, lengths
+
+
+def limit_threads(n: int) -> None:
+    """Pin torch and numpy's BLAS to `n` threads for this process. On a 2-core machine shared
+    with other work, idle BLAS threads spinning beside a busy core cost more than they give
+    (a 3 s clip's features took 8 ms instead of 1.6 ms)."""
+    torch.set_num_threads(n)
+    threadpool_limits(n)

@@ -25,7 +25,7 @@ from storage.files import sha256_bytes
 from learner.corpora import CorpusClip, read_corpora, split_by_speaker
 from learner.evaluation import evaluate_features
 from learner.features import extract_features
-from learner.inference import EmotionPredictor, pad_batch
+from learner.inference import EmotionPredictor, limit_threads, pad_batch
 from learner.model import EmotionNet, ModelConfig, count_parameters
 
 
@@ -62,7 +62,7 @@ def build_feature_bank(
     tasks = [(i, str(c.path), n_variants, seed, augment) for i, c in enumerate(clips)]
     bar = dict(total=len(tasks), desc=desc, unit="clip", disable=not progress)
     if workers > 1:
-        with get_context("spawn").Pool(workers) as pool:
+        with get_context("spawn").Pool(workers, initializer=limit_threads, initargs=(1,)) as pool:
             variants = list(tqdm(pool.imap(_clip_variants, tasks, chunksize=16), **bar))
     else:
         variants = [_clip_variants(t) for t in tqdm(tasks, **bar)]
@@ -152,7 +152,7 @@ def train_epoch(
         scheduler.step()
         if average is not None:
             average.update_parameters(net)
-        total += float(loss)
+        total += loss.item()
     return total / max(1, len(batches))
 
 
@@ -171,7 +171,7 @@ def train(config: dict, data_dir: Path, *, progress: bool = True) -> TrainingRes
     seed, labels = int(config["seed"]), tuple(config["labels"])
     train_cfg, augment = config["train"], config["augment"]
     torch.manual_seed(seed)
-    torch.set_num_threads(int(train_cfg.get("threads", 2)))
+    limit_threads(int(train_cfg.get("threads", 2)))
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
 

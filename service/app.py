@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from service.auth import KeyVerifier
 from service.bootstrap import BundledModelMissing, register_bundled_model
 from service.engine import InferenceEngine
 from service.errors import install_error_handlers
@@ -21,8 +22,7 @@ from service.metrics import RequestMetrics
 from service.routes import api_router
 from service.upload_limit import UploadSizeLimit
 from storage.artifacts import ArtifactStore
-from storage import db
-from storage.db import create_db_engine, make_session_factory
+from storage.db import create_db_engine, make_read_session_factory, make_session_factory
 from storage.settings import Settings, get_settings
 
 log = logging.getLogger("emoloop.service")
@@ -32,12 +32,12 @@ def create_app(settings: Settings) -> FastAPI:
     db_engine = create_db_engine(settings.database.url,
                                  busy_timeout_s=settings.database.busy_timeout_s)
     session_factory = make_session_factory(db_engine)
-    # TEMPORARY fallback until storage.db has make_read_session_factory (requested).
-    read_session_factory = getattr(db, "make_read_session_factory", make_session_factory)(db_engine)
+    read_session_factory = make_read_session_factory(db_engine)
     artifacts = ArtifactStore(settings.storage.artifacts_dir)
     engine = InferenceEngine(read_session_factory, artifacts,
                              max_audio_seconds=settings.api.max_audio_seconds)
     writer = GroupCommitWriter(session_factory)
+    key_verifier = KeyVerifier(read_session_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -58,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.session_factory = session_factory
     app.state.read_session_factory = read_session_factory
     app.state.writer = writer
+    app.state.key_verifier = key_verifier
     app.state.artifacts = artifacts
     app.state.engine = engine
     install_error_handlers(app)
@@ -86,10 +87,10 @@ async def follow_active_model(engine: InferenceEngine, session_factory: sessionm
 
 def app_for_worker() -> FastAPI:
     """The uvicorn factory `emoloop serve` runs in each worker process."""
-    import torch
+    from learner.inference import limit_threads
 
-    # One thread per worker: N workers on N cores, instead of N workers each starting a thread
-    # per core and fighting over them.
-    torch.set_num_threads(1)
+    # One thread per worker (torch and BLAS): N workers on N cores, instead of N workers each
+    # starting a thread per core and fighting over them.
+    limit_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     return create_app(get_settings())

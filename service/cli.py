@@ -107,6 +107,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
+    import shutil
     import tempfile
 
     import uvicorn
@@ -140,12 +141,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  app key (predict, correct):     {first_keys['app']}\n"
               f"  admin key (activate, audit):    {first_keys['admin']}", flush=True)
     workers = args.workers or settings.api.workers
+    metrics_dir = None
     if workers > 1:
         # Every worker counts its own requests; /metrics adds up the files they write here.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="emoloop-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix="emoloop-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    uvicorn.run("service.app:app_for_worker", factory=True, host=args.host or settings.api.host,
-                port=args.port or settings.api.port, workers=workers, log_level=args.log_level)
+    try:
+        uvicorn.run("service.app:app_for_worker", factory=True,
+                    host=args.host or settings.api.host, port=args.port or settings.api.port,
+                    workers=workers, log_level=args.log_level)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -11,10 +11,12 @@ worker, the CLI, the learner) is noticed by `refresh`, which the app runs every
 `api.model_poll_interval_s` seconds.
 """
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 
+import anyio
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,6 +60,9 @@ class InferenceEngine:
         # cannot swap it back in after an activation in this process swapped the new one.
         self._swap_lock = threading.Lock()
         self._unloadable: set[int] = set()  # versions whose file failed; logged once, not retried
+        # At most one clip per core in model work at a time: more threads than cores only take
+        # turns on the GIL and the caches, costing CPU for every clip and finishing none sooner.
+        self.cpu_slots = anyio.CapacityLimiter(os.cpu_count() or 1)
 
     @property
     def serving(self) -> ServingModel | None:
@@ -68,7 +73,7 @@ class InferenceEngine:
         """Read, verify, build and warm up a version without serving it."""
         with self.session_factory() as session:
             row = ModelRegistry(session, self.artifacts).get(version)
-            session.commit()  # end the read transaction at once (SQLite: it holds the write lock)
+            session.commit()  # end the read transaction now, not after the slow part
         if row is None:
             raise ModelLoadError(f"no model version {version}")
         try:

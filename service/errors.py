@@ -24,7 +24,8 @@ class ApiError(Exception):
     def __init__(self, status_code: int, error: str, detail: str,
                  headers: dict[str, str] | None = None):
         super().__init__(detail)
-        self.status_code, self.error, self.detail, self.headers = status_code, error, detail, headers
+        self.status_code, self.error, self.detail = status_code, error, detail
+        self.headers = headers
 
 
 def unauthorized(detail: str) -> ApiError:

@@ -6,11 +6,12 @@ second. Requests hand their write to this writer's thread instead and wait for i
 commit runs, the next writes queue up, and the thread makes all of them in the next transaction.
 Nothing waits on purpose; a lone request is written at once.
 
-Each write runs in its own savepoint, so a write that fails fails only its own request. A
-request gets its result only after the commit holding its write returned: durable before the
-2xx, as with a commit of its own.
+If any write of a batch fails, the batch is rolled back and each write is retried in a
+transaction of its own, so a write that fails fails only its own request. A request gets its
+result only after the commit holding its write returned: durable before the 2xx, as with a
+commit of its own.
 """
-import logging
+import asyncio
 import queue
 import threading
 from collections.abc import Callable
@@ -19,7 +20,6 @@ from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
-log = logging.getLogger("emoloop.service")
 T = TypeVar("T")
 _STOP = object()
 
@@ -42,16 +42,16 @@ class GroupCommitWriter:
             self._thread.join()
             self._thread = None
 
-    def write(self, work: Callable[[Session], T]) -> T:
+    async def write(self, work: Callable[[Session], T]) -> T:
         """Run `work(session)` in the next transaction and return its result once committed.
-        Blocks the calling thread; `work` should only add rows, it runs on the writer's thread
-        while other requests wait for the same commit. ORM objects it returns stay readable
-        (sessions do not expire on commit)."""
+        `work` should only read and add a few rows: it runs on the writer's thread while other
+        requests wait for the same commit. ORM objects it returns stay readable (sessions do
+        not expire on commit)."""
         if self._thread is None:
             raise RuntimeError("the group-commit writer is not running")
         future: Future = Future()
         self._queue.put((work, future))
-        return future.result()
+        return await asyncio.wrap_future(future)
 
     def _run(self) -> None:
         while True:
@@ -70,24 +70,22 @@ class GroupCommitWriter:
                 return
 
     def _write(self, batch: list[tuple[Callable[[Session], object], Future]]) -> None:
-        results: list[tuple[Future, object, BaseException | None]] = []
         try:
-            with self.session_factory() as session:
-                for work, future in batch:
-                    try:
-                        with session.begin_nested():
-                            results.append((future, work(session), None))
-                    except Exception as err:  # this request's write only; the others go on
-                        results.append((future, None, err))
-                session.commit()
-        except Exception as err:  # the commit itself failed: nothing of this batch was written
-            log.exception("group commit of %d writes failed", len(batch))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(err)
+            results = self._commit([work for work, _ in batch])
+        except Exception as err:
+            if len(batch) == 1:
+                batch[0][1].set_exception(err)
+                return
+            # Some write (or the commit) failed: write each alone, so only the failing ones fail.
+            # Rerunning is safe: a rolled-back write left nothing behind.
+            for item in batch:
+                self._write([item])
             return
-        for future, result, error in results:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)
+
+    def _commit(self, works: list[Callable[[Session], object]]) -> list[object]:
+        with self.session_factory() as session:
+            results = [work(session) for work in works]
+            session.commit()
+        return results

@@ -5,8 +5,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Ids an app gives its own users; kept opaque, only their length is bounded.
-UserId = Field(default=None, min_length=1, max_length=128,
+# Ids an app gives its own users: opaque, but bounded and free of control characters (which
+# PostgreSQL refuses to store, NUL above all).
+USER_ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+UserId = Field(default=None, min_length=1, max_length=128, pattern=USER_ID_PATTERN,
                description="The app's own id for the person who spoke, if it has one")
 
 
@@ -58,7 +60,7 @@ class ModelVersionOut(BaseModel):
 class ActivationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str | None = Field(default=None, max_length=500,
+    reason: str | None = Field(default=None, max_length=500, pattern=r"^[^\x00]*$",
                                description="Why, for the audit log")
 
 

@@ -3,7 +3,8 @@
 The multipart parser would spool a whole upload to disk before any route code runs, so the
 limit is enforced here, below the app: a body announced as too large by Content-Length is
 refused before reading it, and a body without one stops being read as soon as it passes the
-limit. Either way the answer is a 413 `{error, detail}` and the route never runs.
+limit. Either way the answer is a 413 `{error, detail}` and the route never runs. (FastAPI's own
+`max_body_size` answers a too-large Content-Length with plain text, not our JSON body.)
 """
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 

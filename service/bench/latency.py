@@ -57,14 +57,12 @@ def _cold_start_seconds(model_path: Path | None, repeats: int = 3) -> list[float
 
 
 def run_latency_bench(model_path: Path | None = None, runs: int = 200, cold_starts: int = 3) -> dict:
-    import torch
-
     from learner.checkpoint import load_default_model, load_model
-    from learner.inference import EmotionPredictor
+    from learner.inference import EmotionPredictor, limit_threads
     from learner.model import count_parameters
     from service.bench.clips import to_wav, to_webm_opus, voiced_clip
 
-    torch.set_num_threads(1)
+    limit_threads(1)
     predictor = EmotionPredictor(load_model(model_path) if model_path else load_default_model())
     predictor.warm_up()
     clips = {

@@ -7,7 +7,7 @@ from service.auth import AdminKey
 from service.deps import ArtifactsDep, EngineDep, ReadSessionDep, SessionDep
 from service.engine import ModelLoadError
 from service.errors import ERROR_RESPONSES, ApiError, not_found
-from service.routes.models import model_version_out
+from service.routes.models import VersionPath, model_version_out
 from service.schemas import ActivationIn, AuditEntryOut, ModelVersionOut
 from storage.registry import CannotActivate, ModelRegistry, VersionNotFound
 from storage.repositories import AuditLog
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"],
 
 
 @router.post("/models/{version}/activate", response_model=ModelVersionOut)
-def activate_model(version: int, key: AdminKey, session: SessionDep, engine: EngineDep,
+def activate_model(version: VersionPath, caller: AdminKey, session: SessionDep, engine: EngineDep,
                    artifacts: ArtifactsDep, body: ActivationIn | None = None) -> ModelVersionOut:
     registry = ModelRegistry(session, artifacts)
     row = registry.get(version)
@@ -31,7 +31,8 @@ def activate_model(version: int, key: AdminKey, session: SessionDep, engine: Eng
     except ModelLoadError as err:
         raise ApiError(409, "model_not_loadable", str(err)) from None
     try:
-        row = registry.activate(version, actor_key_id=key.id, reason=body.reason if body else None)
+        row = registry.activate(version, actor_key_id=caller.key_id,
+                                reason=body.reason if body else None)
     except VersionNotFound:
         raise not_found(f"model version {version}") from None
     except CannotActivate as err:
@@ -45,6 +46,6 @@ def activate_model(version: int, key: AdminKey, session: SessionDep, engine: Eng
 @router.get("/audit", response_model=list[AuditEntryOut])
 def list_audit(_: AdminKey, session: ReadSessionDep,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               offset: Annotated[int, Query(ge=0)] = 0) -> list[AuditEntryOut]:
+               offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[AuditEntryOut]:
     entries = AuditLog(session).list_recent(limit=limit, offset=offset)
     return [AuditEntryOut.model_validate(e, from_attributes=True) for e in entries]

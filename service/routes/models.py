@@ -1,5 +1,7 @@
 """The labels and the model versions, for any key."""
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from learner.labels import CANONICAL_LABELS
 from service.auth import CurrentKey
@@ -10,6 +12,8 @@ from storage.models import ModelVersion
 from storage.registry import ModelRegistry
 
 router = APIRouter(prefix="/v1", tags=["models"], responses=ERROR_RESPONSES)
+# Bounded like the database's integer column, so a huge number is a 422, not a database error.
+VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 @router.get("/labels", response_model=LabelsOut)
@@ -29,7 +33,7 @@ def list_models(_: CurrentKey, session: ReadSessionDep,
 
 
 @router.get("/models/{version}", response_model=ModelVersionOut)
-def get_model(version: int, _: CurrentKey, session: ReadSessionDep,
+def get_model(version: VersionPath, _: CurrentKey, session: ReadSessionDep,
               artifacts: ArtifactsDep) -> ModelVersionOut:
     row = ModelRegistry(session, artifacts).get(version)
     # Personal versions belong to one user; they are not listed to apps.

@@ -1,5 +1,4 @@
 """Every bad input gets a 4xx `{error, detail}` and leaves no row and no file behind."""
-import io
 import uuid
 
 import numpy as np
@@ -38,6 +37,8 @@ BAD_PREDICTIONS = [
     ("json instead of multipart", {"json": {"file": "x"}}, 422, "validation_error"),
     ("user_id too long", {**upload(wav(1.0)), "data": {"user_id": "u" * 200}}, 422,
      "validation_error"),
+    ("user_id with control characters", {**upload(wav(1.0)), "data": {"user_id": "a\x00b"}},
+     422, "validation_error"),
 ]
 
 
@@ -75,6 +76,9 @@ BAD_FEEDBACK = [
     ("label not a string", {"json": {"label": 3}}, 422, "validation_error"),
     ("missing label", {"json": {"user_id": "u"}}, 422, "validation_error"),
     ("unexpected field", {"json": {"label": "sad", "extra": 1}}, 422, "validation_error"),
+    ("user_id with control characters", {"json": {"label": "sad", "user_id": "u\x00"}}, 422,
+     "validation_error"),
+    ("label with control characters", {"json": {"label": "sad\x00"}}, 422, "unknown_label"),
     ("malformed json", {"content": b'{"label": "sad"',
                         "headers": {"Content-Type": "application/json"}}, 400, "malformed_json"),
     ("json not an object", {"json": ["sad"]}, 422, "validation_error"),
