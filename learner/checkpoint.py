@@ -17,7 +17,7 @@ from storage.files import sha256_bytes, write_atomic
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MODEL_FILE = DEFAULT_MODEL_DIR / "model.safetensors"
 DEFAULT_MODEL_INFO = DEFAULT_MODEL_FILE.with_suffix(".json")
-FEATURES_VERSION = "logmel64-cmn-v1"  # bump when learner.features changes what it computes
+FEATURES_VERSION = "logmel64-v1"  # bump when learner.features changes what it computes
 
 
 class ModelFileError(RuntimeError):

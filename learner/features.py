@@ -33,10 +33,9 @@ def log_mel(wave: np.ndarray) -> np.ndarray:
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
-    """Per-utterance normalisation: each mel band's mean over the clip is removed (cepstral mean
-    normalisation: a microphone's or room's fixed colouring, and the recording gain, go away, so
-    speakers recorded on different devices look alike), then one scale for the whole clip."""
-    centred = features - features.mean(axis=0, keepdims=True)
+    """Per-utterance normalisation over the whole clip: one mean and one scale, not one per band,
+    so loudness and the recording gain go away but the spectral tilt (voice quality) stays."""
+    centred = features - features.mean()
     return (centred / (centred.std() + 1e-5)).astype(np.float32)
 
 

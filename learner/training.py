@@ -114,23 +114,10 @@ def _length_bucketed_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def mixup(x: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, n_classes: int,
-          alpha: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blend each clip with another of the batch (features and one-hot targets alike): the
-    model is asked for graded answers between emotions, which regularises it across speakers."""
-    lam = float(rng.beta(alpha, alpha))
-    lam = max(lam, 1 - lam)  # the first clip stays the dominant one
-    partner = torch.from_numpy(rng.permutation(x.shape[0]))
-    soft = nn.functional.one_hot(targets, n_classes).float()
-    return (lam * x + (1 - lam) * x[partner], torch.maximum(lengths, lengths[partner]),
-            lam * soft + (1 - lam) * soft[partner])
-
-
 def train_epoch(
     net: EmotionNet, bank: FeatureBank, weights: np.ndarray, optimizer: torch.optim.Optimizer,
     scheduler, loss_fn: nn.Module, rng: np.random.Generator, generator: torch.Generator,
     train_cfg: dict, mask_cfg: dict, desc: str, progress: bool,
-    average: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> float:
     net.train()
     batches = _length_bucketed_batches(bank, weights, train_cfg["batch_size"], rng)
@@ -140,18 +127,12 @@ def train_epoch(
                               train_cfg["max_frames"], rng) for i in idx]
         x, lengths = pad_batch(feats)
         x = spec_augment(x, lengths, generator, **mask_cfg)
-        targets = torch.from_numpy(bank.targets[idx])
-        if train_cfg.get("mixup_alpha", 0) > 0:
-            x, lengths, targets = mixup(x, lengths, targets, net.config.n_classes,
-                                        train_cfg["mixup_alpha"], rng)
-        loss = loss_fn(net(x, lengths), targets)
+        loss = loss_fn(net(x, lengths), torch.from_numpy(bank.targets[idx]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
-        if average is not None:
-            average.update_parameters(net)
         total += loss.item()
     return total / max(1, len(batches))
 
@@ -197,20 +178,11 @@ def train(config: dict, data_dir: Path, *, progress: bool = True) -> TrainingRes
     weights = balanced_weights(bank.clips)
     mask_cfg = config["spec_augment"]
 
-    # An exponential moving average of the weights is what gets evaluated and kept: it is
-    # steadier from epoch to epoch than the raw weights, so early stopping picks less by luck.
-    average = None
-    if train_cfg.get("ema_decay", 0) > 0:
-        average = torch.optim.swa_utils.AveragedModel(
-            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(train_cfg["ema_decay"]),
-            use_buffers=True)
-    kept = average.module if average is not None else net
-
     best_score, best_state, history, stale = -1.0, None, [], 0
     for epoch in range(1, train_cfg["epochs"] + 1):
         loss = train_epoch(net, bank, weights, optimizer, scheduler, loss_fn, rng, generator,
-                           train_cfg, mask_cfg, f"epoch {epoch}", progress, average)
-        report = evaluate_bank(kept, labels, validation)
+                           train_cfg, mask_cfg, f"epoch {epoch}", progress)
+        report = evaluate_bank(net, labels, validation)
         score = report["unweighted_accuracy"]
         history.append({"epoch": epoch, "loss": round(loss, 4),
                         "val_ua": round(score, 4), "val_accuracy": round(report["accuracy"], 4)})
@@ -219,7 +191,7 @@ def train(config: dict, data_dir: Path, *, progress: bool = True) -> TrainingRes
                        f"accuracy {report['accuracy']:.3f}", file=sys.stderr)
         if score > best_score:
             best_score, stale = score, 0
-            best_state = {k: v.clone() for k, v in kept.state_dict().items()}
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
         else:
             stale += 1
             if stale >= train_cfg["patience"]:
