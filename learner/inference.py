@@ -54,7 +54,7 @@ class EmotionPredictor:
         return self.predict_wave(decode_audio(source, max_seconds=max_seconds))
 
     def warm_up(self) -> None:
-        """Run once on a synthetic clip, so numba compilation and first-call allocations happen
+        """Run once on a synthetic clip, so first-call allocations and lazy initialisation happen
         before a user's request does."""
         t = np.arange(int(1.5 * 16_000)) / 16_000
         wave = (0.3 * np.sin(2 * np.pi * 180 * t) * np.hanning(t.size)).astype(np.float32)

@@ -1,4 +1,5 @@
 """The canonical emotion labels and how each corpus's own codes map onto them."""
+from collections.abc import Sequence
 
 # RAVDESS's eight, in the order the bundled default model's head uses.
 DEFAULT_LABELS: tuple[str, ...] = (
@@ -27,6 +28,18 @@ def canonical_label(label: str) -> str:
             f"unknown emotion label {label!r}; known labels: {', '.join(CANONICAL_LABELS)}"
         )
     return normalised
+
+
+def feedback_labels(configured: Sequence[str] | None, allow_new: bool,
+                    model_labels: Sequence[str] | None = None) -> tuple[str, ...]:
+    """What feedback may name: the configured labels (`learner.labels`; every canonical label
+    when None), or, when new labels are not allowed, only those the model knows."""
+    labels = tuple(configured) if configured else CANONICAL_LABELS
+    if unknown := set(labels) - set(CANONICAL_LABELS):
+        raise ValueError(f"learner.labels names labels that are not canonical: {sorted(unknown)}")
+    if not allow_new and model_labels is not None:
+        labels = tuple(label for label in labels if label in model_labels)
+    return labels
 
 
 def label_from_source(corpus: str, source_label: str) -> str:

@@ -15,11 +15,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import KeyVerifier
 from service.bootstrap import BundledModelMissing, register_bundled_model
+from service.dashboard import mount_dashboard
 from service.engine import InferenceEngine
 from service.errors import install_error_handlers
 from service.group_commit import GroupCommitWriter
 from service.metrics import RequestMetrics
 from service.routes import api_router
+from service.scheduler import LearnerService
 from service.upload_limit import UploadSizeLimit
 from storage.artifacts import ArtifactStore
 from storage.db import create_db_engine, make_read_session_factory, make_session_factory
@@ -35,19 +37,29 @@ def create_app(settings: Settings) -> FastAPI:
     read_session_factory = make_read_session_factory(db_engine)
     artifacts = ArtifactStore(settings.storage.artifacts_dir)
     engine = InferenceEngine(read_session_factory, artifacts,
-                             max_audio_seconds=settings.api.max_audio_seconds)
+                             max_audio_seconds=settings.api.max_audio_seconds,
+                             personal_cache_size=settings.personal.cache_size,
+                             global_cache_size=settings.personal.global_cache_size,
+                             personal_ttl_s=settings.api.model_poll_interval_s)
     writer = GroupCommitWriter(session_factory)
     key_verifier = KeyVerifier(read_session_factory)
+    # Rounds run in this process too (learner.enabled); a version they activate is served here
+    # at once, and by every other process within its poll.
+    learner = LearnerService(session_factory, artifacts, settings.learner,
+                             on_activated=engine.activate, personal=settings.personal,
+                             on_personal_activated=engine.personal.forget)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         writer.start()
         follower = asyncio.create_task(follow_active_model(
             engine, session_factory, settings.api.model_poll_interval_s))
+        learner.start()
         try:
             yield
         finally:
             follower.cancel()
+            await run_in_threadpool(learner.stop)
             writer.stop()
             db_engine.dispose()
 
@@ -61,8 +73,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.key_verifier = key_verifier
     app.state.artifacts = artifacts
     app.state.engine = engine
+    app.state.learner = learner
     install_error_handlers(app)
     app.include_router(api_router)
+    mount_dashboard(app)  # the web page at `/`
     # The last added runs first: metrics see every request, 413s from the size limit included.
     app.add_middleware(UploadSizeLimit, max_file_bytes=settings.api.max_upload_bytes)
     app.add_middleware(RequestMetrics)

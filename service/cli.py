@@ -87,6 +87,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         report = run_latency_bench(Path(args.model) if args.model else None, runs=args.runs,
                                    cold_starts=args.cold_starts)
+    if args.what == "personalization":
+        from service.bench.personalization import run_personalization_bench
+
+        report = run_personalization_bench(args.data or REPO_ROOT.parent / "shared" / "data",
+                                           versions=args.versions)
+    if args.what == "continual":
+        from service.bench.continual import run_continual_bench
+
+        report = run_continual_bench(
+            args.data or REPO_ROOT.parent / "shared" / "data", rounds=args.rounds,
+            strategies=args.strategies.split(",") if args.strategies else None,
+            timing_corrections=args.timing_corrections, threads=args.threads)
     if args.json:
         print(json.dumps(report))
     else:
@@ -253,12 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks that print medians")
-    p.add_argument("what", choices=["latency", "serve"])
+    p.add_argument("what", choices=["latency", "serve", "personalization", "continual"])
     p.add_argument("--model", type=Path)
     p.add_argument("--runs", type=int, default=200, help="timed runs after warm-up")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
     p.add_argument("--requests", type=int, default=400,
                    help="serve: timed predictions per server configuration")
+    p.add_argument("--data", type=Path, help="personalization, continual: the corpora (default "
+                   "../shared/data)")
+    p.add_argument("--versions", type=int, default=10_000,
+                   help="personalization: personal versions stored for the cost figures")
+    p.add_argument("--rounds", type=int, default=3, help="continual: learning rounds")
+    p.add_argument("--strategies", help="continual: comma-separated (default: ewc+replay, "
+                   "replay, naive, joint)")
+    p.add_argument("--timing-corrections", type=int, default=500,
+                   help="continual: corrections in the timed round (0: skip it)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="continual: torch threads (1, as in a service worker)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -287,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("version", type=int)
     m.add_argument("--reason", help="recorded in the audit log")
     p.set_defaults(func=cmd_models)
+
+    from service.learner_commands import add_parser as add_learner_parser
+
+    add_learner_parser(sub)
     return parser
 
 

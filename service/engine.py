@@ -24,7 +24,10 @@ from learner.audio import decode_audio
 from learner.checkpoint import ModelFileError, model_from_bytes
 from learner.features import extract_features
 from learner.inference import EmotionPredictor, Prediction
+from learner.serving_net import for_serving
+from service.batcher import ModelBatcher
 from service.metrics import ACTIVE_MODEL_VERSION
+from service.personal_models import PersonalModels
 from storage.artifacts import ArtifactError, ArtifactStore
 from storage.registry import ModelRegistry
 
@@ -39,6 +42,7 @@ class ModelLoadError(RuntimeError):
 class ServingModel:
     version: int
     predictor: EmotionPredictor
+    personal: bool = False  # a user's personal version (on the global version it was built on)
 
 
 @dataclass(frozen=True)
@@ -51,18 +55,28 @@ class Inference:
 
 class InferenceEngine:
     def __init__(self, session_factory: sessionmaker[Session], artifacts: ArtifactStore,
-                 *, max_audio_seconds: float):
+                 *, max_audio_seconds: float, personal_cache_size: int = 1000,
+                 global_cache_size: int = 2, personal_ttl_s: float = 1.0):
         self.session_factory = session_factory
         self.artifacts = artifacts
         self.max_audio_seconds = max_audio_seconds
+        self.personal = PersonalModels(
+            session_factory, artifacts, load_global=lambda v: self.load(v).predictor,
+            cache_size=personal_cache_size, global_cache_size=global_cache_size,
+            ttl_s=personal_ttl_s)
         self._serving: ServingModel | None = None
         # Held while deciding and making a swap, so a poll that read the old active version
         # cannot swap it back in after an activation in this process swapped the new one.
         self._swap_lock = threading.Lock()
         self._unloadable: set[int] = set()  # versions whose file failed; logged once, not retried
-        # At most one clip per core in model work at a time: more threads than cores only take
-        # turns on the GIL and the caches, costing CPU for every clip and finishing none sooner.
-        self.cpu_slots = anyio.CapacityLimiter(os.cpu_count() or 1)
+        # At most one clip per core in decoding and features at a time: more threads than cores
+        # only take turns on the GIL and the caches, costing CPU for every clip and finishing
+        # none sooner. The model runs outside these slots, on the clips of all waiting requests
+        # at once (service.batcher), so `request_slots` (the worker threads a route may hold in
+        # `predict`) must leave room for a full batch.
+        self.cpu_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self.batcher = ModelBatcher(max_batch=16)
+        self.request_slots = anyio.CapacityLimiter(2 * self.batcher.max_batch)
 
     @property
     def serving(self) -> ServingModel | None:
@@ -78,7 +92,8 @@ class InferenceEngine:
             raise ModelLoadError(f"no model version {version}")
         try:
             data = self.artifacts.read_model(row.artifact_path, row.sha256)
-            predictor = EmotionPredictor(model_from_bytes(data, expected_sha256=row.sha256))
+            predictor = EmotionPredictor(
+                for_serving(model_from_bytes(data, expected_sha256=row.sha256)))
         except (ArtifactError, ModelFileError) as err:
             raise ModelLoadError(f"model version {version} cannot be loaded: {err}") from err
         predictor.warm_up()  # first-call allocations happen here, not in a user's request
@@ -115,15 +130,23 @@ class InferenceEngine:
                     log.error("%s; still serving version %s", err, current)
             return self._serving.version if self._serving else None
 
-    def predict(self, audio: bytes) -> Inference:
-        """Decode, compute features and predict, on the model serving when called. Raises
-        AudioError for a clip we refuse. CPU-bound: call it from a worker thread."""
+    def predict(self, audio: bytes, user_id: str | None = None) -> Inference:
+        """Decode, compute features and predict, on the model serving when called: the user's
+        active personal version if they have one, else the global one. Raises AudioError for a
+        clip we refuse. CPU-bound: call it from a worker thread."""
         model = self._serving
         if model is None:
             raise ModelLoadError("no model is loaded yet")
         start = time.perf_counter()
-        wave = decode_audio(audio, max_seconds=self.max_audio_seconds)
-        prediction = model.predictor.predict_features(extract_features(wave))
+        with self.cpu_slots:
+            wave = decode_audio(audio, max_seconds=self.max_audio_seconds)
+            features = extract_features(wave)
+        personal = self.personal.model_for(user_id, model.version, model.predictor) \
+            if user_id is not None else None
+        if personal is not None:
+            model = ServingModel(*personal, personal=True)
+        prediction = model.predictor.predict_logits(
+            self.batcher.logits(model.predictor, features))
         return Inference(model, wave, prediction, (time.perf_counter() - start) * 1000)
 
     def _swap(self, model: ServingModel) -> None:

@@ -17,7 +17,9 @@ class PredictionOut(BaseModel):
     emotion: str
     confidence: float = Field(description="The probability of `emotion`")
     probabilities: dict[str, float] = Field(description="Every label the model knows, summing to 1")
-    model_version: int
+    model_version: int = Field(description="The version that answered: the user's personal "
+                                           "version when `personal`, else the global one")
+    personal: bool = Field(description="Whether the user's personal model answered")
     latency_ms: float = Field(description="Server time to decode the clip, compute features "
                                           "and run the model")
 
@@ -80,3 +82,53 @@ class HealthOut(BaseModel):
 class ReadyOut(BaseModel):
     status: str
     model_version: int
+
+
+class RunOut(BaseModel):
+    """A learning round: what started it, what it used, and the gate's decision."""
+    id: int
+    trigger: str = Field(description="schedule or manual")
+    scope: str = Field(description="global, or user for a personal round")
+    user_id: str | None
+    status: str = Field(description="running, accepted, rejected, skipped or failed")
+    started_at: datetime
+    finished_at: datetime | None
+    counts: dict[str, Any] = Field(description="Feedback used, held out, ignored; strategy, "
+                                               "epochs, steps; seconds per phase")
+    gate_report: dict[str, Any] | None
+    error: str | None
+    candidate_version: int | None
+
+
+class RunListOut(BaseModel):
+    runs: list[RunOut] = Field(description="Newest first")
+
+
+class RunStartedOut(BaseModel):
+    run_id: int
+
+
+class UserModelOut(BaseModel):
+    """Which model answers a user, and how far they are from a personal one."""
+    user_id: str
+    personal: bool = Field(description="Whether a personal version answers this user")
+    version: int | None = Field(description="The active personal version, if any")
+    built_on_version: int | None = Field(description="The global version it was built on (it "
+                                                     "keeps serving on that one)")
+    feedback_count: int = Field(description="The user's corrections (one per prediction)")
+    min_feedback: int = Field(description="Corrections needed before a personal round")
+    status: str = Field(description="active (a personal version answers), collecting (fewer "
+                                    "corrections than min_feedback), due (the next personal "
+                                    "round builds one), rejected (the last round's gate "
+                                    "refused it) or disabled (personal models are off)")
+
+
+class PersonalVersionOut(ModelVersionOut):
+    user_id: str
+
+
+class UserForgottenOut(BaseModel):
+    user_id: str
+    deleted: dict[str, int] = Field(description="Rows removed per table; clips_kept_shared "
+                                                "counts clips another user also sent")
+

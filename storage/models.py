@@ -20,7 +20,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-MODEL_STATUSES = ("candidate", "active", "rejected", "retired")
+MODEL_STATUSES = ("candidate", "active", "rejected", "retired", "deleted")
 MODEL_SCOPES = ("global", "user")
 KEY_ROLES = ("app", "admin")
 
@@ -92,7 +92,10 @@ class ModelVersion(Base):
 
     __tablename__ = "model_versions"
     __table_args__ = (
-        CheckConstraint("status IN ('candidate', 'active', 'rejected', 'retired')", name="status"),
+        # deleted: a personal version whose file an admin removed; the row stays for the
+        # predictions it made.
+        CheckConstraint("status IN ('candidate', 'active', 'rejected', 'retired', 'deleted')",
+                        name="status"),
         CheckConstraint("(scope = 'global' AND user_id IS NULL) OR "
                         "(scope = 'user' AND user_id IS NOT NULL)", name="scope"),
         # The database itself guarantees one active global model and one active model per user.
@@ -116,6 +119,10 @@ class ModelVersion(Base):
     status: Mapped[str] = mapped_column(String(10), default="candidate")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     activated_at: Mapped[datetime | None]
+    # What the learner carries from this version to the next round (EWC importances and anchor
+    # weights, safetensors) beside the model file; None until a round computes it.
+    state_path: Mapped[str | None] = mapped_column(String(255))
+    state_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class ModelVersionCounter(Base):
@@ -134,6 +141,9 @@ class TrainingRun(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     trigger: Mapped[str] = mapped_column(String(20))  # schedule, manual, ...
+    scope: Mapped[str] = mapped_column(String(10), default="global",
+                                       server_default=text("'global'"))
+    user_id: Mapped[str | None] = mapped_column(String(128))  # a personal round's user
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     status: Mapped[str] = mapped_column(String(20), default="running")
@@ -175,17 +185,34 @@ class Feedback(Base):
     # NULL until a learning round uses it; counting NULLs here is how a round decides to start.
     consumed_by_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"),
                                                            index=True)
+    # Set by the round that consumed it when it kept this one out of training to judge the
+    # candidate; held-out feedback of accepted rounds joins every later round's gate set.
+    held_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class ReplayExemplar(Base):
-    """One clip of the learner's class-balanced replay buffer, kept across rounds."""
+    """One exemplar of a model version's class-balanced replay buffer: a feedback clip, or an
+    entry of the base set shipped beside the default model (learner/default_model). A round
+    restores the buffer of the version it starts from and stores its candidate's, so rolling
+    back to a version brings its buffer back too."""
 
     __tablename__ = "replay_exemplars"
+    __table_args__ = (
+        CheckConstraint("(source = 'base' AND base_index IS NOT NULL AND clip_id IS NULL) OR "
+                        "(source = 'feedback' AND clip_id IS NOT NULL "
+                        "AND feedback_id IS NOT NULL)", name="source"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    clip_id: Mapped[int] = mapped_column(ForeignKey("clips.id"), index=True)
+    model_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"), index=True)
+    clip_id: Mapped[int | None] = mapped_column(ForeignKey("clips.id"), index=True)
+    feedback_id: Mapped[int | None] = mapped_column(ForeignKey("feedback.id"), index=True)
+    base_index: Mapped[int | None]  # position in the shipped base replay set
     label: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(20))  # base, feedback
+    # Reservoir-sampling priority: each class keeps its highest-weighted exemplars, so the
+    # buffer stays a uniform sample of everything that class has seen, across rounds.
+    weight: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -79,6 +79,8 @@ class ModelRegistry:
             raise VersionNotFound(f"no model version {version}")
         if target.status == "rejected":
             raise CannotActivate(f"model version {version} was rejected by the regression gate")
+        if target.status == "deleted":
+            raise CannotActivate(f"model version {version} was deleted")
         if target.status == "active":
             return target
         previous = self._active(target.scope, target.user_id)
@@ -107,6 +109,24 @@ class ModelRegistry:
         target.status = "rejected"
         target.gate_report = gate_report
         self.session.flush()
+        return target
+
+    def delete_personal(self, version: int, *, actor_key_id: int | None = None,
+                        reason: str | None = None) -> ModelVersion:
+        """Mark a personal version deleted (its user falls back to the global model if it was
+        active) and write the audit entry; the caller removes its file after committing. The
+        row stays: the user's earlier predictions name it. Global versions are never deleted."""
+        self._lock()
+        target = self.session.get(ModelVersion, version, populate_existing=True)
+        if target is None or target.scope != "user":
+            raise VersionNotFound(f"no personal model version {version}")
+        previous = target.status
+        target.status = "deleted"
+        self.session.flush()
+        AuditLog(self.session).record(
+            "model.delete", f"model_version:{version}", actor_key_id=actor_key_id,
+            details={"previous_status": previous, "scope": target.scope,
+                     "user_id": target.user_id, "reason": reason})
         return target
 
     def bootstrap_default(self, model_data: bytes, sha256: str, *, labels: list[str],

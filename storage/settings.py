@@ -12,7 +12,7 @@ the artifacts live; default `./data`, relative to the working directory) and
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource,
@@ -54,12 +54,52 @@ class LearnerSettings(Section):
     enabled: bool = True  # run the in-process scheduler
     interval_s: float = 600.0  # how often the scheduler checks for new feedback
     min_new_feedback: int = 50  # a round starts once this much unconsumed feedback exists
-    lock_ttl_s: float = 3600.0  # a crashed round's lock expires after this long
+    lock_ttl_s: float = 120.0  # a round renews its lease; a crashed round's ends after this
+    # What a round does (learner/rounds.py); the README's "Learner" section explains each.
+    strategy: Literal["ewc+replay", "replay", "naive", "joint"] = "ewc+replay"
+    # The labels feedback may name; None: every canonical label (learner.labels). A subset of them.
+    labels: list[str] | None = None
+    allow_new_labels: bool = True  # a label the model does not know grows its head
+    max_recall_drop: float = 0.02  # the gate: most recall an old class may lose
+    max_macro_f1_drop: float = 0.005  # ... and macro-F1 may fall at most by noise
+    holdout_share: float = Field(0.2, ge=0.0, lt=1.0)  # of each round's feedback, for the gate
+    max_feedback_per_round: int = 1000  # the oldest first; the rest waits for the next round
+    seed: int = 20261121
+    # A round trains this many steps whatever its size, so its time stays bounded: each step
+    # `batch_size` new clips and `replay_batch_size` replayed exemplars.
+    steps: int = 60
+    batch_size: int = 16
+    replay_batch_size: int = 16
+    lr: float = 3e-3  # falls linearly to 0 over the round
+    weight_decay: float = 0.01
+    crop_frames: int = 300  # random 3 s crops in training; the gate hears whole clips
+    freeze_batchnorm: bool = True  # a few clips of new speakers must not move old statistics
+    mem_size: int = 400  # replay buffer, split evenly over the classes
+    # The old data replay and the gate start from (base_replay/base_gate.safetensors); None: the
+    # sets shipped beside the bundled default model (learner/default_model).
+    base_sets_dir: Path | None = None
+    ewc_lambda: float = 1e5
+    distill_weight: float = 3.0  # replayed exemplars: pull toward the starting model's answers
+    ewc_decay: float = 0.9  # online EWC: old importances fade by this factor a round
 
 
 class PersonalSettings(Section):
     enabled: bool = True
     min_feedback: int = 20  # corrections a user needs before getting a personal model
+    # Personal rounds (learner/personal_rounds.py); the README's "Personal models" says more.
+    folds: int = Field(4, ge=2)  # the gate judges the user's corrections by cross-validation
+    # The gate: most macro recall (mean over the old classes) the personal model may lose on the
+    # global gate set. Looser than learner.max_recall_drop: this model answers one user only.
+    max_recall_drop: float = Field(0.03, ge=0.0, le=1.0)
+    max_users_per_tick: int = 100  # personal rounds one scheduler tick runs, oldest requests first
+    epochs: int = 40
+    lr: float = 0.01
+    ewc_lambda: float = 300.0  # pull toward the global head (weighted by its Fisher information)
+    replay_size: int = 400  # global exemplars replayed beside the user's corrections
+    # Serving, per worker process: personal heads kept in memory (about 9 KB each), and global
+    # versions other than the active one kept loaded for personal versions built on them.
+    cache_size: int = Field(1000, ge=1)
+    global_cache_size: int = Field(2, ge=1)
 
 
 class Settings(BaseSettings):

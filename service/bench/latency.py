@@ -60,10 +60,12 @@ def run_latency_bench(model_path: Path | None = None, runs: int = 200, cold_star
     from learner.checkpoint import load_default_model, load_model
     from learner.inference import EmotionPredictor, limit_threads
     from learner.model import count_parameters
+    from learner.serving_net import for_serving
     from service.bench.clips import to_wav, to_webm_opus, voiced_clip
 
     limit_threads(1)
-    predictor = EmotionPredictor(load_model(model_path) if model_path else load_default_model())
+    model = load_model(model_path) if model_path else load_default_model()
+    predictor = EmotionPredictor(for_serving(model))  # the form `emoloop serve` runs
     predictor.warm_up()
     clips = {
         "wav-16k": to_wav(voiced_clip(3.0, 16_000), 16_000),
@@ -77,7 +79,7 @@ def run_latency_bench(model_path: Path | None = None, runs: int = 200, cold_star
             for stage, v in stages.items()
         }
     cold = _cold_start_seconds(model_path, cold_starts)
-    parameters = count_parameters(predictor.model.net)
+    parameters = count_parameters(model.net)
     headline = results["wav-16k"]["total"]["median_ms"]
     lines = [f"emoloop bench latency: 3 s clip, 1 thread, {runs} runs after warm-up"]
     lines.append(f"{'clip':<15}{'stage':<10}{'median ms':>10}{'p95 ms':>9}")

@@ -5,37 +5,41 @@ import uuid
 from fastapi import APIRouter
 from sqlalchemy.orm import Session
 
-from learner.labels import canonical_label
+from learner.labels import canonical_label, feedback_labels
 from service.auth import CurrentKey
-from service.deps import WriterDep
+from service.deps import EngineDep, SettingsDep, WriterDep
 from service.errors import ERROR_RESPONSES, ApiError, not_found
 from service.metrics import FEEDBACK
 from service.schemas import FeedbackIn, FeedbackOut
-from storage.models import Feedback
-from storage.repositories import FeedbackRepository, PredictionRepository
+from storage.repositories import FeedbackRepository
 
 router = APIRouter(prefix="/v1/predictions", tags=["feedback"], responses=ERROR_RESPONSES)
 
 
 @router.post("/{prediction_id}/feedback", status_code=201, response_model=FeedbackOut)
 async def create_feedback(prediction_id: uuid.UUID, body: FeedbackIn, caller: CurrentKey,
-                          writer: WriterDep) -> FeedbackOut:
+                          writer: WriterDep, settings: SettingsDep,
+                          engine: EngineDep) -> FeedbackOut:
     try:
         label = canonical_label(body.label)
     except ValueError as err:
         raise ApiError(422, "unknown_label", str(err)) from None
+    serving = engine.serving
+    allowed = feedback_labels(settings.learner.labels, settings.learner.allow_new_labels,
+                              serving.predictor.labels if serving else None)
+    if label not in allowed:
+        raise ApiError(422, "unknown_label", f"feedback may not name {label!r} here; allowed: "
+                                             f"{', '.join(allowed)}")
 
-    def insert(session: Session) -> tuple[Feedback, str] | None:
+    def insert(session: Session) -> tuple[int, str] | None:
         # Only the app that made the prediction may correct it; to others it does not exist.
-        prediction = PredictionRepository(session).get_for_app(prediction_id, caller.key_id)
-        if prediction is None:
-            return None
-        return FeedbackRepository(session).add(prediction, label, body.user_id), prediction.label
+        return FeedbackRepository(session).add_for_app(prediction_id, caller.key_id, label,
+                                                       body.user_id)
 
     # Returns once committed: durable (SQLite synchronous=FULL) before we answer.
     written = await writer.write(insert)
     if written is None:
         raise not_found("prediction")
-    feedback, predicted = written
+    feedback_id, predicted = written
     FEEDBACK.labels(label, str(label == predicted).lower()).inc()
-    return FeedbackOut(feedback_id=feedback.id)
+    return FeedbackOut(feedback_id=feedback_id)

@@ -3,9 +3,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from learner.labels import CANONICAL_LABELS
+from learner.labels import feedback_labels
 from service.auth import CurrentKey
-from service.deps import ArtifactsDep, EngineDep, ReadSessionDep
+from service.deps import ArtifactsDep, EngineDep, ReadSessionDep, SettingsDep
 from service.errors import ERROR_RESPONSES, ApiError, not_found
 from service.schemas import LabelsOut, ModelVersionOut
 from storage.models import ModelVersion
@@ -17,12 +17,15 @@ VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 @router.get("/labels", response_model=LabelsOut)
-def list_labels(_: CurrentKey, engine: EngineDep) -> LabelsOut:
+def list_labels(_: CurrentKey, engine: EngineDep, settings: SettingsDep) -> LabelsOut:
     serving = engine.serving
     if serving is None:
         raise ApiError(503, "not_ready", "the model is still loading; retry shortly")
-    return LabelsOut(model_version=serving.version, labels=list(serving.predictor.labels),
-                     feedback_labels=list(CANONICAL_LABELS))
+    labels = list(serving.predictor.labels)
+    return LabelsOut(model_version=serving.version, labels=labels,
+                     feedback_labels=list(feedback_labels(settings.learner.labels,
+                                                          settings.learner.allow_new_labels,
+                                                          labels)))
 
 
 @router.get("/models", response_model=list[ModelVersionOut])

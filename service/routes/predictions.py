@@ -25,8 +25,9 @@ log = logging.getLogger("emoloop.service")
 router = APIRouter(prefix="/v1/predictions", tags=["predictions"], responses=ERROR_RESPONSES)
 
 
-# async, with the model work and file writes sent to a worker thread (one per core at a time) and
-# the rows to the group-commit writer: one thread hop per request instead of one per dependency.
+# async, with the model work and file writes sent to a worker thread (the engine runs decoding
+# one clip per core at a time, the model in batches) and the rows to the group-commit writer:
+# one thread hop per request instead of one per dependency.
 @router.post("", status_code=201, response_model=PredictionOut)
 async def create_prediction(
     caller: CurrentKey, writer: WriterDep, engine: EngineDep, artifacts: ArtifactsDep,
@@ -40,23 +41,26 @@ async def create_prediction(
     if len(audio) > limit:
         raise too_large(limit)
     try:
+        # With personal models off, every user gets the global model.
+        personal_user = user_id if settings.personal.enabled else None
         inference, clip_path = await anyio.to_thread.run_sync(
-            _predict_and_keep_clip, engine, artifacts, audio, limiter=engine.cpu_slots)
+            _predict_and_keep_clip, engine, artifacts, audio, personal_user,
+            limiter=engine.request_slots)
     except AudioError as err:
         raise audio_error(err) from None
     except ModelLoadError:
         raise ApiError(503, "not_ready", "the model is still loading; retry shortly") from None
 
     def insert(session: Session) -> Prediction:
-        clip = ClipRepository(session).get_or_create(
+        clip_id = ClipRepository(session).store(
             sha256=clip_path.sha256, duration_s=len(inference.wave) / SAMPLE_RATE,
             # The rate the model hears: the learner decodes the stored original the same way.
             sample_rate=SAMPLE_RATE, artifact_path=clip_path.path, size_bytes=len(audio))
         return PredictionRepository(session).create(
-            api_key_id=caller.key_id, clip_id=clip.id, model_version=inference.model.version,
+            api_key_id=caller.key_id, clip_id=clip_id, model_version=inference.model.version,
             label=inference.prediction.emotion, confidence=inference.prediction.confidence,
             probabilities=inference.prediction.probabilities, latency_ms=inference.latency_ms,
-            user_id=user_id)
+            user_id=user_id, personal=inference.model.personal)
 
     try:
         prediction = await writer.write(insert)  # clip row + prediction row: one transaction
@@ -82,10 +86,10 @@ class StoredClip(NamedTuple):
     path: str  # relative to the artifact root
 
 
-def _predict_and_keep_clip(engine: InferenceEngine, artifacts: ArtifactStore,
-                           audio: bytes) -> tuple[Inference, StoredClip]:
+def _predict_and_keep_clip(engine: InferenceEngine, artifacts: ArtifactStore, audio: bytes,
+                           user_id: str | None) -> tuple[Inference, StoredClip]:
     # Decode and validate before anything is stored: a refused clip leaves no file and no row.
-    inference = engine.predict(audio)
+    inference = engine.predict(audio, user_id)
     # The file goes first (atomic, content-addressed); a row never points at a missing file.
     return inference, StoredClip(*artifacts.put_clip(audio, _extension(audio)))
 
@@ -105,8 +109,9 @@ def _delete_if_unreferenced(read_sessions: sessionmaker[Session], artifacts: Art
 def _prediction_out(prediction: Prediction, schema: type[PredictionOut]) -> PredictionOut:
     return schema(prediction_id=prediction.id, emotion=prediction.label,
                   confidence=prediction.confidence, probabilities=prediction.probabilities,
-                  model_version=prediction.model_version, latency_ms=prediction.latency_ms,
-                  user_id=prediction.user_id, created_at=prediction.created_at)
+                  model_version=prediction.model_version, personal=prediction.personal,
+                  latency_ms=prediction.latency_ms, user_id=prediction.user_id,
+                  created_at=prediction.created_at)
 
 
 # Leading bytes of the formats apps send, so a stored clip's name says what it holds. Derived

@@ -11,7 +11,8 @@ from tests.service.conftest import bearer, files_under, predict
 def test_predict_correct_and_read_back(client, keys, wav_clip, db, artifacts):
     answer = predict(client, keys.app, wav_clip, user_id="speaker-1")
     assert set(answer) == {"prediction_id", "emotion", "confidence", "probabilities",
-                           "model_version", "latency_ms"}
+                           "model_version", "personal", "latency_ms"}
+    assert answer["personal"] is False  # no personal model yet
     assert set(answer["probabilities"]) == set(DEFAULT_LABELS)
     assert abs(sum(answer["probabilities"].values()) - 1) < 1e-4
     assert answer["confidence"] == answer["probabilities"][answer["emotion"]]

@@ -59,27 +59,27 @@ def test_a_request_finishes_on_the_model_it_started_with(client, db, artifacts, 
                                                    parent_version=1)
         session.commit()
     started, swapped = threading.Event(), threading.Event()
-    real_predict_features = EmotionPredictor.predict_features
+    real_logits = EmotionPredictor.logits
     results = {}
 
-    def predict_features_slowly(self, features, allowed=None):
+    def logits_slowly(self, features):
         started.set()
         assert swapped.wait(30)  # version 2 becomes active while this request runs
-        return real_predict_features(self, features, allowed)
+        return real_logits(self, features)
 
     def in_flight():
         results["inference"] = engine.predict(wav_clip)
 
-    EmotionPredictor.predict_features = predict_features_slowly
+    EmotionPredictor.logits = logits_slowly
     try:
         thread = threading.Thread(target=in_flight)
         thread.start()
         assert started.wait(30)
-        EmotionPredictor.predict_features = real_predict_features
+        EmotionPredictor.logits = real_logits
         engine.activate(2)
         swapped.set()
         thread.join(30)
     finally:
-        EmotionPredictor.predict_features = real_predict_features
+        EmotionPredictor.logits = real_logits
     assert results["inference"].model.version == 1
     assert engine.predict(wav_clip).model.version == 2

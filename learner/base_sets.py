@@ -1,0 +1,187 @@
+"""The old data shipped beside the default model, so a fresh install (no corpora) can run rounds.
+
+Two class-balanced sets of feature tensors (`learner.features.extract_features` of clean clips,
+cropped to at most 3 s, float16) from the default model's TRAINING speakers only:
+- `base_replay.safetensors`: what the replay buffer starts with; rounds rehearse it.
+- `base_gate.safetensors`: part of every gate set; how the gate sees old classes' recall.
+The validation speakers stay unheard (the continual bench uses them as newcomers) and the test
+speakers unseen (they measure forgetting). The sets are features, not weights: retraining the
+default model with the same features leaves them valid. `base_sets.json` records their sha256,
+checked on every load. Built by `emoloop learner build-base-sets --data ../shared/data`.
+"""
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from learner.checkpoint import DEFAULT_MODEL_DIR, FEATURES_VERSION
+from learner.corpora import CorpusClip, read_corpora, split_by_speaker
+from storage.files import sha256_bytes, write_atomic
+
+SET_NAMES = ("replay", "gate")
+INFO_FILE = "base_sets.json"
+
+
+class BaseSetError(RuntimeError):
+    """A shipped base set that is missing, corrupt, or made from other features."""
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Clips as features: (frames_i, 64) float16 arrays, each with its label and speaker."""
+
+    features: list[np.ndarray]
+    labels: list[str]
+    speakers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to_bytes(self, metadata: dict[str, str]) -> bytes:
+        offsets = np.cumsum([0] + [f.shape[0] for f in self.features])
+        tensors = {"features": torch.from_numpy(np.concatenate(self.features).astype(np.float16)),
+                   "offsets": torch.from_numpy(offsets.astype(np.int64))}
+        return save_safetensors(tensors, metadata={**metadata, "features": FEATURES_VERSION,
+                                                   "labels": json.dumps(self.labels),
+                                                   "speakers": json.dumps(self.speakers)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "FeatureSet":
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+        if metadata.get("features") != FEATURES_VERSION:
+            raise BaseSetError(f"base set made from features {metadata.get('features')!r}, this "
+                               f"code computes {FEATURES_VERSION!r}: rebuild it")
+        tensors = load_safetensors(data)
+        frames, offsets = tensors["features"].numpy(), tensors["offsets"].numpy()
+        return cls(features=[frames[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
+                   labels=json.loads(metadata["labels"]), speakers=json.loads(metadata["speakers"]))
+
+
+@lru_cache(maxsize=4)
+def load_base_set(name: str, folder: Path | None = None) -> FeatureSet:
+    """A shipped set ("replay" or "gate"), checked against the sha256 in base_sets.json; from
+    `folder`, by default the bundled model's."""
+    folder = Path(folder) if folder is not None else DEFAULT_MODEL_DIR
+    if name not in SET_NAMES:
+        raise ValueError(f"no base set {name!r}")
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+        data = (folder / f"base_{name}.safetensors").read_bytes()
+    except OSError as err:
+        raise BaseSetError(f"the base sets beside the default model are missing ({err}); build "
+                           f"them with `emoloop learner build-base-sets`") from err
+    if sha256_bytes(data) != info["sets"][name]["sha256"]:
+        raise BaseSetError(f"base_{name}.safetensors does not match its sha256 in {INFO_FILE}")
+    return FeatureSet.from_bytes(data)
+
+
+def select_balanced(clips: list[CorpusClip], labels: tuple[str, ...], per_class: int,
+                    rng: np.random.Generator) -> dict[str, list[CorpusClip]]:
+    """Per label, `per_class` clips spread as evenly as possible over the corpora that have it,
+    and within a corpus over its speakers (round-robin, random order inside each speaker)."""
+    chosen = {}
+    for label in labels:
+        by_corpus: dict[str, dict[str, list[CorpusClip]]] = defaultdict(lambda: defaultdict(list))
+        for clip in clips:
+            if clip.emotion == label:
+                by_corpus[clip.corpus][clip.speaker].append(clip)
+        queues = [_round_robin(speakers, rng) for _, speakers in sorted(by_corpus.items())]
+        picked: list[CorpusClip] = []
+        while len(picked) < per_class and any(queues):
+            for queue in queues:
+                if queue and len(picked) < per_class:
+                    picked.append(queue.pop(0))
+        chosen[label] = picked
+    return chosen
+
+
+def _round_robin(speakers: dict[str, list[CorpusClip]], rng: np.random.Generator) -> list:
+    lists = []
+    for _, clips in sorted(speakers.items()):
+        clips = list(clips)
+        rng.shuffle(clips)
+        lists.append(clips)
+    order = []
+    for i in range(max((len(c) for c in lists), default=0)):
+        order += [c[i] for c in lists if i < len(c)]
+    return order
+
+
+def crop_centre(features: np.ndarray, max_frames: int) -> np.ndarray:
+    if features.shape[0] <= max_frames:
+        return features
+    start = (features.shape[0] - max_frames) // 2
+    return features[start : start + max_frames]
+
+
+def _clip_features(task: tuple[str, int]) -> np.ndarray:
+    from learner.audio import decode_audio
+    from learner.features import extract_features
+
+    path, max_frames = task
+    return crop_centre(extract_features(decode_audio(path, max_seconds=60.0)),
+                       max_frames).astype(np.float16)
+
+
+def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate_per_class: int,
+                    max_frames: int = 300, out_dir: Path = DEFAULT_MODEL_DIR,
+                    workers: int = 2) -> dict:
+    """Choose, featurise and write both sets and base_sets.json; returns that JSON."""
+    from learner.inference import limit_threads
+
+    seed, labels = int(config["seed"]), tuple(config["labels"])
+    clips = [c for c in read_corpora(data_dir, config.get("corpora")) if c.emotion in labels]
+    split = split_by_speaker(clips, validation_speakers=config["split"]["validation_speakers"],
+                             test_speakers=config["split"]["test_speakers"])
+    rng = np.random.default_rng(seed)
+    # The gate's clips first, then the replay set's from the clips left: disjoint, both balanced.
+    gate = select_balanced(split.train, labels, gate_per_class, rng)
+    taken = {c.path for chosen in gate.values() for c in chosen}
+    replay = select_balanced([c for c in split.train if c.path not in taken], labels,
+                             replay_per_class, rng)
+    sets = {"replay": [c for label in labels for c in replay[label]],
+            "gate": [c for label in labels for c in gate[label]]}
+    feature_sets = {}
+    with get_context("spawn").Pool(workers, initializer=limit_threads, initargs=(1,)) as pool:
+        for name, members in sets.items():
+            features = pool.map(_clip_features, [(str(c.path), max_frames) for c in members],
+                                chunksize=8)
+            feature_sets[name] = FeatureSet(features, [c.emotion for c in members],
+                                            [c.speaker for c in members])
+    corpus_of = {c.speaker: c.corpus for members in sets.values() for c in members}
+    info = write_base_sets(out_dir, feature_sets, {
+        "seed": seed, "max_frames": max_frames,
+        "speakers": "training speakers of configs/base-training.yaml (never the validation or "
+                    "test speakers)"})
+    for name, feature_set in feature_sets.items():
+        info["sets"][name]["per_corpus"] = {
+            corpus: sum(corpus_of[s] == corpus for s in feature_set.speakers)
+            for corpus in sorted(set(corpus_of.values()))}
+    write_atomic(out_dir / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    return info
+
+
+def write_base_sets(out_dir: Path, sets: dict[str, FeatureSet], about: dict) -> dict:
+    """Write the sets and base_sets.json (with their sha256) into `out_dir`; returns the JSON."""
+    info = {"features": FEATURES_VERSION, **about, "sets": {}}
+    for name, feature_set in sets.items():
+        data = feature_set.to_bytes({"set": name})
+        write_atomic(Path(out_dir) / f"base_{name}.safetensors", data)
+        info["sets"][name] = {
+            "sha256": sha256_bytes(data), "bytes": len(data), "clips": len(feature_set),
+            "per_class": {label: feature_set.labels.count(label)
+                          for label in dict.fromkeys(feature_set.labels)},
+            "speakers": len(set(feature_set.speakers)),
+            "seconds": round(sum(f.shape[0] for f in feature_set.features) / 100, 1),
+        }
+    write_atomic(Path(out_dir) / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    load_base_set.cache_clear()
+    return info

@@ -1,0 +1,452 @@
+"""One learning round, from unconsumed feedback to a gated, registered (and maybe active) version.
+
+1. Take the learner lock (one round at a time across processes) and record the run.
+2. Read the unconsumed feedback (its clips from the artifact store, its labels), hold a seeded
+   share of it out for the gate, and restore the active version's replay buffer and EWC state.
+3. Train a candidate from the active model (learner.strategies), judge it (learner.gate).
+4. In ONE transaction: register the candidate (model file and state file written and checksummed
+   first), store its replay buffer, mark the feedback consumed by this run, record the run with
+   its gate report, and activate the candidate if the gate accepted it (else mark it rejected).
+
+Crash safety: nothing before step 4 writes anything the system relies on, and step 4 commits all
+or nothing. A process killed anywhere leaves the active model serving and the feedback
+unconsumed; the next round marks the dead run failed and learns from that feedback. Files written
+for a transaction that never committed are unreferenced and are overwritten when their version
+number is handed out again. Other processes serve an activated version within their DB poll.
+"""
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from learner.audio import AudioError, decode_audio
+from learner.base_sets import BaseSetError, load_base_set
+from learner.checkpoint import LoadedModel, ModelFileError, model_bytes, model_from_bytes
+from learner.continual_state import EwcState, StateFileError
+from learner.features import extract_features
+from learner.gate import RegressionGate
+from learner.inference import EmotionPredictor
+from learner.labels import feedback_labels
+from learner.replay import BufferedSample, Sample, base_exemplars, exemplar_row, split_holdout
+from storage.artifacts import ArtifactError, ArtifactStore
+from storage.files import sha256_bytes, write_atomic
+from storage.models import ModelVersion
+from storage.registry import ModelRegistry
+from storage.runs import (ExemplarRow, FeedbackItem, LearnerLockRepository,
+                          ReplayExemplarRepository, RoundFeedbackRepository,
+                          TrainingRunRepository)
+from storage.settings import LearnerSettings
+
+log = logging.getLogger("emoloop.learner")
+
+MAX_CLIP_SECONDS = 60.0  # stored clips passed the API's limit already; this only bounds decoding
+
+
+class RoundRunning(RuntimeError):
+    """Another round holds the learner lock."""
+
+
+class LockLost(RuntimeError):
+    """Our lease on the learner lock expired and another process took it."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    run_id: int
+    status: str  # accepted, rejected, skipped, failed
+    candidate_version: int | None = None
+    gate_report: dict | None = None
+    counts: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def new_holder() -> str:
+    """A lock holder id naming this process (host:pid) and this attempt."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def start_round(session_factory: sessionmaker[Session], settings: LearnerSettings, *,
+                trigger: str, holder: str, scope: str = "global",
+                user_id: str | None = None) -> int:
+    """Take the lock and record a new running run; returns its id. Raises RoundRunning. Every
+    round, global or personal, holds this one lock: the run it marks failed as interrupted can
+    only belong to a holder that died."""
+    with session_factory() as session:
+        locks = LearnerLockRepository(session)
+        if not locks.acquire(holder, settings.lock_ttl_s):
+            raise RoundRunning("a learning round is already running")
+        try:
+            runs = TrainingRunRepository(session)
+            if failed := runs.fail_interrupted():
+                log.warning("marked %d interrupted run(s) failed; their feedback is still new",
+                            failed)
+            run = runs.start(trigger, scope=scope, user_id=user_id)
+            session.commit()
+            return run.id
+        except BaseException:
+            session.rollback()
+            locks.release(holder)
+            raise
+
+
+def run_round(session_factory: sessionmaker[Session], artifacts: ArtifactStore,
+              settings: LearnerSettings, *, trigger: str = "manual",
+              on_activated: Callable[[int], None] | None = None,
+              stop: threading.Event | None = None) -> RoundOutcome:
+    """Take the lock, run one round, give the lock back. Raises RoundRunning when busy."""
+    holder = new_holder()
+    run_id = start_round(session_factory, settings, trigger=trigger, holder=holder)
+    return execute_round(session_factory, artifacts, settings, run_id=run_id, holder=holder,
+                         on_activated=on_activated, stop=stop)
+
+
+def execute_round(session_factory: sessionmaker[Session], artifacts: ArtifactStore,
+                  settings: LearnerSettings, *, run_id: int, holder: str,
+                  on_activated: Callable[[int], None] | None = None,
+                  stop: threading.Event | None = None) -> RoundOutcome:
+    """Run a round whose run row `start_round` made, holding its lock; releases the lock."""
+    lease = LeaseKeeper(session_factory, holder, settings.lock_ttl_s)
+    lease.start()
+    try:
+        outcome = LearningRound(session_factory, artifacts, settings, run_id=run_id,
+                                holder=holder, stop=stop).run()
+    except Exception as err:  # recorded on the run; the active model and the feedback stay
+        log.exception("learning round %d failed", run_id)
+        outcome = _record_failure(session_factory, run_id, err)
+    finally:
+        lease.stop()
+        with session_factory() as session:
+            LearnerLockRepository(session).release(holder)
+    log.info("learning round %d: %s%s", run_id, outcome.status,
+             f" (version {outcome.candidate_version})" if outcome.candidate_version else "")
+    if outcome.status == "accepted" and on_activated is not None:
+        try:  # this process serves it now; every other one within its poll interval
+            on_activated(outcome.candidate_version)
+        except Exception:
+            log.exception("could not load version %s in this process; the poll will retry",
+                          outcome.candidate_version)
+    return outcome
+
+
+class LeaseKeeper:
+    """Renews our lease on the learner lock while a round runs, so the lease can be short and a
+    dead learner blocks the next round only briefly."""
+
+    def __init__(self, session_factory: sessionmaker[Session], holder: str, ttl_s: float):
+        self.session_factory, self.holder, self.ttl_s = session_factory, holder, ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="learner-lease", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                with self.session_factory() as session:
+                    held = LearnerLockRepository(session).renew(self.holder, self.ttl_s)
+                    session.commit()
+                if not held:
+                    log.error("lost the learner lock; this round's results will be discarded")
+                    return
+            except Exception:  # the database may be away a moment; the next try may work
+                log.exception("could not renew the learner lock")
+
+
+class LearningRound:
+    def __init__(self, session_factory: sessionmaker[Session], artifacts: ArtifactStore,
+                 settings: LearnerSettings, *, run_id: int, holder: str,
+                 stop: threading.Event | None = None):
+        self.session_factory, self.artifacts, self.settings = session_factory, artifacts, settings
+        self.run_id, self.holder, self.stop = run_id, holder, stop
+        self.seed = settings.seed + run_id
+        self.timings: dict[str, float] = {}
+
+    def run(self) -> RoundOutcome:
+        started = time.perf_counter()
+        with self.session_factory() as session:
+            active = ModelRegistry(session, self.artifacts).active_global()
+            items = RoundFeedbackRepository(session).unconsumed(
+                limit=self.settings.max_feedback_per_round)
+            session.commit()
+        if active is None:
+            raise RuntimeError("no active global model version to learn from")
+        if not items:
+            return self._finish_skipped({"feedback": 0}, "no new feedback")
+        model = load_version(self.artifacts, active)
+        usable, ignored, unreadable = self._usable(items, model.labels)
+        counts = {"feedback": len(items), "ignored_unknown_label": len(ignored),
+                  "unreadable": len(unreadable), "strategy": self.settings.strategy}
+        if not usable:
+            return self._finish_skipped(counts, "no usable feedback", consumed=items)
+        train, held_out = split_holdout(usable, self.settings.holdout_share,
+                                        np.random.default_rng(self.seed))
+        buffer = restore_buffer(self.session_factory, self.artifacts, active, model.labels,
+                                seed=self.seed, base_sets_dir=self.settings.base_sets_dir)
+        ewc_state, bootstrapped = self._ewc_state(active, model, buffer)
+        bootstrapped_state = ewc_state if bootstrapped else None
+        self.timings["load_s"] = time.perf_counter() - started
+        self._check_stop()
+
+        from learner.strategies import train_candidate  # Avalanche: the learner's only
+
+        mark = time.perf_counter()
+        start_net, start_labels, data = model.net, model.labels, train
+        if self.settings.strategy == "joint":
+            start_net, start_labels, data = self._joint_inputs(active, train)
+        candidate = train_candidate(start_net, start_labels, data, buffer, ewc_state,
+                                    self.settings, strategy=self.settings.strategy,
+                                    seed=self.seed, stop=self.stop)
+        self.timings["train_s"] = time.perf_counter() - mark
+        self._check_stop()
+
+        mark = time.perf_counter()
+        gate_set = load_gate_set(self.session_factory, self.artifacts, model.labels,
+                                 base_sets_dir=self.settings.base_sets_dir)
+        report = RegressionGate(self.settings.max_recall_drop,
+                                self.settings.max_macro_f1_drop).judge(
+            EmotionPredictor(model),
+            EmotionPredictor(LoadedModel(candidate.net, candidate.labels, sha256="")),
+            gate_set, held_out)
+        self.timings["gate_s"] = time.perf_counter() - mark
+        counts.update({"trained": len(train), "held_out": len(held_out),
+                       "training_set": len(data), "replay_buffer": len(buffer),
+                       "gate_set": len(gate_set),
+                       "epochs": candidate.epochs, "steps": candidate.steps,
+                       "new_labels": [l for l in candidate.labels if l not in model.labels]})
+        return self._commit(active, candidate, report, counts,
+                            trained=[s.feedback_id for s in train] + [i.feedback_id for i in
+                                                                      ignored + unreadable],
+                            held_out=[s.feedback_id for s in held_out],
+                            bootstrapped=bootstrapped_state, started=started)
+
+    def _usable(self, items: list[FeedbackItem], known: Sequence[str]):
+        """(samples, ignored items, unreadable items). Feedback naming a label outside
+        learner.labels, or one the model does not know while new labels are not allowed, is
+        ignored; a clip that is missing, corrupt or undecodable is unreadable. Both are
+        consumed all the same: no later round could use them either."""
+        allowed = feedback_labels(self.settings.labels, self.settings.allow_new_labels, known)
+        samples, ignored, unreadable = [], [], []
+        for item in items:
+            if item.label not in allowed:
+                ignored.append(item)
+                continue
+            features = clip_features(self.artifacts, item)
+            if features is None:
+                unreadable.append(item)
+                continue
+            samples.append(Sample(features, item.label, feedback_origin(item)))
+        return samples, ignored, unreadable
+
+    def _ewc_state(self, active: ModelVersion, model: LoadedModel,
+                   buffer: list[BufferedSample]) -> tuple[EwcState | None, bool]:
+        """(state, whether it was computed now for a version that had none)."""
+        if self.settings.strategy != "ewc+replay":
+            return None, False
+        state = load_ewc_state(self.artifacts, active)
+        if state is not None:
+            return state, False
+        from learner.strategies import bootstrap_ewc_state
+
+        return bootstrap_ewc_state(model.net, model.labels, buffer, self.settings,
+                                   seed=self.seed), True
+
+    def _joint_inputs(self, active: ModelVersion, train: list[Sample]):
+        """Joint training, the upper bound: from the first version of the lineage, on all the
+        feedback rounds trained on so far, this round's, and the whole base replay set."""
+        with self.session_factory() as session:
+            registry = ModelRegistry(session, self.artifacts)
+            root = active
+            while root.parent_version is not None:
+                root = registry.get(root.parent_version)
+            earlier = RoundFeedbackRepository(session).consumed_for_training()
+            session.commit()
+        root_model = load_version(self.artifacts, root)
+        samples = list(train)
+        for item in earlier:
+            features = clip_features(self.artifacts, item)
+            if features is not None:
+                samples.append(Sample(features, item.label, feedback_origin(item)))
+        base = load_base_set("replay", self.settings.base_sets_dir)
+        samples += [Sample(f, label, ExemplarRow("base", label, 0.0, base_index=i))
+                    for i, (f, label) in enumerate(zip(base.features, base.labels))]
+        return root_model.net, root_model.labels, samples
+
+    def _commit(self, active: ModelVersion, candidate, report: dict, counts: dict, *,
+                trained: list[int], held_out: list[int], bootstrapped: EwcState | None,
+                started: float) -> RoundOutcome:
+        accepted = report["decision"] == "accepted"
+        mark = time.perf_counter()
+        with self.session_factory() as session:
+            if not LearnerLockRepository(session).renew(self.holder, self.settings.lock_ttl_s):
+                raise LockLost("the learner lock expired and was taken over; nothing was saved")
+            registry = ModelRegistry(session, self.artifacts)
+            row = registry.register(
+                model_bytes(candidate.net, candidate.labels), labels=list(candidate.labels),
+                parent_version=active.version, gate_report=report,
+                metrics={"run_id": self.run_id, "strategy": self.settings.strategy,
+                         "gate_macro_f1": report["macro_f1_after"],
+                         "new_feedback_accuracy": report["new_feedback_accuracy_after"]})
+            if candidate.ewc is not None:
+                self._write_state(row, candidate.ewc)
+            parent = registry.get(active.version)
+            if bootstrapped is not None and parent.state_path is None:
+                self._write_state(parent, bootstrapped)  # the next round from it reuses this
+            ReplayExemplarRepository(session).save(row.version,
+                                                   [exemplar_row(b) for b in candidate.buffer])
+            RoundFeedbackRepository(session).mark_consumed(self.run_id, trained, held_out)
+            if accepted:
+                load_version(self.artifacts, row)  # the file as stored: checksum, and it loads
+                registry.activate(row.version,
+                                  reason=f"learning round {self.run_id}: {report['reason']}")
+            else:
+                registry.reject(row.version, report)
+            self.timings["save_s"] = time.perf_counter() - mark
+            self.timings["total_s"] = time.perf_counter() - started
+            counts["seconds"] = {k: round(v, 2) for k, v in self.timings.items()}
+            runs = TrainingRunRepository(session)
+            runs.finish(runs.get(self.run_id), "accepted" if accepted else "rejected",
+                        counts=counts, gate_report=report, candidate_version=row.version)
+            session.commit()
+        return RoundOutcome(self.run_id, "accepted" if accepted else "rejected", row.version,
+                            report, counts)
+
+    def _write_state(self, row: ModelVersion, state: EwcState) -> None:
+        data = state.to_bytes()
+        relative = f"models/{row.version}.ewc.safetensors"
+        write_atomic(self.artifacts.path(relative), data)
+        row.state_path, row.state_sha256 = relative, sha256_bytes(data)
+
+    def _finish_skipped(self, counts: dict, reason: str,
+                        consumed: Sequence[FeedbackItem] = ()) -> RoundOutcome:
+        with self.session_factory() as session:
+            RoundFeedbackRepository(session).mark_consumed(
+                self.run_id, [i.feedback_id for i in consumed], [])
+            runs = TrainingRunRepository(session)
+            runs.finish(runs.get(self.run_id), "skipped", counts=counts, error=reason)
+            session.commit()
+        return RoundOutcome(self.run_id, "skipped", counts=counts, error=reason)
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            from learner.strategies import RoundStopped
+
+            raise RoundStopped("the learner was asked to stop")
+
+
+def _record_failure(session_factory: sessionmaker[Session], run_id: int,
+                    err: Exception) -> RoundOutcome:
+    error = f"{type(err).__name__}: {err}"
+    try:
+        with session_factory() as session:
+            runs = TrainingRunRepository(session)
+            run = runs.get(run_id)
+            if run is not None and run.status == "running":
+                runs.finish(run, "failed", error=error)
+            session.commit()
+    except Exception:  # the lock holder's next round marks it failed instead
+        log.exception("could not record the failure of round %d", run_id)
+    return RoundOutcome(run_id, "failed", error=error)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading what rounds learn from. Plain functions, shared with personal rounds.
+
+def load_version(artifacts: ArtifactStore, row: ModelVersion) -> LoadedModel:
+    """A version's model from the artifact store, its sha256 checked. Raises ModelFileError."""
+    try:
+        data = artifacts.read_model(row.artifact_path, row.sha256)
+    except ArtifactError as err:
+        raise ModelFileError(str(err)) from err
+    return model_from_bytes(data, expected_sha256=row.sha256)
+
+
+def load_ewc_state(artifacts: ArtifactStore, row: ModelVersion) -> EwcState | None:
+    """The EWC state stored beside a version; None if it has none or it does not check out
+    (then the round computes a fresh one from the replay buffer)."""
+    if row.state_path is None or row.state_sha256 is None:
+        return None
+    try:
+        return EwcState.from_bytes(artifacts.read_checked(row.state_path, row.state_sha256))
+    except (ArtifactError, StateFileError) as err:
+        log.warning("EWC state of version %s unusable (%s); computing a fresh one", row.version,
+                    err)
+        return None
+
+
+def clip_features(artifacts: ArtifactStore, item: FeedbackItem) -> np.ndarray | None:
+    """The features of a feedback clip, or None if its file is missing, corrupt or not audio."""
+    try:
+        audio = artifacts.read_checked(item.clip_path, item.clip_sha256)
+        return extract_features(decode_audio(audio, max_seconds=MAX_CLIP_SECONDS))
+    except (ArtifactError, AudioError) as err:
+        log.warning("feedback %d: clip %s unusable: %s", item.feedback_id, item.clip_path, err)
+        return None
+
+
+def feedback_origin(item: FeedbackItem) -> ExemplarRow:
+    return ExemplarRow("feedback", item.label, 0.0, feedback_id=item.feedback_id,
+                       clip_id=item.clip_id)
+
+
+def restore_buffer(session_factory: sessionmaker[Session], artifacts: ArtifactStore,
+                   version: ModelVersion, labels: Sequence[str], *, seed: int,
+                   base_sets_dir: Path | None = None) -> list[BufferedSample]:
+    """The replay buffer stored for a version, as samples; for a version without one, the base
+    replay set shipped with the default model. Exemplars whose clip is gone are dropped."""
+    with session_factory() as session:
+        rows = ReplayExemplarRepository(session).for_version(version.version)
+        items = ReplayExemplarRepository(session).feedback_items(rows)
+        session.commit()
+    try:
+        base = load_base_set("replay", base_sets_dir)
+    except BaseSetError as err:
+        log.warning("no base replay set: %s", err)
+        base = None
+    if not rows and base is not None:
+        rows = base_exemplars(base, tuple(labels), np.random.default_rng(seed))
+    buffer = []
+    for row in rows:
+        if row.source == "base":
+            ok = base is not None and row.base_index < len(base)
+            features = base.features[row.base_index] if ok else None
+        else:
+            item = items.get(row.feedback_id)
+            features = clip_features(artifacts, item) if item is not None else None
+        if features is not None:
+            buffer.append(BufferedSample(Sample(features, row.label, row), row.weight))
+    return buffer
+
+
+def load_gate_set(session_factory: sessionmaker[Session], artifacts: ArtifactStore,
+                  labels: Sequence[str], scope: str = "global", user_id: str | None = None,
+                  base_sets_dir: Path | None = None) -> list[Sample]:
+    """The gate set for a model knowing `labels`: the shipped base gate set plus the feedback
+    that accepted rounds held out (of this scope), of those labels."""
+    samples = []
+    try:
+        base = load_base_set("gate", base_sets_dir)
+        samples += [Sample(f, label, ExemplarRow("base", label, 0.0, base_index=i))
+                    for i, (f, label) in enumerate(zip(base.features, base.labels))
+                    if label in labels]
+    except BaseSetError as err:
+        log.warning("no base gate set: %s", err)
+    with session_factory() as session:
+        items = RoundFeedbackRepository(session).accepted_holdout(scope, user_id)
+        session.commit()
+    for item in items:
+        if item.label in labels and (features := clip_features(artifacts, item)) is not None:
+            samples.append(Sample(features, item.label, feedback_origin(item)))
+    return samples

@@ -1,0 +1,130 @@
+"""`emoloop learner ...`: run one round, run the scheduler in its own process, build base sets."""
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cmd_learner(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    return {"run-once": run_once, "serve": serve, "build-base-sets": build_base_sets,
+            "personal": run_personal}[args.action](args)
+
+
+def run_once(args: argparse.Namespace) -> int:
+    """One round now (whatever learner.min_new_feedback says). Exit 0 when it ran (accepted,
+    rejected or skipped), 1 when it failed, 3 when another round holds the lock."""
+    from learner.rounds import RoundRunning, run_round
+    from storage.db import create_db_engine, make_session_factory
+    from storage.artifacts import ArtifactStore
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    engine = create_db_engine(settings.database.url,
+                              busy_timeout_s=settings.database.busy_timeout_s)
+    try:
+        outcome = run_round(make_session_factory(engine),
+                            ArtifactStore(settings.storage.artifacts_dir), settings.learner,
+                            trigger=args.trigger)
+    except RoundRunning as err:
+        print(f"emoloop learner run-once: {err}", file=sys.stderr)
+        return 3
+    finally:
+        engine.dispose()
+    print(json.dumps(asdict(outcome), indent=None if args.json else 2))
+    return 1 if outcome.status == "failed" else 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """The scheduler in its own process, for deployments that keep training off the API
+    workers (then set learner.enabled: false for them). Stops on SIGINT or SIGTERM."""
+    from service.scheduler import LearnerService
+    from storage.artifacts import ArtifactStore
+    from storage.db import create_db_engine, make_session_factory
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    learner_settings = settings.learner.model_copy(update={"enabled": True})
+    engine = create_db_engine(settings.database.url,
+                              busy_timeout_s=settings.database.busy_timeout_s)
+    service = LearnerService(make_session_factory(engine),
+                             ArtifactStore(settings.storage.artifacts_dir), learner_settings,
+                             personal=settings.personal)
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    service.start(first_check_in_s=0)
+    logging.getLogger("emoloop.learner").info(
+        "checking for new feedback every %.0f s (a round needs %d)", learner_settings.interval_s,
+        learner_settings.min_new_feedback)
+    done.wait()
+    service.stop()
+    engine.dispose()
+    return 0
+
+
+def run_personal(args: argparse.Namespace) -> int:
+    """Personal rounds now: for the named users, or for every user who is due. Exit 0 when they
+    ran, 1 when one failed, 3 when another round holds the lock."""
+    from learner.personal_rounds import run_personal_rounds
+    from learner.rounds import RoundRunning
+    from storage.artifacts import ArtifactStore
+    from storage.db import create_db_engine, make_session_factory
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    engine = create_db_engine(settings.database.url,
+                              busy_timeout_s=settings.database.busy_timeout_s)
+    try:
+        outcomes = run_personal_rounds(make_session_factory(engine),
+                                       ArtifactStore(settings.storage.artifacts_dir),
+                                       settings.learner, settings.personal, trigger="manual",
+                                       user_ids=args.user or None)
+    except RoundRunning as err:
+        print(f"emoloop learner personal: {err}", file=sys.stderr)
+        return 3
+    finally:
+        engine.dispose()
+    for outcome in outcomes:
+        print(json.dumps(asdict(outcome)))
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def build_base_sets(args: argparse.Namespace) -> int:
+    from learner.base_sets import build_base_sets as build
+    from learner.training import load_training_config
+
+    config = load_training_config(args.config)
+    info = build(Path(args.data), config, replay_per_class=args.replay_per_class,
+                 gate_per_class=args.gate_per_class, max_frames=args.max_frames,
+                 out_dir=Path(args.out))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("learner", help="learning rounds: run one, run the scheduler, base sets")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("run-once", help="run one learning round now and print its outcome")
+    a.add_argument("--trigger", default="manual", help="recorded on the run (default manual)")
+    a.add_argument("--json", action="store_true", help="one line of JSON")
+    actions.add_parser("serve", help="run the learner's scheduler in this process")
+    a = actions.add_parser("personal", help="personal rounds now: the users due, or those named; "
+                                            "one JSON line per round")
+    a.add_argument("--user", action="append", help="this user (repeat for more), due or not")
+    a = actions.add_parser("build-base-sets",
+                           help="write the replay and gate feature sets beside the default model")
+    a.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
+    a.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "base-training.yaml",
+                   help="the default model's recipe: its labels, seed and speaker split")
+    a.add_argument("--out", type=Path, default=REPO_ROOT / "learner" / "default_model")
+    a.add_argument("--replay-per-class", type=int, default=28)
+    a.add_argument("--gate-per-class", type=int, default=36)
+    a.add_argument("--max-frames", type=int, default=300, help="crop to this many 10 ms frames")
+    p.set_defaults(func=cmd_learner)

@@ -1,0 +1,213 @@
+"""Learning rounds on the toy world, on SQLite and PostgreSQL: feedback in, a gated version out,
+and what one round hands to the next."""
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from learner.continual_state import EwcState
+from learner.gate import RegressionGate
+from learner.inference import EmotionPredictor
+from learner.checkpoint import model_from_bytes
+from learner.replay import Sample
+from learner.rounds import RoundRunning, run_round
+from storage.models import Feedback, ModelVersion, ReplayExemplar, TrainingRun
+from storage.registry import ModelRegistry
+from storage.repositories import AuditLog
+from storage.runs import ExemplarRow, LearnerLockRepository
+from tests.learner.toy_learning import (TOY_LABELS, toy_base_sets, toy_features,  # noqa: F401
+                                        toy_model, world)
+
+REPORT_KEYS = {"decision", "reason", "scope", "user_id", "old_classes", "new_classes",
+               "max_recall_drop", "recall_before", "recall_after", "macro_f1_before",
+               "macro_f1_after", "new_feedback_accuracy_before", "new_feedback_accuracy_after",
+               "gate_set_size", "new_holdout_size"}
+
+
+def _round(world, **overrides):
+    settings = world.settings.model_copy(update=overrides)
+    return run_round(world.session_factory, world.artifacts, settings, trigger="manual")
+
+
+def _versions(world) -> dict[int, ModelVersion]:
+    with world.session_factory() as session:
+        return {v.version: v for v in ModelRegistry(session, world.artifacts).list_versions()}
+
+
+def test_a_round_learns_from_feedback_registers_and_activates_a_version(world):
+    given = world.feedback(["happy", "sad"] * 6)
+    outcome = _round(world)
+
+    assert outcome.status == "accepted", outcome.gate_report
+    assert outcome.candidate_version == 2
+    versions = _versions(world)
+    assert (versions[1].status, versions[2].status, versions[2].parent_version) == (
+        "retired", "active", 1)
+    assert versions[2].gate_report == outcome.gate_report
+    assert set(outcome.gate_report) == REPORT_KEYS
+    assert outcome.gate_report["old_classes"] == list(TOY_LABELS)
+    assert outcome.counts["trained"] + outcome.counts["held_out"] == len(given)
+    assert outcome.counts["held_out"] == outcome.gate_report["new_holdout_size"] > 0
+    with world.session_factory() as session:
+        feedback = session.scalars(select(Feedback)).all()
+        run = session.get(TrainingRun, outcome.run_id)
+        audit = AuditLog(session).list_recent(limit=1)[0]
+    assert {f.consumed_by_run_id for f in feedback} == {outcome.run_id}
+    assert sum(f.held_out for f in feedback) == outcome.counts["held_out"]
+    assert (run.status, run.candidate_version, run.gate_report["decision"]) == (
+        "accepted", 2, "accepted")
+    assert run.finished_at is not None and run.counts["seconds"]["total_s"] > 0
+    assert (audit.action, audit.target) == ("model.activate", "model_version:2")
+    assert audit.details["reason"].startswith(f"learning round {outcome.run_id}")
+    # The served file is complete and checksummed: it loads as the registry recorded it.
+    row = versions[2]
+    model = model_from_bytes(world.artifacts.read_model(row.artifact_path, row.sha256),
+                             expected_sha256=row.sha256)
+    assert model.labels == TOY_LABELS
+
+
+def test_a_round_without_new_feedback_is_skipped(world):
+    outcome = _round(world)
+    assert (outcome.status, outcome.candidate_version) == ("skipped", None)
+    assert set(_versions(world)) == {1}
+
+
+def test_the_gate_rejects_a_candidate_trained_on_flipped_labels(world):
+    truth = ["happy", "sad"] * 8
+    flipped = ["sad" if label == "happy" else "happy" for label in truth]
+    world.feedback(flipped, truth=truth)
+    outcome = _round(world, strategy="naive", lr=1e-2, steps=12)  # the forgetting the gate is for
+
+    assert outcome.status == "rejected", outcome.gate_report
+    report = outcome.gate_report
+    assert report["decision"] == "rejected" and report["reason"]
+    assert any(report["recall_after"][c] < report["recall_before"][c] - 0.02 for c in TOY_LABELS)
+    versions = _versions(world)
+    assert (versions[1].status, versions[2].status) == ("active", "rejected")
+    assert versions[2].gate_report == report
+    with world.session_factory() as session:
+        run = session.get(TrainingRun, outcome.run_id)
+        consumed = {f.consumed_by_run_id for f in session.scalars(select(Feedback))}
+    assert (run.status, run.gate_report) == ("rejected", report)
+    assert consumed == {outcome.run_id}  # judged once; a rejected batch does not come back
+
+
+def test_the_gate_accepts_an_equal_candidate_and_rejects_a_worse_one(toy_model):
+    good = EmotionPredictor(model_from_bytes(toy_model))
+    swapped = model_from_bytes(toy_model)
+    head = swapped.net.head
+    head.weight.data, head.bias.data = head.weight.data.flip(0), head.bias.data.flip(0)
+    bad = EmotionPredictor(swapped)
+    gate_set = [Sample(toy_features(label, 50 + k), label, ExemplarRow("base", label, 0.0, 0))
+                for label in TOY_LABELS for k in range(4)]
+    holdout = gate_set[:2] + gate_set[-2:]
+    gate = RegressionGate(max_recall_drop=0.02)
+
+    accepted = gate.judge(good, good, gate_set, holdout)
+    assert accepted["decision"] == "accepted", accepted["reason"]
+    assert accepted["recall_before"] == accepted["recall_after"] == {"happy": 1.0, "sad": 1.0}
+    rejected = gate.judge(good, bad, gate_set, holdout)
+    assert rejected["decision"] == "rejected"
+    assert "recall of old class" in rejected["reason"]
+    assert rejected["macro_f1_after"] < rejected["macro_f1_before"]
+    assert rejected["new_feedback_accuracy_after"] < rejected["new_feedback_accuracy_before"]
+
+
+def test_ewc_state_and_replay_exemplars_carry_from_one_round_to_the_next(world):
+    world.feedback(["happy", "sad"] * 6, seed=1)
+    first = _round(world)
+    assert first.status == "accepted", first.gate_report
+    v2 = _versions(world)[2]
+    state = EwcState.from_bytes(world.artifacts.read_checked(v2.state_path, v2.state_sha256))
+    assert state.rounds == 1 and set(state.importances) == set(state.anchor)
+    assert all(t.abs().sum() > 0 for t in state.importances.values() if t.dim() > 1)
+    with world.session_factory() as session:
+        rows = session.scalars(select(ReplayExemplar)
+                               .where(ReplayExemplar.model_version == 2)).all()
+    assert 0 < len(rows) <= world.settings.mem_size
+    sources = {r.source for r in rows}
+    assert sources == {"base", "feedback"}  # the buffer started from the base set, took feedback
+    per_class = [sum(r.label == label for r in rows) for label in TOY_LABELS]
+    assert max(per_class) - min(per_class) <= 1  # class-balanced
+
+    world.feedback(["happy", "sad"] * 6, seed=2)
+    second = _round(world)
+    assert second.status == "accepted", second.gate_report
+    v3 = _versions(world)[3]
+    after = EwcState.from_bytes(world.artifacts.read_checked(v3.state_path, v3.state_sha256))
+    assert after.rounds == 2  # restored from version 2's file, then updated
+    # The anchor is version 3's own weights: the next round is pulled toward what it starts from.
+    served = model_from_bytes(world.artifacts.read_model(v3.artifact_path, v3.sha256)).net
+    assert np.allclose(after.anchor["net.lstm.weight_hh_l0"].numpy(),
+                       served.lstm.weight_hh_l0.detach().numpy())
+    with world.session_factory() as session:
+        kept = {(r.source, r.base_index, r.feedback_id) for r in rows}
+        rows3 = session.scalars(select(ReplayExemplar)
+                                .where(ReplayExemplar.model_version == 3)).all()
+        gate_holdout = session.scalars(select(Feedback).where(Feedback.held_out.is_(True))).all()
+    # Exemplars of version 2 that survived the reservoir are the same rows' entries again.
+    assert kept & {(r.source, r.base_index, r.feedback_id) for r in rows3}
+    # The first round's held-out feedback joined the second round's gate set.
+    toy_gate_set = 16
+    assert second.gate_report["gate_set_size"] == toy_gate_set + sum(
+        f.consumed_by_run_id == first.run_id for f in gate_holdout)
+
+
+def test_a_new_label_grows_the_head_and_the_gate_treats_it_as_new(world):
+    world.feedback(["angry"] * 6 + ["happy", "sad"] * 3)
+    outcome = _round(world)
+
+    report = outcome.gate_report
+    assert (report["old_classes"], report["new_classes"]) == (list(TOY_LABELS), ["angry"])
+    assert set(report["recall_before"]) == set(TOY_LABELS)  # only old classes are guarded
+    candidate = _versions(world)[outcome.candidate_version]
+    assert candidate.labels == [*TOY_LABELS, "angry"]
+    model = model_from_bytes(world.artifacts.read_model(candidate.artifact_path,
+                                                        candidate.sha256))
+    assert model.net.head.out_features == 3 and model.labels == (*TOY_LABELS, "angry")
+
+
+def test_new_labels_are_ignored_when_the_config_forbids_them(world):
+    world.feedback(["angry"] * 3 + ["happy", "sad"] * 3)
+    outcome = _round(world, allow_new_labels=False)
+    assert outcome.counts["ignored_unknown_label"] == 3
+    assert _versions(world)[outcome.candidate_version].labels == list(TOY_LABELS)
+    with world.session_factory() as session:  # consumed all the same: never retried
+        assert {f.consumed_by_run_id for f in session.scalars(select(Feedback))} == {
+            outcome.run_id}
+
+
+def test_a_corrupt_active_model_fails_the_round_and_changes_nothing(world):
+    world.feedback(["happy", "sad"] * 3)
+    v1 = _versions(world)[1]
+    world.artifacts.path(v1.artifact_path).write_bytes(b"not a model any more")
+    outcome = _round(world)
+
+    assert outcome.status == "failed" and "ModelFileError" in outcome.error
+    versions = _versions(world)
+    assert set(versions) == {1} and versions[1].status == "active"
+    with world.session_factory() as session:
+        assert {f.consumed_by_run_id for f in session.scalars(select(Feedback))} == {None}
+        assert session.get(TrainingRun, outcome.run_id).status == "failed"
+
+
+def test_joint_retrains_the_first_version_on_every_correction_so_far(world):
+    world.feedback(["happy", "sad"] * 4, seed=1)
+    first = _round(world, strategy="joint")
+    world.feedback(["happy", "sad"] * 4, seed=2)
+    second = _round(world, strategy="joint")
+    toy_replay_set = 8
+    assert second.counts["training_set"] == (first.counts["trained"] + second.counts["trained"]
+                                             + toy_replay_set)
+    assert _versions(world)[second.candidate_version].parent_version == (
+        first.candidate_version if first.status == "accepted" else 1)
+
+
+def test_no_round_starts_while_another_process_holds_the_lock(world):
+    world.feedback(["happy", "sad"] * 3)
+    with world.session_factory() as session:
+        assert LearnerLockRepository(session).acquire("another-process", ttl_s=60)
+    with pytest.raises(RoundRunning):
+        _round(world)
+    with world.session_factory() as session:
+        assert session.scalars(select(TrainingRun)).all() == []
+        assert {f.consumed_by_run_id for f in session.scalars(select(Feedback))} == {None}

@@ -1,0 +1,39 @@
+"""`emoloop bench serve`: every request sends new bytes, and a short run against the real server
+answers every request and reports what the issue asks for."""
+import hashlib
+
+import numpy as np
+
+from learner.audio import decode_audio
+from service.bench.serve import (
+    CLIP_POOL,
+    FEEDBACK_PER_PREDICTION,
+    clip_pool,
+    run_serve_bench,
+    unique_clip,
+)
+
+
+def test_every_request_sends_bytes_no_other_request_sent_and_a_valid_clip():
+    clips = clip_pool()
+    assert len({hashlib.sha256(c).hexdigest() for c in clips}) == CLIP_POOL
+    bodies = [unique_clip(clips, i) for i in range(3 * CLIP_POOL)]
+    assert len({hashlib.sha256(b).hexdigest() for b in bodies}) == len(bodies)
+    original, changed = decode_audio(clips[5]), decode_audio(unique_clip(clips, 5 + CLIP_POOL))
+    assert len(original) == len(changed)
+    assert np.array_equal(original[:-2], changed[:-2])  # only the last two samples differ
+
+
+def test_a_short_run_answers_every_request_and_reports_the_targets():
+    report = run_serve_bench(requests=16, workers=(1,))
+    run = report["workers"]["1"]
+    assert run["errors"] == 0
+    assert run["predictions"] == 16
+    assert run["feedback_writes"] == FEEDBACK_PER_PREDICTION * 16
+    assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+    assert run["throughput_per_s"] > 0 and run["feedback_per_s"] > 0
+    assert run["cpu_ms_per_prediction"] > 0 and run["client_cpu_ms_per_request"] > 0
+    text = "\n".join(report["lines"])
+    for figure in ("p50 ms, 1 worker", "p99 ms, 1 worker", "errors, all runs",
+                   "feedback writes/s, 1 worker"):
+        assert figure in text

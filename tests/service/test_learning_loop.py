@@ -1,0 +1,149 @@
+"""The learning loop over HTTP, on SQLite and PostgreSQL: predictions and corrections in, a round
+started by an admin (or by the schedule), the gate's decision, the new version served, rollback;
+and a poisoned round the gate refuses."""
+import subprocess
+import sys
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from storage.repositories import AuditLog
+from storage.runs import LearnerLockRepository
+from tests.learner.toy_learning import (TOY_LABELS, register_active, toy_base_sets,  # noqa: F401
+                                        toy_learner_settings, toy_model, toy_wav)
+from tests.service.conftest import bearer, predict, wait_ready
+
+
+@pytest.fixture
+def learning_app(settings, db, artifacts, keys, toy_model, toy_base_sets):
+    register_active(db, artifacts, toy_model)
+
+    def make(**learner):
+        return create_app(settings.model_copy(
+            update={"learner": toy_learner_settings(toy_base_sets, **learner)}))
+    return make
+
+
+@pytest.fixture
+def client(learning_app):
+    with TestClient(learning_app()) as client:
+        wait_ready(client)
+        yield client
+
+
+def _teach(client, key: str, labels: list[str], truth: list[str] | None = None,
+           seed: int = 0) -> list[dict]:
+    """Predict a toy clip per label (true label from `truth`) and correct it to the label."""
+    answers = []
+    for i, (label, true) in enumerate(zip(labels, truth or labels)):
+        answer = predict(client, key, toy_wav(true, seed * 1000 + i))
+        response = client.post(f"/v1/predictions/{answer['prediction_id']}/feedback",
+                               json={"label": label}, headers=bearer(key))
+        assert response.status_code == 201, response.text
+        answers.append(answer)
+    return answers
+
+
+def _wait_for_run(client, key: str, run_id: int, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = client.get(f"/v1/admin/runs/{run_id}", headers=bearer(key)).json()
+        if run["status"] != "running":
+            return run
+        assert time.monotonic() < deadline, "the round did not finish"
+        time.sleep(0.1)
+
+
+def _served_version(client, key: str) -> int:
+    return predict(client, key, toy_wav("happy", 99))["model_version"]
+
+
+def test_a_round_started_over_http_is_gated_served_and_rolled_back(client, keys, db):
+    _teach(client, keys.app, ["happy", "sad"] * 6)
+    for key, status in ((None, 401), (keys.app, 403)):
+        headers = bearer(key) if key else {}
+        assert client.post("/v1/admin/learner/run", headers=headers).status_code == status
+        assert client.get("/v1/admin/runs", headers=headers).status_code == status
+
+    started = client.post("/v1/admin/learner/run", headers=bearer(keys.admin))
+    assert started.status_code == 202, started.text
+    run = _wait_for_run(client, keys.admin, started.json()["run_id"])
+    assert (run["status"], run["trigger"], run["scope"]) == ("accepted", "manual", "global")
+    assert run["candidate_version"] == 2 and run["gate_report"]["decision"] == "accepted"
+    assert run["counts"]["feedback"] == 12
+    listed = client.get("/v1/admin/runs", headers=bearer(keys.admin)).json()["runs"]
+    assert [r["id"] for r in listed] == [run["id"]]
+    # The run is recorded first, then this process loads the version and swaps it in: it must
+    # serve it well within the 2 s every process is allowed.
+    deadline = time.monotonic() + 2.0
+    while _served_version(client, keys.app) != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _served_version(client, keys.app) == 2
+    model = client.get("/v1/models/2", headers=bearer(keys.app)).json()
+    assert model["gate_report"] == run["gate_report"] and model["parent_version"] == 1
+
+    rollback = client.post("/v1/admin/models/1/activate", headers=bearer(keys.admin),
+                           json={"reason": "back to the bundled model"})
+    assert rollback.status_code == 200, rollback.text
+    assert _served_version(client, keys.app) == 1
+    with db() as session:
+        actions = [(e.action, e.target) for e in AuditLog(session).list_recent(limit=3)]
+    assert actions == [("model.activate", "model_version:1"), ("model.activate", "model_version:2"),
+                       ("learner.run", f"training_run:{run['id']}")]
+
+    missing = client.get("/v1/admin/runs/999", headers=bearer(keys.admin))
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
+
+def test_a_poisoned_round_is_rejected_and_the_active_model_stays(learning_app, keys):
+    # Plain fine-tuning, trained hard, so the poison does get into the candidate (ewc+replay
+    # mostly shrugs it off on this toy data): the gate must stop it there.
+    with TestClient(learning_app(strategy="naive", steps=30, lr=2e-2)) as client:
+        wait_ready(client)
+        truth = ["happy", "sad"] * 8
+        _teach(client, keys.app, ["sad"] * len(truth), truth=truth)  # every correction: 'sad'
+        started = client.post("/v1/admin/learner/run", headers=bearer(keys.admin))
+        run = _wait_for_run(client, keys.admin, started.json()["run_id"])
+        served = _served_version(client, keys.app)
+        versions = {m["version"]: m["status"]
+                    for m in client.get("/v1/models", headers=bearer(keys.app)).json()}
+
+    assert run["status"] == "rejected", run["gate_report"]
+    report = run["gate_report"]
+    assert report["decision"] == "rejected"
+    assert report["recall_after"]["happy"] < report["recall_before"]["happy"] - 0.02
+    assert served == 1 and versions == {1: "active", 2: "rejected"}
+
+
+def test_a_second_round_is_refused_while_one_holds_the_lock(client, keys, db):
+    with db() as session:
+        assert LearnerLockRepository(session).acquire("another-process", ttl_s=60)
+    refused = client.post("/v1/admin/learner/run", headers=bearer(keys.admin))
+    assert refused.status_code == 409 and refused.json()["error"] == "round_running"
+    assert client.get("/v1/admin/runs", headers=bearer(keys.admin)).json() == {"runs": []}
+
+
+def test_the_schedule_starts_a_round_once_enough_feedback_waits(learning_app, keys):
+    with TestClient(learning_app(enabled=True, interval_s=0.2, min_new_feedback=6)) as client:
+        wait_ready(client)
+        _teach(client, keys.app, ["happy", "sad", "happy", "sad", "happy"])
+        time.sleep(1.0)
+        assert client.get("/v1/admin/runs", headers=bearer(keys.admin)).json() == {"runs": []}
+        _teach(client, keys.app, ["sad"], seed=1)
+        deadline = time.monotonic() + 120
+        while not (runs := client.get("/v1/admin/runs", headers=bearer(keys.admin)).json()["runs"]):
+            assert time.monotonic() < deadline, "the scheduler started no round"
+            time.sleep(0.1)
+        run = _wait_for_run(client, keys.admin, runs[0]["id"])
+        assert run["trigger"] == "schedule" and run["counts"]["feedback"] == 6
+
+
+def test_serving_never_imports_avalanche():
+    code = ("import sys, service.app, service.routes.runs, service.scheduler; "
+            "loaded = [m for m in sys.modules if m.split('.')[0] == 'avalanche']; "
+            "assert not loaded, loaded")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
