@@ -44,25 +44,28 @@ class FeatureSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to_bytes(self, metadata: dict[str, str]) -> bytes:
+    def to_bytes(self, about: dict) -> bytes:
         offsets = np.cumsum([0] + [f.shape[0] for f in self.features])
         tensors = {"features": torch.from_numpy(np.concatenate(self.features).astype(np.float16)),
                    "offsets": torch.from_numpy(offsets.astype(np.int64))}
-        return save_safetensors(tensors, metadata={**metadata, "features": FEATURES_VERSION,
-                                                   "labels": json.dumps(self.labels),
-                                                   "speakers": json.dumps(self.speakers)})
+        # One metadata entry: safetensors writes several in no fixed order, and the same set
+        # must give the same bytes (and sha256) every time it is built.
+        info = {**about, "features": FEATURES_VERSION, "labels": self.labels,
+                "speakers": self.speakers}
+        return save_safetensors(tensors, metadata={"emoloop": json.dumps(info, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "FeatureSet":
         header_len = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-        if metadata.get("features") != FEATURES_VERSION:
-            raise BaseSetError(f"base set made from features {metadata.get('features')!r}, this "
+        info = json.loads(metadata.get("emoloop", "{}"))
+        if info.get("features") != FEATURES_VERSION:
+            raise BaseSetError(f"base set made from features {info.get('features')!r}, this "
                                f"code computes {FEATURES_VERSION!r}: rebuild it")
         tensors = load_safetensors(data)
         frames, offsets = tensors["features"].numpy(), tensors["offsets"].numpy()
         return cls(features=[frames[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
-                   labels=json.loads(metadata["labels"]), speakers=json.loads(metadata["speakers"]))
+                   labels=info["labels"], speakers=info["speakers"])
 
 
 @lru_cache(maxsize=4)

@@ -41,9 +41,9 @@ class EwcState:
                       for k, v in self.anchor.items()}}
         # The parameter order matters to Avalanche's online update (it zips old and new
         # importances in the model's order), and safetensors sorts names: keep it explicitly.
-        metadata = {"format": STATE_FORMAT, "order": json.dumps(list(self.importances)),
-                    "rounds": str(self.rounds)}
-        return save_safetensors(tensors, metadata=metadata)
+        # One metadata entry, as safetensors writes several in no fixed order.
+        info = {"format": STATE_FORMAT, "order": list(self.importances), "rounds": self.rounds}
+        return save_safetensors(tensors, metadata={"emoloop": json.dumps(info)})
 
     @classmethod
     def from_bytes(cls, data: bytes, expected_sha256: str | None = None) -> "EwcState":
@@ -52,13 +52,13 @@ class EwcState:
         try:
             header_len = int.from_bytes(data[:8], "little")
             metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-            if metadata.get("format") != STATE_FORMAT:
-                raise StateFileError(f"not an EWC state file (format {metadata.get('format')!r})")
+            info = json.loads(metadata.get("emoloop", "{}"))
+            if info.get("format") != STATE_FORMAT:
+                raise StateFileError(f"not an EWC state file (format {info.get('format')!r})")
             tensors = load_safetensors(data)
-            order = json.loads(metadata["order"])
-            return cls(importances={k: tensors[_IMPORTANCE + k] for k in order},
-                       anchor={k: tensors[_ANCHOR + k] for k in order},
-                       rounds=int(metadata.get("rounds", 0)))
+            return cls(importances={k: tensors[_IMPORTANCE + k] for k in info["order"]},
+                       anchor={k: tensors[_ANCHOR + k] for k in info["order"]},
+                       rounds=int(info.get("rounds", 0)))
         except StateFileError:
             raise
         except Exception as err:  # any parse or key error: the file is not usable

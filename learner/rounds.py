@@ -181,10 +181,10 @@ class LearningRound:
             items = RoundFeedbackRepository(session).unconsumed(
                 limit=self.settings.max_feedback_per_round)
             session.commit()
-        if active is None:
-            raise RuntimeError("no active global model version to learn from")
         if not items:
             return self._finish_skipped({"feedback": 0}, "no new feedback")
+        if active is None:
+            raise RuntimeError("no active global model version to learn from")
         model = load_version(self.artifacts, active)
         usable, ignored, unreadable = self._usable(items, model.labels)
         counts = {"feedback": len(items), "ignored_unknown_label": len(ignored),

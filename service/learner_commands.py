@@ -21,17 +21,19 @@ def run_once(args: argparse.Namespace) -> int:
     """One round now (whatever learner.min_new_feedback says). Exit 0 when it ran (accepted,
     rejected or skipped), 1 when it failed, 3 when another round holds the lock."""
     from learner.rounds import RoundRunning, run_round
-    from storage.db import create_db_engine, make_session_factory
+    from service.bootstrap import register_bundled_model
     from storage.artifacts import ArtifactStore
+    from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
 
     settings = get_settings()
     engine = create_db_engine(settings.database.url,
                               busy_timeout_s=settings.database.busy_timeout_s)
+    artifacts = ArtifactStore(settings.storage.artifacts_dir)
     try:
-        outcome = run_round(make_session_factory(engine),
-                            ArtifactStore(settings.storage.artifacts_dir), settings.learner,
-                            trigger=args.trigger)
+        session_factory = make_session_factory(engine)
+        register_bundled_model(session_factory, artifacts)  # a fresh install learns from it
+        outcome = run_round(session_factory, artifacts, settings.learner, trigger=args.trigger)
     except RoundRunning as err:
         print(f"emoloop learner run-once: {err}", file=sys.stderr)
         return 3
@@ -44,6 +46,7 @@ def run_once(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     """The scheduler in its own process, for deployments that keep training off the API
     workers (then set learner.enabled: false for them). Stops on SIGINT or SIGTERM."""
+    from service.bootstrap import register_bundled_model
     from service.scheduler import LearnerService
     from storage.artifacts import ArtifactStore
     from storage.db import create_db_engine, make_session_factory
@@ -53,8 +56,9 @@ def serve(args: argparse.Namespace) -> int:
     learner_settings = settings.learner.model_copy(update={"enabled": True})
     engine = create_db_engine(settings.database.url,
                               busy_timeout_s=settings.database.busy_timeout_s)
-    service = LearnerService(make_session_factory(engine),
-                             ArtifactStore(settings.storage.artifacts_dir), learner_settings,
+    artifacts = ArtifactStore(settings.storage.artifacts_dir)
+    register_bundled_model(make_session_factory(engine), artifacts)  # as `emoloop serve` does
+    service = LearnerService(make_session_factory(engine), artifacts, learner_settings,
                              personal=settings.personal)
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -124,7 +128,7 @@ def add_parser(sub) -> None:
     a.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "base-training.yaml",
                    help="the default model's recipe: its labels, seed and speaker split")
     a.add_argument("--out", type=Path, default=REPO_ROOT / "learner" / "default_model")
-    a.add_argument("--replay-per-class", type=int, default=28)
-    a.add_argument("--gate-per-class", type=int, default=36)
+    a.add_argument("--replay-per-class", type=int, default=16)
+    a.add_argument("--gate-per-class", type=int, default=50)
     a.add_argument("--max-frames", type=int, default=300, help="crop to this many 10 ms frames")
     p.set_defaults(func=cmd_learner)

@@ -17,6 +17,9 @@ from storage.runs import ExemplarRow, LearnerLockRepository
 from tests.learner.toy_learning import (TOY_LABELS, toy_base_sets, toy_features,  # noqa: F401
                                         toy_model, world)
 
+# What these show does not depend on the database; the round's storage side runs on both.
+sqlite_only = pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)
+
 REPORT_KEYS = {"decision", "reason", "scope", "user_id", "old_classes", "new_classes",
                "max_recall_drop", "recall_before", "recall_after", "macro_f1_before",
                "macro_f1_after", "new_feedback_accuracy_before", "new_feedback_accuracy_after",
@@ -65,6 +68,7 @@ def test_a_round_learns_from_feedback_registers_and_activates_a_version(world):
     assert model.labels == TOY_LABELS
 
 
+@sqlite_only
 def test_a_round_without_new_feedback_is_skipped(world):
     outcome = _round(world)
     assert (outcome.status, outcome.candidate_version) == ("skipped", None)
@@ -152,6 +156,7 @@ def test_ewc_state_and_replay_exemplars_carry_from_one_round_to_the_next(world):
         f.consumed_by_run_id == first.run_id for f in gate_holdout)
 
 
+@sqlite_only
 def test_a_new_label_grows_the_head_and_the_gate_treats_it_as_new(world):
     world.feedback(["angry"] * 6 + ["happy", "sad"] * 3)
     outcome = _round(world)
@@ -166,6 +171,7 @@ def test_a_new_label_grows_the_head_and_the_gate_treats_it_as_new(world):
     assert model.net.head.out_features == 3 and model.labels == (*TOY_LABELS, "angry")
 
 
+@sqlite_only
 def test_new_labels_are_ignored_when_the_config_forbids_them(world):
     world.feedback(["angry"] * 3 + ["happy", "sad"] * 3)
     outcome = _round(world, allow_new_labels=False)
@@ -176,6 +182,7 @@ def test_new_labels_are_ignored_when_the_config_forbids_them(world):
             outcome.run_id}
 
 
+@sqlite_only
 def test_a_corrupt_active_model_fails_the_round_and_changes_nothing(world):
     world.feedback(["happy", "sad"] * 3)
     v1 = _versions(world)[1]
@@ -190,6 +197,7 @@ def test_a_corrupt_active_model_fails_the_round_and_changes_nothing(world):
         assert session.get(TrainingRun, outcome.run_id).status == "failed"
 
 
+@sqlite_only
 def test_joint_retrains_the_first_version_on_every_correction_so_far(world):
     world.feedback(["happy", "sad"] * 4, seed=1)
     first = _round(world, strategy="joint")

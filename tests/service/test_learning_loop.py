@@ -125,6 +125,7 @@ def test_a_second_round_is_refused_while_one_holds_the_lock(client, keys, db):
     assert client.get("/v1/admin/runs", headers=bearer(keys.admin)).json() == {"runs": []}
 
 
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)
 def test_the_schedule_starts_a_round_once_enough_feedback_waits(learning_app, keys):
     with TestClient(learning_app(enabled=True, interval_s=0.2, min_new_feedback=6)) as client:
         wait_ready(client)
