@@ -44,13 +44,14 @@ from learner.rounds import (
     LockLost,
     RoundOutcome,
     RoundRunning,
-    _record_failure,
+    record_failure,
     clip_features,
     feedback_origin,
     load_gate_set,
     load_version,
     new_holder,
     restore_buffer,
+    settle_candidate,
 )
 from storage.artifacts import ArtifactStore
 from storage.models import Feedback, ModelVersion
@@ -274,7 +275,6 @@ class PersonalRound:
 
     def _commit(self, active: ModelVersion, data: bytes, report: dict, counts: dict,
                 started: float) -> RoundOutcome:
-        accepted = report["decision"] == "accepted"
         with self.session_factory() as session:
             if not LearnerLockRepository(session).renew(self.holder, self.learner.lock_ttl_s):
                 raise LockLost("the learner lock expired and was taken over; nothing was saved")
@@ -290,22 +290,15 @@ class PersonalRound:
                 metrics={"run_id": self.run_id, "bytes": len(data),
                          "new_feedback_accuracy": report["new_feedback_accuracy_after"],
                          "gate_macro_f1": report["macro_f1_after"]})
-            if accepted:
-                # The file as stored: its checksum, and that it parses.
-                personal_head_from_bytes(self.artifacts.read_model(row.artifact_path, row.sha256),
-                                         expected_sha256=row.sha256)
-                registry.activate(row.version, reason=f"personal round {self.run_id}: "
-                                                      f"{report['reason']}")
-            else:
-                registry.reject(row.version, report)
             self.timings["total_s"] = time.perf_counter() - started
             counts["seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
-            runs = TrainingRunRepository(session)
-            runs.finish(runs.get(self.run_id), "accepted" if accepted else "rejected",
-                        counts=counts, gate_report=report, candidate_version=row.version)
-            session.commit()
-        return RoundOutcome(self.run_id, "accepted" if accepted else "rejected", row.version,
-                            report, counts)
+            # The file as stored: its checksum, and that it parses.
+            return settle_candidate(
+                session, registry, row, report, run_id=self.run_id, counts=counts,
+                check_file=lambda: personal_head_from_bytes(
+                    self.artifacts.read_model(row.artifact_path, row.sha256),
+                    expected_sha256=row.sha256),
+                reason=f"personal round {self.run_id}: {report['reason']}")
 
     def _skip(self, counts: dict, reason: str) -> RoundOutcome:
         with self.session_factory() as session:
@@ -376,7 +369,7 @@ def execute_personal_runs(session_factory: sessionmaker[Session], artifacts: Art
                 raise
             except Exception as err:  # recorded on the run; the user's current model stays
                 log.exception("personal round %d failed", run_id)
-                outcome = _record_failure(session_factory, run_id, err)
+                outcome = record_failure(session_factory, run_id, err)
             outcomes.append(outcome)
             log.info("personal round %d: %s%s", run_id, outcome.status,
                      f" (version {outcome.candidate_version})" if outcome.candidate_version

@@ -120,7 +120,7 @@ def execute_round(session_factory: sessionmaker[Session], artifacts: ArtifactSto
                                 holder=holder, stop=stop).run()
     except Exception as err:  # recorded on the run; the active model and the feedback stay
         log.exception("learning round %d failed", run_id)
-        outcome = _record_failure(session_factory, run_id, err)
+        outcome = record_failure(session_factory, run_id, err)
     finally:
         lease.stop()
         with session_factory() as session:
@@ -287,7 +287,6 @@ class LearningRound:
     def _commit(self, active: ModelVersion, candidate, report: dict, counts: dict, *,
                 trained: list[int], held_out: list[int], bootstrapped: EwcState | None,
                 started: float) -> RoundOutcome:
-        accepted = report["decision"] == "accepted"
         mark = time.perf_counter()
         with self.session_factory() as session:
             if not LearnerLockRepository(session).renew(self.holder, self.settings.lock_ttl_s):
@@ -307,21 +306,14 @@ class LearningRound:
             ReplayExemplarRepository(session).save(row.version,
                                                    [exemplar_row(b) for b in candidate.buffer])
             RoundFeedbackRepository(session).mark_consumed(self.run_id, trained, held_out)
-            if accepted:
-                load_version(self.artifacts, row)  # the file as stored: checksum, and it loads
-                registry.activate(row.version,
-                                  reason=f"learning round {self.run_id}: {report['reason']}")
-            else:
-                registry.reject(row.version, report)
             self.timings["save_s"] = time.perf_counter() - mark
             self.timings["total_s"] = time.perf_counter() - started
             counts["seconds"] = {k: round(v, 2) for k, v in self.timings.items()}
-            runs = TrainingRunRepository(session)
-            runs.finish(runs.get(self.run_id), "accepted" if accepted else "rejected",
-                        counts=counts, gate_report=report, candidate_version=row.version)
-            session.commit()
-        return RoundOutcome(self.run_id, "accepted" if accepted else "rejected", row.version,
-                            report, counts)
+            # load_version: the file as stored, its checksum, and that it loads.
+            return settle_candidate(session, registry, row, report, run_id=self.run_id,
+                                    counts=counts,
+                                    check_file=lambda: load_version(self.artifacts, row),
+                                    reason=f"learning round {self.run_id}: {report['reason']}")
 
     def _write_state(self, row: ModelVersion, state: EwcState) -> None:
         data = state.to_bytes()
@@ -346,7 +338,26 @@ class LearningRound:
             raise RoundStopped("the learner was asked to stop")
 
 
-def _record_failure(session_factory: sessionmaker[Session], run_id: int,
+def settle_candidate(session: Session, registry: ModelRegistry, row: ModelVersion, report: dict,
+                     *, run_id: int, counts: dict, check_file: Callable[[], object],
+                     reason: str) -> RoundOutcome:
+    """The gate's decision, in the round's one transaction (global and personal rounds alike):
+    activate the registered candidate after `check_file` re-read it as stored, or mark it
+    rejected; record the run with its report; commit."""
+    status = "accepted" if report["decision"] == "accepted" else "rejected"
+    if status == "accepted":
+        check_file()
+        registry.activate(row.version, reason=reason)
+    else:
+        registry.reject(row.version, report)
+    runs = TrainingRunRepository(session)
+    runs.finish(runs.get(run_id), status, counts=counts, gate_report=report,
+                candidate_version=row.version)
+    session.commit()
+    return RoundOutcome(run_id, status, row.version, report, counts)
+
+
+def record_failure(session_factory: sessionmaker[Session], run_id: int,
                     err: Exception) -> RoundOutcome:
     error = f"{type(err).__name__}: {err}"
     try:
