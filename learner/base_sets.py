@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from learner.checkpoint import DEFAULT_MODEL_DIR, FEATURES_VERSION
 from learner.corpora import CorpusClip, read_corpora, split_by_speaker
+from learner.file_metadata import read_metadata, save_with_metadata
 from storage.files import sha256_bytes, write_atomic
 
 SET_NAMES = ("replay", "gate")
@@ -48,17 +48,13 @@ class FeatureSet:
         offsets = np.cumsum([0] + [f.shape[0] for f in self.features])
         tensors = {"features": torch.from_numpy(np.concatenate(self.features).astype(np.float16)),
                    "offsets": torch.from_numpy(offsets.astype(np.int64))}
-        # One metadata entry: safetensors writes several in no fixed order, and the same set
-        # must give the same bytes (and sha256) every time it is built.
         info = {**about, "features": FEATURES_VERSION, "labels": self.labels,
                 "speakers": self.speakers}
-        return save_safetensors(tensors, metadata={"emoloop": json.dumps(info, sort_keys=True)})
+        return save_with_metadata(tensors, info)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "FeatureSet":
-        header_len = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-        info = json.loads(metadata.get("emoloop", "{}"))
+        info = read_metadata(data)
         if info.get("features") != FEATURES_VERSION:
             raise BaseSetError(f"base set made from features {info.get('features')!r}, this "
                                f"code computes {FEATURES_VERSION!r}: rebuild it")

@@ -7,10 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
+from learner.file_metadata import read_metadata, save_with_metadata
 from learner.model import EmotionNet, ModelConfig
 from storage.files import sha256_bytes, write_atomic
 
@@ -38,7 +37,7 @@ def model_bytes(net: EmotionNet, labels: tuple[str, ...]) -> bytes:
         "features": FEATURES_VERSION,
     }
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    return save_safetensors(state, metadata=metadata)
+    return save_with_metadata(state, metadata)
 
 
 def save_model(net: EmotionNet, labels: tuple[str, ...], path: Path) -> str:
@@ -53,7 +52,7 @@ def model_from_bytes(data: bytes, expected_sha256: str | None = None) -> LoadedM
     if expected_sha256 is not None and digest != expected_sha256:
         raise ModelFileError(f"model checksum mismatch: expected {expected_sha256}, got {digest}")
     try:
-        metadata = _read_metadata(data)
+        metadata = read_metadata(data)
         config = ModelConfig.from_dict(json.loads(metadata["config"]))
         labels = tuple(json.loads(metadata["labels"]))
         if metadata.get("features") != FEATURES_VERSION:
@@ -81,11 +80,3 @@ def load_default_model() -> LoadedModel:
     """The bundled default, checked against the sha256 recorded beside it."""
     info = json.loads(DEFAULT_MODEL_INFO.read_text())
     return load_model(DEFAULT_MODEL_FILE, expected_sha256=info["sha256"])
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    # safetensors layout: 8-byte little-endian header length, then a JSON header.
-    header_len = int.from_bytes(data[:8], "little")
-    if not 0 < header_len <= len(data) - 8:
-        raise ModelFileError("not a safetensors file")
-    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})

@@ -6,13 +6,12 @@ while a round runs; between rounds they are this file, stored beside the model v
 belongs to. Never a pickled strategy: the file holds named float tensors and nothing else, so it
 loads safely and does not depend on Avalanche's classes.
 """
-import json
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
+from learner.file_metadata import read_metadata, save_with_metadata
 from storage.files import sha256_bytes
 
 STATE_FORMAT = "emoloop-ewc-v1"
@@ -41,18 +40,15 @@ class EwcState:
                       for k, v in self.anchor.items()}}
         # The parameter order matters to Avalanche's online update (it zips old and new
         # importances in the model's order), and safetensors sorts names: keep it explicitly.
-        # One metadata entry, as safetensors writes several in no fixed order.
         info = {"format": STATE_FORMAT, "order": list(self.importances), "rounds": self.rounds}
-        return save_safetensors(tensors, metadata={"emoloop": json.dumps(info)})
+        return save_with_metadata(tensors, info)
 
     @classmethod
     def from_bytes(cls, data: bytes, expected_sha256: str | None = None) -> "EwcState":
         if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
             raise StateFileError("EWC state file does not match its recorded sha256")
         try:
-            header_len = int.from_bytes(data[:8], "little")
-            metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-            info = json.loads(metadata.get("emoloop", "{}"))
+            info = read_metadata(data)
             if info.get("format") != STATE_FORMAT:
                 raise StateFileError(f"not an EWC state file (format {info.get('format')!r})")
             tensors = load_safetensors(data)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from learner.checkpoint import FEATURES_VERSION, ModelFileError, _read_metadata
+from learner.checkpoint import FEATURES_VERSION, ModelFileError
+from learner.file_metadata import read_metadata, save_with_metadata
 from learner.inference import EmotionPredictor, pad_batch
 from learner.model import EmotionNet
 from storage.files import sha256_bytes
@@ -56,7 +56,7 @@ def personal_head_bytes(head: nn.Linear, labels: tuple[str, ...], *, parent_vers
                 "features": FEATURES_VERSION}
     state = {"weight": head.weight.detach().float().contiguous().cpu(),
              "bias": head.bias.detach().float().contiguous().cpu()}
-    return save_safetensors(state, metadata=metadata)
+    return save_with_metadata(state, metadata)
 
 
 def personal_head_from_bytes(data: bytes, expected_sha256: str | None = None) -> PersonalHead:
@@ -66,7 +66,7 @@ def personal_head_from_bytes(data: bytes, expected_sha256: str | None = None) ->
         raise ModelFileError(f"personal model checksum mismatch: expected {expected_sha256}, "
                              f"got {digest}")
     try:
-        metadata = _read_metadata(data)
+        metadata = read_metadata(data)
         if metadata.get("kind") != PERSONAL_KIND:
             raise ModelFileError(f"not a personal model file (kind {metadata.get('kind')!r})")
         labels = tuple(json.loads(metadata["labels"]))

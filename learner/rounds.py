@@ -6,7 +6,8 @@
 3. Train a candidate from the active model (learner.strategies), judge it (learner.gate).
 4. In ONE transaction: register the candidate (model file and state file written and checksummed
    first), store its replay buffer, mark the feedback consumed by this run, record the run with
-   its gate report, and activate the candidate if the gate accepted it (else mark it rejected).
+   its gate report, and activate the candidate if the gate accepted it (else mark it rejected
+   and give its feedback back for the next round, once by default: learner.max_attempts).
 
 Crash safety: nothing before step 4 writes anything the system relies on, and step 4 commits all
 or nothing. A process killed anywhere leaves the active model serving and the feedback
@@ -227,9 +228,9 @@ class LearningRound:
                        "epochs": candidate.epochs, "steps": candidate.steps,
                        "new_labels": [l for l in candidate.labels if l not in model.labels]})
         return self._commit(active, candidate, report, counts,
-                            trained=[s.feedback_id for s in train] + [i.feedback_id for i in
-                                                                      ignored + unreadable],
+                            trained=[s.feedback_id for s in train],
                             held_out=[s.feedback_id for s in held_out],
+                            unusable=[i.feedback_id for i in ignored + unreadable],
                             bootstrapped=bootstrapped_state, started=started)
 
     def _usable(self, items: list[FeedbackItem], known: Sequence[str]):
@@ -285,8 +286,8 @@ class LearningRound:
         return root_model.net, root_model.labels, samples
 
     def _commit(self, active: ModelVersion, candidate, report: dict, counts: dict, *,
-                trained: list[int], held_out: list[int], bootstrapped: EwcState | None,
-                started: float) -> RoundOutcome:
+                trained: list[int], held_out: list[int], unusable: list[int],
+                bootstrapped: EwcState | None, started: float) -> RoundOutcome:
         mark = time.perf_counter()
         with self.session_factory() as session:
             if not LearnerLockRepository(session).renew(self.holder, self.settings.lock_ttl_s):
@@ -305,7 +306,16 @@ class LearningRound:
                 self._write_state(parent, bootstrapped)  # the next round from it reuses this
             ReplayExemplarRepository(session).save(row.version,
                                                    [exemplar_row(b) for b in candidate.buffer])
-            RoundFeedbackRepository(session).mark_consumed(self.run_id, trained, held_out)
+            feedback = RoundFeedbackRepository(session)
+            if report["decision"] != "accepted":
+                # Refused: the feedback goes back for the next round (up to max_attempts). The
+                # refusal may be a close call on a few clips; more feedback can settle it.
+                returned = set(feedback.give_back(trained + held_out,
+                                                  self.settings.max_attempts))
+                counts["given_back"] = len(returned)
+                trained = [i for i in trained if i not in returned]
+                held_out = [i for i in held_out if i not in returned]
+            feedback.mark_consumed(self.run_id, trained + unusable, held_out)
             self.timings["save_s"] = time.perf_counter() - mark
             self.timings["total_s"] = time.perf_counter() - started
             counts["seconds"] = {k: round(v, 2) for k, v in self.timings.items()}

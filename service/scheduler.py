@@ -64,7 +64,9 @@ class LearnerService:
         from learner.rounds import RoundRunning, run_round
 
         with self.session_factory() as session:
-            waiting = FeedbackRepository(session).count_unconsumed()
+            # Feedback a refused round gave back rides along with the next round, but does not
+            # start one: retrying the same clips alone would only re-roll the gate's dice.
+            waiting = FeedbackRepository(session).count_unconsumed(untried=True)
             session.commit()
         outcome = None
         try:

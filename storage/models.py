@@ -188,6 +188,8 @@ class Feedback(Base):
     # Set by the round that consumed it when it kept this one out of training to judge the
     # candidate; held-out feedback of accepted rounds joins every later round's gate set.
     held_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Rounds the gate refused that tried this feedback and gave it back (learner.max_attempts).
+    rejections: Mapped[int] = mapped_column(default=0, server_default=text("0"))
 
 
 class ReplayExemplar(Base):

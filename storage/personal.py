@@ -37,9 +37,7 @@ class PersonalRepository:
         gave it. Only feedback whose `user_id` is this user: nobody else's ever trains it."""
         latest = (select(func.max(Feedback.id)).where(Feedback.user_id == user_id)
                   .group_by(Feedback.prediction_id))
-        query = (RoundFeedbackRepository._items().where(Feedback.id.in_(latest))
-                 .order_by(Feedback.id))
-        return RoundFeedbackRepository(self.session)._rows(query)
+        return RoundFeedbackRepository(self.session).items_where(Feedback.id.in_(latest))
 
     def summary(self, user_id: str) -> UserFeedbackSummary:
         row = self.session.execute(

@@ -4,10 +4,9 @@ Each takes the caller's Session. They add and flush (so ids exist and constraint
 here) but never commit: the caller decides what one transaction covers and commits it.
 """
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -117,33 +116,16 @@ class FeedbackRepository:
             "user_id": user_id if user_id is not None else row.user_id}).scalar_one()
         return feedback_id, row.label
 
-    def count_unconsumed(self, user_id: str | None = None) -> int:
-        """Feedback no learning round has used yet; only this user's when user_id is given."""
+    def count_unconsumed(self, user_id: str | None = None, *, untried: bool = False) -> int:
+        """Feedback no learning round has used yet; only this user's when user_id is given;
+        with `untried`, only feedback no refused round gave back either."""
         query = select(func.count()).select_from(Feedback).where(
             Feedback.consumed_by_run_id.is_(None))
         if user_id is not None:
             query = query.where(Feedback.user_id == user_id)
+        if untried:
+            query = query.where(Feedback.rejections == 0)
         return self.session.scalar(query)
-
-    def list_unconsumed(self, user_id: str | None = None,
-                        limit: int | None = None) -> list[Feedback]:
-        """Unused feedback, oldest first; only this user's when user_id is given."""
-        query = select(Feedback).where(Feedback.consumed_by_run_id.is_(None)).order_by(Feedback.id)
-        if user_id is not None:
-            query = query.where(Feedback.user_id == user_id)
-        return list(self.session.scalars(query.limit(limit)))
-
-    def mark_consumed(self, feedback_ids: Sequence[int], run_id: int) -> int:
-        """Mark feedback as used by a training run; returns how many rows were still unused.
-        Rows another round already took are left as they are."""
-        if not feedback_ids:
-            return 0
-        result = self.session.execute(
-            update(Feedback)
-            .where(Feedback.id.in_(feedback_ids), Feedback.consumed_by_run_id.is_(None))
-            .values(consumed_by_run_id=run_id)
-            .execution_options(synchronize_session="fetch"))
-        return result.rowcount
 
 
 class AuditLog:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.models import (Clip, Feedback, LearnerLock, Prediction, ReplayExemplar, TrainingRun,
@@ -131,6 +131,10 @@ class RoundFeedbackRepository:
     def __init__(self, session: Session):
         self.session = session
 
+    def items_where(self, *conditions) -> list[FeedbackItem]:
+        """Feedback (with its clip) matching the conditions on Feedback's columns, oldest first."""
+        return self._rows(self._items().where(*conditions).order_by(Feedback.id))
+
     def unconsumed(self, limit: int | None = None,
                    user_id: str | None = None) -> list[FeedbackItem]:
         """Feedback no round has taken yet, oldest first."""
@@ -172,6 +176,24 @@ class RoundFeedbackRepository:
                     .execution_options(synchronize_session=False))
                 taken += result.rowcount
         return taken
+
+    def give_back(self, ids: Sequence[int], max_attempts: int) -> list[int]:
+        """After a round the gate refused: of this feedback, what has been through fewer than
+        `max_attempts` rounds stays unconsumed for the next one, its rejections counted. Returns
+        those ids; the caller marks the rest consumed."""
+        returned: list[int] = []
+        for start in range(0, len(ids), 500):  # bounded IN lists
+            chunk = list(ids[start:start + 500])
+            returned += self.session.scalars(
+                select(Feedback.id).where(Feedback.id.in_(chunk),
+                                          Feedback.consumed_by_run_id.is_(None),
+                                          Feedback.rejections + 1 < max_attempts)).all()
+        for start in range(0, len(returned), 500):
+            self.session.execute(
+                update(Feedback).where(Feedback.id.in_(returned[start:start + 500]))
+                .values(rejections=Feedback.rejections + 1)
+                .execution_options(synchronize_session=False))
+        return returned
 
     @staticmethod
     def _items():
@@ -223,8 +245,7 @@ class ReplayExemplarRepository:
         ids = [e.feedback_id for e in exemplars if e.feedback_id is not None]
         found: dict[int, FeedbackItem] = {}
         for start in range(0, len(ids), 500):
-            query = RoundFeedbackRepository._items().where(
-                and_(Feedback.id.in_(ids[start:start + 500])))
-            for item in RoundFeedbackRepository(self.session)._rows(query):
+            for item in RoundFeedbackRepository(self.session).items_where(
+                    Feedback.id.in_(ids[start:start + 500])):
                 found[item.feedback_id] = item
         return found

@@ -63,6 +63,10 @@ class LearnerSettings(Section):
     max_recall_drop: float = 0.02  # the gate: most recall an old class may lose
     max_macro_f1_drop: float = 0.005  # ... and macro-F1 may fall at most by noise
     holdout_share: float = Field(0.2, ge=0.0, lt=1.0)  # of each round's feedback, for the gate
+    # Rounds one piece of feedback may go through: a refused round gives its feedback back to
+    # the next one until then, so corrections are not lost to one close call of the gate, and a
+    # poisoned batch still goes away (after blocking one more round).
+    max_attempts: int = Field(2, ge=1)
     max_feedback_per_round: int = 1000  # the oldest first; the rest waits for the next round
     seed: int = 20261121
     # A round trains this many steps whatever its size, so its time stays bounded: each step

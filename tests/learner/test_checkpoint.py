@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from learner.checkpoint import (DEFAULT_MODEL_FILE, DEFAULT_MODEL_INFO, ModelFileError,
-                                load_default_model, load_model, save_model)
+                                load_default_model, load_model, model_bytes, model_from_bytes,
+                                save_model)
 from learner.features import extract_features
 from learner.inference import EmotionPredictor
 from learner.labels import DEFAULT_LABELS
@@ -23,6 +24,16 @@ def test_saved_model_loads_with_identical_outputs_and_checksum(tmp_path):
     x, lengths = torch.randn(2, 90, 64), torch.tensor([90, 60])
     torch.testing.assert_close(loaded.net(x, lengths), net(x, lengths))
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
+
+
+def test_the_same_model_always_gives_the_same_bytes():
+    # A retrained identical model must get the same sha256 (safetensors alone writes several
+    # metadata entries in no fixed order).
+    torch.manual_seed(0)
+    net = EmotionNet(ModelConfig()).eval()
+    files = {model_bytes(net, DEFAULT_LABELS) for _ in range(8)}
+    assert len(files) == 1
+    assert model_from_bytes(files.pop()).labels == DEFAULT_LABELS
 
 
 def test_checksum_mismatch_and_corrupt_files_are_refused(tmp_path):

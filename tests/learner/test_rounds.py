@@ -90,9 +90,44 @@ def test_the_gate_rejects_a_candidate_trained_on_flipped_labels(world):
     assert versions[2].gate_report == report
     with world.session_factory() as session:
         run = session.get(TrainingRun, outcome.run_id)
-        consumed = {f.consumed_by_run_id for f in session.scalars(select(Feedback))}
+        feedback = [(f.consumed_by_run_id, f.rejections) for f in session.scalars(select(Feedback))]
     assert (run.status, run.gate_report) == ("rejected", report)
-    assert consumed == {outcome.run_id}  # judged once; a rejected batch does not come back
+    assert run.counts["given_back"] == 16
+    assert set(feedback) == {(None, 1)}  # given back for one more round
+
+    again = _round(world, strategy="naive", lr=1e-2, steps=12)
+    assert again.status == "rejected" and again.counts["feedback"] == 16
+    assert again.counts["given_back"] == 0
+    with world.session_factory() as session:  # the second refusal is the last: gone for good
+        assert {f.consumed_by_run_id for f in session.scalars(select(Feedback))} == {again.run_id}
+    assert _round(world).status == "skipped"
+    assert _versions(world)[1].status == "active"
+
+
+def test_feedback_a_refused_round_gave_back_trains_the_next_round(world):
+    first = world.feedback(["happy", "sad"] * 4)
+    refused = _round(world, max_recall_drop=-1.0)  # a gate nothing can pass
+    assert refused.status == "rejected" and refused.counts["given_back"] == 8
+
+    later = world.feedback(["happy", "sad"] * 4, seed=5)
+    accepted = _round(world)
+    assert accepted.status == "accepted", accepted.gate_report
+    assert accepted.counts["feedback"] == 16
+    with world.session_factory() as session:
+        rows = {f.id: (f.consumed_by_run_id, f.rejections)
+                for f in session.scalars(select(Feedback))}
+    assert {rows[g.feedback_id] for g in first} == {(accepted.run_id, 1)}
+    assert {rows[g.feedback_id] for g in later} == {(accepted.run_id, 0)}
+
+
+@sqlite_only
+def test_with_one_attempt_a_refused_round_consumes_its_feedback(world):
+    world.feedback(["happy", "sad"] * 4)
+    refused = _round(world, max_recall_drop=-1.0, max_attempts=1)
+    assert refused.status == "rejected" and refused.counts["given_back"] == 0
+    with world.session_factory() as session:
+        assert {f.consumed_by_run_id for f in session.scalars(select(Feedback))} == {
+            refused.run_id}
 
 
 def test_the_gate_accepts_an_equal_candidate_and_rejects_a_worse_one(toy_model):

@@ -104,17 +104,22 @@ def test_a_poisoned_round_is_rejected_and_the_active_model_stays(learning_app, k
         wait_ready(client)
         truth = ["happy", "sad"] * 8
         _teach(client, keys.app, ["sad"] * len(truth), truth=truth)  # every correction: 'sad'
-        started = client.post("/v1/admin/learner/run", headers=bearer(keys.admin))
-        run = _wait_for_run(client, keys.admin, started.json()["run_id"])
+        runs = []
+        for _ in range(3):  # refused, refused again (the poison was given back once), nothing left
+            started = client.post("/v1/admin/learner/run", headers=bearer(keys.admin))
+            runs.append(_wait_for_run(client, keys.admin, started.json()["run_id"]))
         served = _served_version(client, keys.app)
         versions = {m["version"]: m["status"]
                     for m in client.get("/v1/models", headers=bearer(keys.app)).json()}
 
+    run = runs[0]
     assert run["status"] == "rejected", run["gate_report"]
     report = run["gate_report"]
     assert report["decision"] == "rejected"
     assert report["recall_after"]["happy"] < report["recall_before"]["happy"] - 0.02
-    assert served == 1 and versions == {1: "active", 2: "rejected"}
+    assert [r["status"] for r in runs] == ["rejected", "rejected", "skipped"]
+    assert [r["counts"].get("given_back") for r in runs[:2]] == [16, 0]
+    assert served == 1 and versions == {1: "active", 2: "rejected", 3: "rejected"}
 
 
 def test_a_second_round_is_refused_while_one_holds_the_lock(client, keys, db):

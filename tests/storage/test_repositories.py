@@ -6,6 +6,7 @@ from storage.db import create_db_engine, make_session_factory
 from storage.models import Clip, Feedback, Prediction, TrainingRun
 from storage.repositories import (AuditLog, ClipRepository, FeedbackRepository,
                                   PredictionRepository)
+from storage.runs import RoundFeedbackRepository
 
 PROBABILITIES = {"neutral": 0.1, "happy": 0.2, "sad": 0.6, "angry": 0.1}
 
@@ -98,27 +99,48 @@ def test_uncommitted_feedback_is_not_kept(session_factory, app_key, clip, model_
 
 def test_unconsumed_feedback_is_counted_listed_and_consumed_once(session, app_key, clip,
                                                                  model_v1):
-    feedback = FeedbackRepository(session)
+    feedback, rounds = FeedbackRepository(session), RoundFeedbackRepository(session)
     for user, label in [("u1", "angry"), ("u2", "sad"), ("u1", "happy")]:
         feedback.add(predict(session, app_key, clip, model_v1, user_id=user), label)
     session.commit()
     assert feedback.count_unconsumed() == 3
     assert feedback.count_unconsumed(user_id="u1") == 2
-    unused = feedback.list_unconsumed()
+    unused = rounds.unconsumed()
     assert [f.label for f in unused] == ["angry", "sad", "happy"]  # oldest first
-    assert [f.label for f in feedback.list_unconsumed(limit=1)] == ["angry"]
+    assert [f.label for f in rounds.unconsumed(limit=1)] == ["angry"]
 
     first_run, second_run = TrainingRun(trigger="manual"), TrainingRun(trigger="manual")
     session.add_all([first_run, second_run])
     session.flush()
-    assert feedback.mark_consumed([unused[0].id, unused[1].id], first_run.id) == 2
+    ids = [f.feedback_id for f in unused]
+    assert rounds.mark_consumed(first_run.id, ids[:1], held_out=ids[1:2]) == 2
     # A second round cannot take what the first one used.
-    assert feedback.mark_consumed([f.id for f in unused], second_run.id) == 1
+    assert rounds.mark_consumed(second_run.id, ids, held_out=[]) == 1
     session.commit()
     assert feedback.count_unconsumed() == 0
-    assert unused[0].consumed_by_run_id == first_run.id
-    assert unused[2].consumed_by_run_id == second_run.id
-    assert feedback.mark_consumed([], second_run.id) == 0
+    rows = {f.id: (f.consumed_by_run_id, f.held_out) for f in session.scalars(select(Feedback))}
+    assert [rows[i] for i in ids] == [(first_run.id, False), (first_run.id, True),
+                                      (second_run.id, False)]
+    assert rounds.mark_consumed(second_run.id, [], held_out=[]) == 0
+
+
+def test_a_refused_round_gives_feedback_back_until_its_attempts_are_spent(session, app_key,
+                                                                          clip, model_v1):
+    feedback, rounds = FeedbackRepository(session), RoundFeedbackRepository(session)
+    for label in ["angry", "sad"]:
+        feedback.add(predict(session, app_key, clip, model_v1), label)
+    session.commit()
+    ids = [f.feedback_id for f in rounds.unconsumed()]
+
+    assert sorted(rounds.give_back(ids, max_attempts=2)) == ids
+    session.commit()
+    # Still waiting for a round, but it no longer starts one by itself.
+    assert (feedback.count_unconsumed(), feedback.count_unconsumed(untried=True)) == (2, 0)
+    assert rounds.give_back(ids, max_attempts=2) == []  # its second refusal is its last
+    assert rounds.give_back(ids, max_attempts=3) == ids
+    session.commit()
+    assert [f.rejections for f in session.scalars(select(Feedback).order_by(Feedback.id))] == [
+        2, 2]
 
 
 def test_a_confirmation_may_name_another_user(session, app_key, clip, model_v1):
