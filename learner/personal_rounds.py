@@ -414,22 +414,16 @@ def due_users(session_factory: sessionmaker[Session], artifacts: ArtifactStore,
     return [summary.user_id for summary in due[:personal.max_users_per_tick]]
 
 
-def start_personal_round_now(session_factory: sessionmaker[Session], artifacts: ArtifactStore,
-                             learner: LearnerSettings, personal: PersonalSettings, user_id: str,
-                             *, trigger: str = "manual",
-                             on_activated: Callable[[str], None] | None = None) -> int:
-    """Start one user's round in a background thread, whether or not they are due; returns its
-    run id once recorded. Raises RoundRunning when another round holds the lock."""
+def begin_personal_round(session_factory: sessionmaker[Session], learner: LearnerSettings,
+                         user_id: str, *, trigger: str = "manual") -> tuple[int, str]:
+    """Take the lock and record one user's run, whether or not they are due; returns (run id,
+    lock holder) for `execute_personal_runs(..., first_run_id=run_id, holder=holder)`. Raises
+    RoundRunning when another round holds the lock."""
     holder = new_holder()
     take_lock(session_factory, learner, holder)
     try:
-        run_id = start_run(session_factory, user_id, trigger)
+        return start_run(session_factory, user_id, trigger), holder
     except BaseException:
         with session_factory() as session:
             LearnerLockRepository(session).release(holder)
         raise
-    threading.Thread(target=execute_personal_runs, name=f"personal-round-{run_id}", daemon=True,
-                     args=(session_factory, artifacts, learner, personal),
-                     kwargs={"users": [user_id], "holder": holder, "trigger": trigger,
-                             "first_run_id": run_id, "on_activated": on_activated}).start()
-    return run_id

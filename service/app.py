@@ -47,7 +47,8 @@ def create_app(settings: Settings) -> FastAPI:
     # at once, and by every other process within its poll.
     learner = LearnerService(session_factory, artifacts, settings.learner,
                              on_activated=engine.activate, personal=settings.personal,
-                             on_personal_activated=engine.personal.forget)
+                             on_personal_activated=engine.personal.forget,
+                             sweep_after_s=settings.storage.sweep_after_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -213,6 +213,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    from storage.db import create_db_engine, make_session_factory
+    from storage.settings import get_settings
+    from storage.sweep import sweep_unreferenced
+
+    settings = get_settings()
+    older_than_s = (settings.storage.sweep_after_s if args.older_than_s is None
+                    else args.older_than_s)
+    engine = create_db_engine(settings.database.url,
+                              busy_timeout_s=settings.database.busy_timeout_s)
+    try:
+        removed = sweep_unreferenced(make_session_factory(engine), _artifacts(),
+                                     older_than_s=older_than_s)
+    finally:
+        engine.dispose()
+    for path in removed:
+        print(path)
+    print(f"removed {len(removed)} unreferenced file(s) older than {older_than_s:.0f} s")
+    return 0
+
+
 def _session():
     from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
@@ -310,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("version", type=int)
     m.add_argument("--reason", help="recorded in the audit log")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("artifacts", help="the clip and model files")
+    artifacts = p.add_subparsers(dest="action", required=True)
+    a = artifacts.add_parser("sweep", help="delete files no row refers to (left by a crash)")
+    a.add_argument("--older-than-s", type=float,
+                   help="only files this old (default: storage.sweep_after_s, 3600)")
+    p.set_defaults(func=cmd_artifacts)
 
     from service.learner_commands import add_parser as add_learner_parser
 

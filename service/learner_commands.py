@@ -59,7 +59,8 @@ def serve(args: argparse.Namespace) -> int:
     artifacts = ArtifactStore(settings.storage.artifacts_dir)
     register_bundled_model(make_session_factory(engine), artifacts)  # as `emoloop serve` does
     service = LearnerService(make_session_factory(engine), artifacts, learner_settings,
-                             personal=settings.personal)
+                             personal=settings.personal,
+                             sweep_after_s=settings.storage.sweep_after_s)
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())

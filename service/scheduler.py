@@ -1,7 +1,8 @@
 """The learner inside a process: an APScheduler job that starts a round once
-`learner.min_new_feedback` pieces of feedback wait (checked every `learner.interval_s`), and
-rounds an admin starts at once. Rounds run in a background thread, one at a time across every
-process (the database lock in learner.rounds), so every API worker may run the scheduler.
+`learner.min_new_feedback` pieces of feedback wait (checked every `learner.interval_s`), then
+sweeps the artifact store of files a crash left behind, and rounds an admin starts at once.
+Rounds run in a background thread, one at a time across every process (the database lock in
+learner.rounds), so every API worker may run the scheduler.
 
 Nothing here imports the learner's training code until a round actually runs: the service starts
 as fast without it, and an inference-only install (no Avalanche) serves all the same.
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.artifacts import ArtifactStore
 from storage.repositories import FeedbackRepository
 from storage.settings import LearnerSettings, PersonalSettings
+from storage.sweep import sweep_unreferenced
 
 log = logging.getLogger("emoloop.learner")
 
@@ -25,9 +27,12 @@ class LearnerService:
     def __init__(self, session_factory: sessionmaker[Session], artifacts: ArtifactStore,
                  settings: LearnerSettings, on_activated: Callable[[int], None] | None = None,
                  personal: PersonalSettings | None = None,
-                 on_personal_activated: Callable[[str], None] | None = None):
+                 on_personal_activated: Callable[[str], None] | None = None,
+                 sweep_after_s: float | None = None):
         self.session_factory, self.artifacts, self.settings = session_factory, artifacts, settings
         self.on_activated = on_activated
+        # Each check ends by sweeping files no row refers to (storage.sweep) this old; None: no.
+        self.sweep_after_s = sweep_after_s
         # Personal rounds (learner.personal_rounds) run after each check's global part; a user
         # whose personal version changed is passed to `on_personal_activated`.
         self.personal, self.on_personal_activated = personal, on_personal_activated
@@ -77,7 +82,17 @@ class LearnerService:
             self._personal_rounds()
         except RoundRunning:
             pass
+        self._sweep()
         return outcome
+
+    def _sweep(self) -> None:
+        if self.sweep_after_s is None or self._stop.is_set():
+            return
+        try:
+            sweep_unreferenced(self.session_factory, self.artifacts,
+                               older_than_s=self.sweep_after_s)
+        except Exception:  # disk space only; the next check tries again
+            log.exception("could not sweep the artifact store")
 
     def _personal_rounds(self) -> None:
         """After the global round, so a user due because the global model moved on is rebuilt
@@ -102,6 +117,26 @@ class LearnerService:
             args=(self.session_factory, self.artifacts, self.settings),
             kwargs={"run_id": run_id, "holder": holder, "on_activated": self.on_activated,
                     "stop": self._stop})
+        self._start(thread)
+        return run_id
+
+    def start_personal_now(self, user_id: str, trigger: str = "manual") -> int:
+        """Start one user's personal round in a background thread, due or not; returns its run
+        id once recorded. Raises learner.rounds.RoundRunning when a round is running."""
+        from learner.personal_rounds import begin_personal_round, execute_personal_runs
+
+        run_id, holder = begin_personal_round(self.session_factory, self.settings, user_id,
+                                              trigger=trigger)
+        thread = threading.Thread(
+            target=execute_personal_runs, name=f"personal-round-{run_id}", daemon=True,
+            args=(self.session_factory, self.artifacts, self.settings, self.personal),
+            kwargs={"users": [user_id], "holder": holder, "trigger": trigger,
+                    "first_run_id": run_id, "on_activated": self.on_personal_activated,
+                    "stop": self._stop})
+        self._start(thread)
+        return run_id
+
+    def _start(self, thread: threading.Thread) -> None:
+        # Kept so that stop() can ask the round to end and wait for it.
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
-        return run_id

@@ -6,8 +6,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 # Ids an app gives its own users: opaque, but bounded and free of control characters (which
-# PostgreSQL refuses to store, NUL above all).
-USER_ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+# PostgreSQL refuses to store, NUL above all) and of "/", so that every id a prediction accepts
+# can be named in /v1/users/{user_id} (to see or forget that user).
+USER_ID_PATTERN = r"^[^\x00-\x1f\x7f/]+$"
 UserId = Field(default=None, min_length=1, max_length=128, pattern=USER_ID_PATTERN,
                description="The app's own id for the person who spoke, if it has one")
 

@@ -4,6 +4,7 @@ Paths handed out and recorded in SQL are relative to the root (`clips/ab/ab12...
 `models/3.safetensors`), so the data directory can be moved. Every file goes through
 `storage.files.write_atomic`: a reader sees a whole file or none.
 """
+import os
 import re
 from pathlib import Path
 
@@ -26,8 +27,13 @@ class ArtifactStore:
         digest = sha256_bytes(data)
         extension = extension.lower() if _EXTENSION.match(extension.lower()) else ".bin"
         relative = f"clips/{digest[:2]}/{digest}{extension}"
-        if not self.path(relative).is_file():
-            write_atomic(self.path(relative), data)
+        path = self.path(relative)
+        try:
+            # The file may be an old one no row refers to any more (its user was forgotten):
+            # a fresh time keeps the sweep (storage.sweep) off it until our row commits.
+            os.utime(path)
+        except FileNotFoundError:
+            write_atomic(path, data)
         return digest, relative
 
     def put_model(self, version: int, data: bytes) -> tuple[str, str]:

@@ -34,6 +34,8 @@ class DatabaseSettings(Section):
 
 class StorageSettings(Section):
     data_dir: Path = Path("data")
+    # Files no row refers to (left by a crash) are deleted once this old (storage/sweep.py).
+    sweep_after_s: float = Field(3600.0, ge=0.0)
 
     @property
     def artifacts_dir(self) -> Path:

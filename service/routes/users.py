@@ -115,19 +115,15 @@ def delete_personal_version(user_id: UserIdPath, version: VersionPath, caller: A
 @router.post("/admin/users/{user_id}/rounds", status_code=202, response_model=RunStartedOut,
              tags=["admin"])
 def start_personal_round(user_id: UserIdPath, caller: AdminKey, request: Request,
-                         session: SessionDep, engine: EngineDep,
-                         settings: SettingsDep) -> RunStartedOut:
+                         session: SessionDep, settings: SettingsDep) -> RunStartedOut:
     """Run this user's personal round now, in the background; follow it with
     GET /v1/admin/runs/{run_id}."""
-    from learner.personal_rounds import start_personal_round_now
     from learner.rounds import RoundRunning
 
     if not settings.personal.enabled:
         raise ApiError(409, "personal_disabled", "personal models are off (personal.enabled)")
     try:
-        run_id = start_personal_round_now(
-            request.app.state.session_factory, request.app.state.artifacts, settings.learner,
-            settings.personal, user_id, on_activated=engine.personal.forget)
+        run_id = request.app.state.learner.start_personal_now(user_id)
     except RoundRunning:
         raise ApiError(409, "round_running", "a learning round is running; one runs at a time "
                                              "(see GET /v1/admin/runs)") from None

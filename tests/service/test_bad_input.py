@@ -39,6 +39,9 @@ BAD_PREDICTIONS = [
      "validation_error"),
     ("user_id with control characters", {**upload(wav(1.0)), "data": {"user_id": "a\x00b"}},
      422, "validation_error"),
+    # /v1/users/{user_id} could never name it
+    ("user_id with a slash", {**upload(wav(1.0)), "data": {"user_id": "team/ana"}}, 422,
+     "validation_error"),
 ]
 
 
@@ -77,6 +80,8 @@ BAD_FEEDBACK = [
     ("missing label", {"json": {"user_id": "u"}}, 422, "validation_error"),
     ("unexpected field", {"json": {"label": "sad", "extra": 1}}, 422, "validation_error"),
     ("user_id with control characters", {"json": {"label": "sad", "user_id": "u\x00"}}, 422,
+     "validation_error"),
+    ("user_id with a slash", {"json": {"label": "sad", "user_id": "a/b"}}, 422,
      "validation_error"),
     ("label with control characters", {"json": {"label": "sad\x00"}}, 422, "unknown_label"),
     ("malformed json", {"content": b'{"label": "sad"',
