@@ -9,6 +9,7 @@ as fast without it, and an inference-only install (no Avalanche) serves all the 
 """
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
@@ -31,8 +32,11 @@ class LearnerService:
                  sweep_after_s: float | None = None):
         self.session_factory, self.artifacts, self.settings = session_factory, artifacts, settings
         self.on_activated = on_activated
-        # Each check ends by sweeping files no row refers to (storage.sweep) this old; None: no.
+        # Checks end by sweeping files no row refers to (storage.sweep) this old; None: never.
+        # At most once per that age: the sweep walks the whole store, and anything younger
+        # would not go anyway.
         self.sweep_after_s = sweep_after_s
+        self._last_sweep: float | None = None
         # Personal rounds (learner.personal_rounds) run after each check's global part; a user
         # whose personal version changed is passed to `on_personal_activated`.
         self.personal, self.on_personal_activated = personal, on_personal_activated
@@ -88,6 +92,10 @@ class LearnerService:
     def _sweep(self) -> None:
         if self.sweep_after_s is None or self._stop.is_set():
             return
+        now = time.monotonic()
+        if self._last_sweep is not None and now - self._last_sweep < self.sweep_after_s:
+            return
+        self._last_sweep = now
         try:
             sweep_unreferenced(self.session_factory, self.artifacts,
                                older_than_s=self.sweep_after_s)

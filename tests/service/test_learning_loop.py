@@ -56,6 +56,17 @@ def _wait_for_run(client, key: str, run_id: int, timeout_s: float = 120) -> dict
         time.sleep(0.1)
 
 
+def _start_round(client, key: str, timeout_s: float = 10) -> int:
+    """Start a round right after another: the last one's run shows its outcome a moment before
+    it gives the learner lock back, and until then a start answers 409 round_running."""
+    deadline = time.monotonic() + timeout_s
+    while (started := client.post("/v1/admin/learner/run", headers=bearer(key))).status_code == 409:
+        assert time.monotonic() < deadline, "the learner lock was never given back"
+        time.sleep(0.05)
+    assert started.status_code == 202, started.text
+    return started.json()["run_id"]
+
+
 def _served_version(client, key: str) -> int:
     return predict(client, key, toy_wav("happy", 99))["model_version"]
 
@@ -106,8 +117,7 @@ def test_a_poisoned_round_is_rejected_and_the_active_model_stays(learning_app, k
         _teach(client, keys.app, ["sad"] * len(truth), truth=truth)  # every correction: 'sad'
         runs = []
         for _ in range(3):  # refused, refused again (the poison was given back once), nothing left
-            started = client.post("/v1/admin/learner/run", headers=bearer(keys.admin))
-            runs.append(_wait_for_run(client, keys.admin, started.json()["run_id"]))
+            runs.append(_wait_for_run(client, keys.admin, _start_round(client, keys.admin)))
         served = _served_version(client, keys.app)
         versions = {m["version"]: m["status"]
                     for m in client.get("/v1/models", headers=bearer(keys.app)).json()}

@@ -4,10 +4,11 @@ import os
 import time
 
 from service.cli import main
+from service.scheduler import LearnerService
 from storage.forget import forget_user
 from storage.models import Clip
 from storage.repositories import ClipRepository, PredictionRepository
-from storage.settings import get_settings
+from storage.settings import LearnerSettings, get_settings
 from storage.sweep import sweep_unreferenced
 
 HOUR = 3600.0
@@ -92,3 +93,18 @@ def test_the_cli_sweeps_the_configured_store(database_url, session_factory, arti
     out = capsys.readouterr().out.splitlines()
     assert out == [orphan, "removed 1 unreferenced file(s) older than 3600 s"]
     assert _exists(artifacts, model_v1.artifact_path)
+
+
+def test_the_learners_check_sweeps_at_most_once_per_sweep_age(session_factory, artifacts,
+                                                             model_v1):
+    service = LearnerService(session_factory, artifacts, LearnerSettings(enabled=False),
+                             sweep_after_s=HOUR)
+    _, first = artifacts.put_clip(b"left by one crash", ".wav")
+    _age(artifacts, first)
+    service.check()  # no feedback waits, so no round: only the sweep
+    assert not _exists(artifacts, first)
+
+    _, second = artifacts.put_clip(b"left by another crash", ".wav")
+    _age(artifacts, second)
+    service.check()  # the next check, minutes later: the store was walked within the hour
+    assert _exists(artifacts, second)
