@@ -9,7 +9,6 @@ databases.
 """
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -20,6 +19,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from service.bench.local_server import free_port
 from storage.db import create_db_engine, make_session_factory, normalize_url
 from storage.migrate import upgrade_to_head
 
@@ -50,7 +50,7 @@ def postgres_server() -> Iterator[str]:
     try:
         _run(as_postgres + [str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
                             "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync"])
-        port = _free_port()
+        port = free_port()
         # Durability off: these databases live for one test run.
         options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off")
@@ -135,12 +135,6 @@ def _admin_connection(server_url: str) -> psycopg.Connection:
     conninfo = make_url(server_url).set(drivername="postgresql").render_as_string(
         hide_password=False)
     return psycopg.connect(conninfo, autocommit=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(command: list[str], log: Path | None = None) -> None:

@@ -19,8 +19,6 @@ import asyncio
 import http.client
 import json
 import os
-import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -30,6 +28,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+
+from service.bench.local_server import free_port, stop_process_group
 
 CONCURRENCY = 8
 CLIP_SECONDS = 3.0
@@ -77,7 +77,7 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
            "EMOLOOP_DATABASE_URL": f"sqlite:///{data_dir / 'emoloop.db'}",
            "EMOLOOP_LEARNER__ENABLED": "false", "OMP_NUM_THREADS": "1"}
     key = _prepare(env, model_path)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [EMOLOOP, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
          str(workers), "--log-level", "warning"],
@@ -101,12 +101,7 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
             for i in range(FEEDBACK_PER_PREDICTION * len(ids))])) if ids else None
         load_after = os.getloadavg()[0]
     finally:
-        os.killpg(server.pid, signal.SIGINT)  # uvicorn shuts its workers down cleanly on SIGINT
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
     feedback = feedback or {"ok": 0, "errors": 0, "seconds": 0.0, "latencies_ms": [],
                             "server_cpu_s": 0.0, "client_cpu_s": 0.0}
     latencies = np.array(predictions["latencies_ms"] or [0.0])
@@ -269,12 +264,6 @@ def _cpu_seconds(pid: int) -> float:
         if int(stat.parent.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent pid
             total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     return total
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _lines(report: dict, runs: dict[int, dict]) -> list[str]:

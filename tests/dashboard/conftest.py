@@ -7,8 +7,6 @@ after its last test), so the suite takes about a minute; each test gets a fresh 
 (its own session storage) and enters the keys through the page's own dialog.
 """
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.bench.local_server import free_port, stop_process_group
 from service.bench.clips import to_wav, voiced_clip
 from storage.api_keys import ApiKeyRepository
 from storage.artifacts import ArtifactStore
@@ -99,7 +98,7 @@ def server_process(chromium, tmp_path_factory) -> Iterator[tuple[Server, subproc
         keys = ApiKeyRepository(session)
         app_key, admin_key = keys.create("dashboard", "app")[1], keys.create("ops", "admin")[1]
         session.commit()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "EMOLOOP_DATABASE_URL": url, "EMOLOOP_DATA_DIR": str(data_dir),
            "EMOLOOP_API__MODEL_POLL_INTERVAL_S": "0.2", "EMOLOOP_LEARNER__ENABLED": "false"}
     # The log goes to a file, not a pipe nobody reads (a full pipe would stall the server).
@@ -112,12 +111,7 @@ def server_process(chromium, tmp_path_factory) -> Iterator[tuple[Server, subproc
     try:
         yield server, process, log_path
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
         engine.dispose()
 
 
@@ -219,7 +213,3 @@ def _wait_ready(base: str, process: subprocess.Popen, log_path: Path,
         time.sleep(0.2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

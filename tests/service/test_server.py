@@ -2,8 +2,6 @@
 migration commands around it."""
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.bench.local_server import free_port, stop_process_group
 from learner.labels import DEFAULT_LABELS
 from service.bootstrap import create_first_keys
 from storage.api_keys import ApiKeyRepository
@@ -78,7 +77,7 @@ def test_two_workers_serve_an_activation_within_two_seconds(env, db, artifacts, 
         ModelRegistry(session, artifacts).register(random_model, labels=list(DEFAULT_LABELS),
                                                    parent_version=1)
         session.commit()
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([EMOLOOP, "serve", "--port", str(port), "--workers", "2",
                                "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -107,12 +106,7 @@ def test_two_workers_serve_an_activation_within_two_seconds(env, db, artifacts, 
         metrics = httpx.get(f"{base}/metrics").text  # summed over both workers
         assert len(re.findall(r"emoloop_active_model_version\{pid=\"\d+\"\} 2.0", metrics)) == 2
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
 
 
 def _wait_ready_on_every_worker(base: str, server: subprocess.Popen) -> None:
@@ -128,7 +122,3 @@ def _wait_ready_on_every_worker(base: str, server: subprocess.Popen) -> None:
         time.sleep(0.05 if ready else 0.25)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
