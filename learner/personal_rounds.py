@@ -333,6 +333,7 @@ def take_lock(session_factory: sessionmaker[Session], learner: LearnerSettings,
         except BaseException:
             session.rollback()
             locks.release(holder)
+            session.commit()
             raise
 
 
@@ -380,6 +381,7 @@ def execute_personal_runs(session_factory: sessionmaker[Session], artifacts: Art
         lease.stop()
         with session_factory() as session:
             LearnerLockRepository(session).release(holder)
+            session.commit()
     return outcomes
 
 
@@ -426,4 +428,5 @@ def begin_personal_round(session_factory: sessionmaker[Session], learner: Learne
     except BaseException:
         with session_factory() as session:
             LearnerLockRepository(session).release(holder)
+            session.commit()
         raise

@@ -6,8 +6,9 @@
 3. Train a candidate from the active model (learner.strategies), judge it (learner.gate).
 4. In ONE transaction: register the candidate (model file and state file written and checksummed
    first), store its replay buffer, mark the feedback consumed by this run, record the run with
-   its gate report, and activate the candidate if the gate accepted it (else mark it rejected
-   and give its feedback back for the next round, once by default: learner.max_attempts).
+   its gate report, activate the candidate if the gate accepted it (else mark it rejected
+   and give its feedback back for the next round, once by default: learner.max_attempts), and
+   release the lock: whoever sees the round's outcome can start the next one at once.
 
 Crash safety: nothing before step 4 writes anything the system relies on, and step 4 commits all
 or nothing. A process killed anywhere leaves the active model serving and the feedback
@@ -95,6 +96,7 @@ def start_round(session_factory: sessionmaker[Session], settings: LearnerSetting
         except BaseException:
             session.rollback()
             locks.release(holder)
+            session.commit()
             raise
 
 
@@ -113,19 +115,22 @@ def execute_round(session_factory: sessionmaker[Session], artifacts: ArtifactSto
                   settings: LearnerSettings, *, run_id: int, holder: str,
                   on_activated: Callable[[int], None] | None = None,
                   stop: threading.Event | None = None) -> RoundOutcome:
-    """Run a round whose run row `start_round` made, holding its lock; releases the lock."""
+    """Run a round whose run row `start_round` made, holding its lock; releases the lock in
+    the transaction that records how the round ended."""
     lease = LeaseKeeper(session_factory, holder, settings.lock_ttl_s)
     lease.start()
     try:
         outcome = LearningRound(session_factory, artifacts, settings, run_id=run_id,
-                                holder=holder, stop=stop).run()
+                                lease=lease, stop=stop).run()
     except Exception as err:  # recorded on the run; the active model and the feedback stay
         log.exception("learning round %d failed", run_id)
-        outcome = record_failure(session_factory, run_id, err)
+        lease.stop()
+        outcome = record_failure(session_factory, run_id, err, holder=holder)
     finally:
         lease.stop()
-        with session_factory() as session:
+        with session_factory() as session:  # in case recording the end failed too
             LearnerLockRepository(session).release(holder)
+            session.commit()
     log.info("learning round %d: %s%s", run_id, outcome.status,
              f" (version {outcome.candidate_version})" if outcome.candidate_version else "")
     if outcome.status == "accepted" and on_activated is not None:
@@ -150,8 +155,15 @@ class LeaseKeeper:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop renewing (before the transaction that releases the lock). Idempotent."""
         self._stop.set()
         self._thread.join()
+
+    def release_with(self, session: Session) -> None:
+        """Stop renewing and release the lock in `session`'s transaction, which the caller
+        commits together with the round's final status."""
+        self.stop()
+        LearnerLockRepository(session).release(self.holder)
 
     def _run(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
@@ -168,10 +180,10 @@ class LeaseKeeper:
 
 class LearningRound:
     def __init__(self, session_factory: sessionmaker[Session], artifacts: ArtifactStore,
-                 settings: LearnerSettings, *, run_id: int, holder: str,
+                 settings: LearnerSettings, *, run_id: int, lease: LeaseKeeper,
                  stop: threading.Event | None = None):
         self.session_factory, self.artifacts, self.settings = session_factory, artifacts, settings
-        self.run_id, self.holder, self.stop = run_id, holder, stop
+        self.run_id, self.lease, self.holder, self.stop = run_id, lease, lease.holder, stop
         self.seed = settings.seed + run_id
         self.timings: dict[str, float] = {}
 
@@ -316,6 +328,7 @@ class LearningRound:
                 trained = [i for i in trained if i not in returned]
                 held_out = [i for i in held_out if i not in returned]
             feedback.mark_consumed(self.run_id, trained + unusable, held_out)
+            self.lease.release_with(session)
             self.timings["save_s"] = time.perf_counter() - mark
             self.timings["total_s"] = time.perf_counter() - started
             counts["seconds"] = {k: round(v, 2) for k, v in self.timings.items()}
@@ -338,6 +351,7 @@ class LearningRound:
                 self.run_id, [i.feedback_id for i in consumed], [])
             runs = TrainingRunRepository(session)
             runs.finish(runs.get(self.run_id), "skipped", counts=counts, error=reason)
+            self.lease.release_with(session)
             session.commit()
         return RoundOutcome(self.run_id, "skipped", counts=counts, error=reason)
 
@@ -367,8 +381,9 @@ def settle_candidate(session: Session, registry: ModelRegistry, row: ModelVersio
     return RoundOutcome(run_id, status, row.version, report, counts)
 
 
-def record_failure(session_factory: sessionmaker[Session], run_id: int,
-                    err: Exception) -> RoundOutcome:
+def record_failure(session_factory: sessionmaker[Session], run_id: int, err: Exception, *,
+                   holder: str | None = None) -> RoundOutcome:
+    """Mark the run failed; with `holder`, release the lock in the same transaction."""
     error = f"{type(err).__name__}: {err}"
     try:
         with session_factory() as session:
@@ -376,6 +391,8 @@ def record_failure(session_factory: sessionmaker[Session], run_id: int,
             run = runs.get(run_id)
             if run is not None and run.status == "running":
                 runs.finish(run, "failed", error=error)
+            if holder is not None:
+                LearnerLockRepository(session).release(holder)
             session.commit()
     except Exception:  # the lock holder's next round marks it failed instead
         log.exception("could not record the failure of round %d", run_id)

@@ -2,7 +2,9 @@
 gate reports, the feedback a round takes, and each model version's replay exemplars.
 
 Like the other repositories these work in the caller's Session and never commit, except where a
-method says so: taking and giving back the lock must be visible to other processes at once.
+method says so: taking the lock must be visible to other processes at once. Giving it back
+happens in the caller's transaction, so that a round's final status and the free lock are seen
+together (a client that sees the round end can start the next one at once).
 """
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -50,12 +52,11 @@ class LearnerLockRepository:
         return result.rowcount == 1
 
     def release(self, holder: str) -> None:
-        """Give the lock back if we still hold it. Commits."""
+        """Give the lock back if we still hold it, in the caller's transaction."""
         self.session.execute(
             update(LearnerLock).where(LearnerLock.id == 1, LearnerLock.holder == holder)
             .values(holder=None, acquired_at=None, expires_at=None)
             .execution_options(synchronize_session=False))
-        self.session.commit()
 
     def holder(self) -> tuple[str | None, datetime | None]:
         """(holder, expiry) as stored; an expired lease still shows its last holder."""

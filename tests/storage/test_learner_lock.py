@@ -14,9 +14,11 @@ def test_one_holder_at_a_time_until_release(session_factory):
         assert not LearnerLockRepository(b).acquire("two", ttl_s=60)
         assert not LearnerLockRepository(a).acquire("one-again", ttl_s=60)
         LearnerLockRepository(b).release("two")  # not the holder: changes nothing
+        b.commit()
         assert LearnerLockRepository(b).holder()[0] == "one"
         b.commit()  # end the read: on SQLite every transaction of these sessions takes the lock
         LearnerLockRepository(a).release("one")
+        a.commit()
         assert LearnerLockRepository(b).acquire("two", ttl_s=60)
 
 
