@@ -144,6 +144,21 @@ def evaluate_features(predictor, clips: Sequence[CorpusClip], features: Sequence
     return build_report(outcomes, skipped, predictor.labels)
 
 
+def clip_features(paths: list[str], *, workers: int = 2,
+                  progress: bool = False) -> list[np.ndarray | None]:
+    """Each clip's features as the service computes them (whole clip, no augmentation), in
+    `workers` processes of one thread each; None for a clip that does not decode."""
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    from learner.inference import limit_threads
+
+    bar = dict(total=len(paths), desc="features", unit="clip", disable=not progress)
+    with get_context("spawn").Pool(workers, initializer=limit_threads, initargs=(1,)) as pool:
+        return list(tqdm(pool.imap(_clean_features, paths, chunksize=8), **bar))
+
+
 def _clean_features(path: str) -> np.ndarray | None:
     from learner.audio import AudioError, decode_audio
     from learner.features import extract_features
@@ -159,12 +174,8 @@ def evaluate_folder(data_dir: Path, model_path: Path | None = None, *,
                     workers: int = 2, progress: bool = True) -> dict:
     """Evaluate a model (default: the bundled one) on every corpus under `data_dir`, or on the
     named speakers only."""
-    from multiprocessing import get_context
-
-    from tqdm import tqdm
-
     from learner.checkpoint import load_default_model, load_model
-    from learner.inference import EmotionPredictor, limit_threads
+    from learner.inference import EmotionPredictor
 
     predictor = EmotionPredictor(load_model(model_path) if model_path else load_default_model())
     clips = read_corpora(data_dir)
@@ -172,10 +183,7 @@ def evaluate_folder(data_dir: Path, model_path: Path | None = None, *,
         clips = [c for c in clips if c.speaker in set(speakers)]
         if missing := set(speakers) - {c.speaker for c in clips}:
             raise CorpusError(f"no clips of speakers {sorted(missing)} in {data_dir}")
-    paths = [str(c.path) for c in clips]
-    bar = dict(total=len(paths), desc="features", unit="clip", disable=not progress)
-    with get_context("spawn").Pool(workers, initializer=limit_threads, initargs=(1,)) as pool:
-        features = list(tqdm(pool.imap(_clean_features, paths, chunksize=8), **bar))
+    features = clip_features([str(c.path) for c in clips], workers=workers, progress=progress)
     readable = [(c, f) for c, f in zip(clips, features) if f is not None]
     report = evaluate_features(predictor, [c for c, _ in readable], [f for _, f in readable])
     report["skipped"] += len(clips) - len(readable)

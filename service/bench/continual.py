@@ -214,15 +214,12 @@ def _active_version(app) -> int:
 
 
 def _features(clips) -> dict[Path, np.ndarray]:
-    from multiprocessing import get_context
-
-    from learner.base_sets import _clip_features
-    from learner.inference import limit_threads
+    from learner.evaluation import clip_features
 
     clips = list(clips)
-    with get_context("spawn").Pool(2, initializer=limit_threads, initargs=(1,)) as pool:
-        # Whole clips (no crop): the service hears the whole clip too.
-        computed = pool.map(_clip_features, [(str(c.path), 10**9) for c in clips], chunksize=8)
+    computed = clip_features([str(c.path) for c in clips])
+    if unreadable := [str(c.path) for c, f in zip(clips, computed) if f is None]:
+        raise RuntimeError(f"clips that do not decode: {unreadable[:3]}")
     return {c.path: f for c, f in zip(clips, computed)}
 
 

@@ -18,7 +18,9 @@ from storage.artifacts import ArtifactStore
 from storage.db import create_db_engine, make_session_factory
 from storage.files import sha256_bytes
 from storage.registry import ModelRegistry
-from storage.settings import Settings
+from storage.settings import PersonalSettings, Settings
+from tests.learner.toy_learning import (register_active, toy_base_sets,  # noqa: F401 (fixtures)
+                                        toy_learner_settings, toy_model)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,20 @@ def seeded(db, artifacts, random_model) -> int:
 @pytest.fixture
 def app(settings, seeded, keys):
     return create_app(settings)
+
+
+@pytest.fixture
+def learning_app(settings, db, artifacts, keys, toy_model, toy_base_sets):
+    """A factory of apps whose active version 1 is the toy model (tests/learner/toy_learning.py),
+    with the toy learner settings; `learner` and `personal` override keys of either section."""
+    register_active(db, artifacts, toy_model)
+
+    def make(learner: dict | None = None, personal: dict | None = None):
+        update = {"learner": toy_learner_settings(toy_base_sets, **(learner or {}))}
+        if personal is not None:
+            update["personal"] = PersonalSettings(**personal)
+        return create_app(settings.model_copy(update=update))
+    return make
 
 
 @pytest.fixture

@@ -8,22 +8,10 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
 from storage.repositories import AuditLog
 from storage.runs import LearnerLockRepository
-from tests.learner.toy_learning import (TOY_LABELS, register_active, toy_base_sets,  # noqa: F401
-                                        toy_learner_settings, toy_model, toy_wav)
+from tests.learner.toy_learning import toy_wav
 from tests.service.conftest import bearer, predict, wait_ready
-
-
-@pytest.fixture
-def learning_app(settings, db, artifacts, keys, toy_model, toy_base_sets):
-    register_active(db, artifacts, toy_model)
-
-    def make(**learner):
-        return create_app(settings.model_copy(
-            update={"learner": toy_learner_settings(toy_base_sets, **learner)}))
-    return make
 
 
 @pytest.fixture
@@ -108,7 +96,7 @@ def test_a_round_started_over_http_is_gated_served_and_rolled_back(client, keys,
 def test_a_poisoned_round_is_rejected_and_the_active_model_stays(learning_app, keys):
     # Plain fine-tuning, trained hard, so the poison does get into the candidate (ewc+replay
     # mostly shrugs it off on this toy data): the gate must stop it there.
-    with TestClient(learning_app(strategy="naive", steps=30, lr=2e-2)) as client:
+    with TestClient(learning_app({"strategy": "naive", "steps": 30, "lr": 2e-2})) as client:
         wait_ready(client)
         truth = ["happy", "sad"] * 8
         _teach(client, keys.app, ["sad"] * len(truth), truth=truth)  # every correction: 'sad'
@@ -139,7 +127,8 @@ def test_a_second_round_is_refused_while_one_holds_the_lock(client, keys, db):
 
 @pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)
 def test_the_schedule_starts_a_round_once_enough_feedback_waits(learning_app, keys):
-    with TestClient(learning_app(enabled=True, interval_s=0.2, min_new_feedback=6)) as client:
+    schedule = {"enabled": True, "interval_s": 0.2, "min_new_feedback": 6}
+    with TestClient(learning_app(schedule)) as client:
         wait_ready(client)
         _teach(client, keys.app, ["happy", "sad", "happy", "sad", "happy"])
         time.sleep(1.0)

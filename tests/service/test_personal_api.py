@@ -15,7 +15,6 @@ from sqlalchemy import func, select
 from learner.checkpoint import model_bytes, model_from_bytes
 from learner.personal_model import personal_head_bytes
 from learner.personal_rounds import run_personal_rounds
-from service.app import create_app
 from service.bench.clips import to_wav, voiced_clip
 from service.personal_models import LRUCache
 from storage.files import sha256_bytes
@@ -23,15 +22,7 @@ from storage.forget import user_hash
 from storage.models import Clip, Feedback, ModelVersion, Prediction, TrainingRun
 from storage.registry import ModelRegistry
 from storage.repositories import AuditLog
-from storage.settings import PersonalSettings
-from tests.learner.toy_learning import (  # noqa: F401
-    TOY_LABELS,
-    register_active,
-    toy_base_sets,
-    toy_learner_settings,
-    toy_model,
-    toy_wave,
-)
+from tests.learner.toy_learning import TOY_LABELS, toy_wave
 from tests.service.conftest import bearer, files_under, predict, wait_ready
 
 PERSONAL = {"min_feedback": 8, "folds": 2, "epochs": 8, "lr": 0.05, "ewc_lambda": 10.0,
@@ -52,19 +43,8 @@ def alice_items(n: int = 6, seed: int = 1) -> list[tuple[bytes, str]]:
 
 
 @pytest.fixture
-def personal_app(settings, db, artifacts, keys, toy_model, toy_base_sets):
-    register_active(db, artifacts, toy_model)
-
-    def make(learner: dict | None = None, **personal):
-        return create_app(settings.model_copy(update={
-            "learner": toy_learner_settings(toy_base_sets, **(learner or {})),
-            "personal": PersonalSettings(**{**PERSONAL, **personal})}))
-    return make
-
-
-@pytest.fixture
-def client(personal_app):
-    with TestClient(personal_app()) as client:
+def client(learning_app):
+    with TestClient(learning_app(personal=PERSONAL)) as client:
         wait_ready(client)
         yield client
 
@@ -142,9 +122,9 @@ def test_a_user_with_a_personal_version_gets_it_and_everyone_else_the_global_one
 
 
 def test_the_schedule_builds_a_personal_model_once_a_user_has_enough_corrections(
-        personal_app, keys):
+        learning_app, keys):
     schedule = {"enabled": True, "interval_s": 0.2, "min_new_feedback": 1000}  # no global round
-    with TestClient(personal_app(learner=schedule)) as client:
+    with TestClient(learning_app(schedule, PERSONAL)) as client:
         wait_ready(client)
         teach(client, keys.app, "alice", alice_items())
         deadline = time.monotonic() + 120
@@ -280,7 +260,7 @@ def test_a_personal_version_keeps_serving_on_its_global_version_until_rebuilt(
 
 
 def test_personal_heads_are_cached_within_the_bound_and_loaded_on_demand(
-        personal_app, keys, db, artifacts, toy_model):
+        learning_app, keys, db, artifacts, toy_model):
     """Four users whose personal heads always say happy, a cache of two."""
     global_model = model_from_bytes(toy_model)
     head = torch.nn.Linear(global_model.net.head.in_features, 2)
@@ -298,7 +278,7 @@ def test_personal_heads_are_cached_within_the_bound_and_loaded_on_demand(
                                                 parent_version=1, scope="user",
                                                 user_id=user).version)
         session.commit()
-    with TestClient(personal_app(cache_size=2)) as client:
+    with TestClient(learning_app(personal={**PERSONAL, "cache_size": 2})) as client:
         wait_ready(client)
         engine = client.app.state.engine
         low = toy_clip("sad", 5)
