@@ -16,7 +16,6 @@ dashboard (see the README's "Learner" section).
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import precision_recall_fscore_support
 
 from learner.inference import EmotionPredictor
 from learner.replay import Sample
@@ -101,6 +100,10 @@ def _answers(predictor: EmotionPredictor, samples: Sequence[Sample]) -> list[str
 
 
 def _recalls(truth: list[str], answers: list[str], labels: list[str]) -> dict[str, float]:
+    # scikit-learn takes 1.5 s to import: here it is paid by the round's thread, not by the
+    # admin request that starts the round (which imports the learner).
+    from sklearn.metrics import precision_recall_fscore_support
+
     if not labels:
         return {}
     _, recall, _, _ = precision_recall_fscore_support(truth, answers, labels=labels,
@@ -109,6 +112,8 @@ def _recalls(truth: list[str], answers: list[str], labels: list[str]) -> dict[st
 
 
 def _macro_f1(truth: list[str], answers: list[str], labels: list[str]) -> float:
+    from sklearn.metrics import precision_recall_fscore_support
+
     if not labels:
         return 0.0
     _, _, f1, _ = precision_recall_fscore_support(truth, answers, labels=labels, zero_division=0)
