@@ -13,7 +13,6 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -121,20 +120,11 @@ def crop_centre(features: np.ndarray, max_frames: int) -> np.ndarray:
     return features[start : start + max_frames]
 
 
-def _clip_features(task: tuple[str, int]) -> np.ndarray:
-    from learner.audio import decode_audio
-    from learner.features import extract_features
-
-    path, max_frames = task
-    return crop_centre(extract_features(decode_audio(path, max_seconds=60.0)),
-                       max_frames).astype(np.float16)
-
-
 def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate_per_class: int,
                     max_frames: int = 300, out_dir: Path = DEFAULT_MODEL_DIR,
                     workers: int = 2) -> dict:
     """Choose, featurise and write both sets and base_sets.json; returns that JSON."""
-    from learner.inference import limit_threads
+    from learner.evaluation import clip_features
 
     seed, labels = int(config["seed"]), tuple(config["labels"])
     clips = [c for c in read_corpora(data_dir, config.get("corpora")) if c.emotion in labels]
@@ -149,12 +139,13 @@ def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate
     sets = {"replay": [c for label in labels for c in replay[label]],
             "gate": [c for label in labels for c in gate[label]]}
     feature_sets = {}
-    with get_context("spawn").Pool(workers, initializer=limit_threads, initargs=(1,)) as pool:
-        for name, members in sets.items():
-            features = pool.map(_clip_features, [(str(c.path), max_frames) for c in members],
-                                chunksize=8)
-            feature_sets[name] = FeatureSet(features, [c.emotion for c in members],
-                                            [c.speaker for c in members])
+    for name, members in sets.items():
+        computed = clip_features([str(c.path) for c in members], workers=workers)
+        if unreadable := [str(c.path) for c, f in zip(members, computed) if f is None]:
+            raise ValueError(f"clips that do not decode: {unreadable[:3]}")
+        features = [crop_centre(f, max_frames).astype(np.float16) for f in computed]
+        feature_sets[name] = FeatureSet(features, [c.emotion for c in members],
+                                        [c.speaker for c in members])
     corpus_of = {c.speaker: c.corpus for members in sets.values() for c in members}
     info = write_base_sets(out_dir, feature_sets, {
         "seed": seed, "max_frames": max_frames,
