@@ -45,7 +45,7 @@ class ConvBlock(nn.Module):
         lengths = lengths // self.pool_time  # pooling drops an odd last frame
         # Zero the padded frames again: the next conv must see exactly the zeros it would
         # see at the end of an unpadded clip, or padding would leak into real frames.
-        return x * _time_mask(lengths, x.shape[-1])[:, None, None, :], lengths
+        return x * time_mask(lengths, x.shape[-1])[:, None, None, :], lengths
 
 
 class AttentionPooling(nn.Module):
@@ -82,7 +82,7 @@ class EmotionNet(nn.Module):
     def embed(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T, F) features, (B,) frame counts -> (B, 2*lstm_hidden) utterance embedding."""
         x = features.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
-        x = x * _time_mask(lengths, x.shape[-1])[:, None, None, :]
+        x = x * time_mask(lengths, x.shape[-1])[:, None, None, :]
         for block in self.blocks:
             x, lengths = block(x, lengths)
         b, c, f, t = x.shape
@@ -91,14 +91,14 @@ class EmotionNet(nn.Module):
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         h, _ = self.lstm(packed)
         h, _ = pad_packed_sequence(h, batch_first=True, total_length=t)  # (B, T/4, 2H)
-        return self.pool(h, _time_mask(lengths, t))
+        return self.pool(h, time_mask(lengths, t))
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """-> (B, n_classes) logits."""
         return self.head(self.dropout(self.embed(features, lengths)))
 
 
-def _time_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+def time_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(B,) lengths -> (B, max_len) bool, True on real frames."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 

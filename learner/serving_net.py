@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from learner.checkpoint import LoadedModel
-from learner.model import EmotionNet, _time_mask
+from learner.model import EmotionNet, time_mask
 
 
 class ServingNet(nn.Module):
@@ -35,13 +35,13 @@ class ServingNet(nn.Module):
         full = bool((lengths == features.shape[1]).all())
         x = features.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
         if not full:
-            x = x * _time_mask(lengths, x.shape[-1])[:, None, None, :]
+            x = x * time_mask(lengths, x.shape[-1])[:, None, None, :]
         for conv, (stride, kernel) in zip(self.convs, self.shapes):
             x = _max_pool(torch.relu_(conv(x)), kernel)
             # Full clips stay full: a padded conv keeps ceil(T / stride), pooling floors both.
             lengths = (lengths + stride - 1) // stride // kernel[1]
             if not full:
-                x = x * _time_mask(lengths, x.shape[-1])[:, None, None, :]
+                x = x * time_mask(lengths, x.shape[-1])[:, None, None, :]
         b, c, f, t = x.shape
         x = self.project(x.permute(0, 3, 1, 2).reshape(b, t, c * f))  # (B, T/4, H)
         if full and t > 0:
@@ -52,7 +52,7 @@ class ServingNet(nn.Module):
             packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
             h, _ = self.lstm(packed)
             h, _ = pad_packed_sequence(h, batch_first=True, total_length=t)
-            scores = self.score(h).squeeze(-1).masked_fill(~_time_mask(lengths, t), float("-inf"))
+            scores = self.score(h).squeeze(-1).masked_fill(~time_mask(lengths, t), float("-inf"))
         weights = torch.softmax(scores, dim=1)
         return torch.bmm(weights.unsqueeze(1), h).squeeze(1)  # (B, 2H)
 
