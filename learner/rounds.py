@@ -124,8 +124,7 @@ def execute_round(session_factory: sessionmaker[Session], artifacts: ArtifactSto
                                 lease=lease, stop=stop).run()
     except Exception as err:  # recorded on the run; the active model and the feedback stay
         log.exception("learning round %d failed", run_id)
-        lease.stop()
-        outcome = record_failure(session_factory, run_id, err, holder=holder)
+        outcome = record_failure(session_factory, run_id, err, lease=lease)
     finally:
         lease.stop()
         with session_factory() as session:  # in case recording the end failed too
@@ -382,8 +381,8 @@ def settle_candidate(session: Session, registry: ModelRegistry, row: ModelVersio
 
 
 def record_failure(session_factory: sessionmaker[Session], run_id: int, err: Exception, *,
-                   holder: str | None = None) -> RoundOutcome:
-    """Mark the run failed; with `holder`, release the lock in the same transaction."""
+                   lease: LeaseKeeper | None = None) -> RoundOutcome:
+    """Mark the run failed; with `lease`, release its lock in the same transaction."""
     error = f"{type(err).__name__}: {err}"
     try:
         with session_factory() as session:
@@ -391,8 +390,8 @@ def record_failure(session_factory: sessionmaker[Session], run_id: int, err: Exc
             run = runs.get(run_id)
             if run is not None and run.status == "running":
                 runs.finish(run, "failed", error=error)
-            if holder is not None:
-                LearnerLockRepository(session).release(holder)
+            if lease is not None:
+                lease.release_with(session)
             session.commit()
     except Exception:  # the lock holder's next round marks it failed instead
         log.exception("could not record the failure of round %d", run_id)
