@@ -214,34 +214,29 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_artifacts(args: argparse.Namespace) -> int:
-    from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
     from storage.sweep import sweep_unreferenced
 
-    settings = get_settings()
-    older_than_s = (settings.storage.sweep_after_s if args.older_than_s is None
+    older_than_s = (get_settings().storage.sweep_after_s if args.older_than_s is None
                     else args.older_than_s)
-    engine = create_db_engine(settings.database.url,
-                              busy_timeout_s=settings.database.busy_timeout_s)
-    try:
-        removed = sweep_unreferenced(make_session_factory(engine), _artifacts(),
-                                     older_than_s=older_than_s)
-    finally:
-        engine.dispose()
+    removed = sweep_unreferenced(_session_factory(), _artifacts(), older_than_s=older_than_s)
     for path in removed:
         print(path)
     print(f"removed {len(removed)} unreferenced file(s) older than {older_than_s:.0f} s")
     return 0
 
 
-def _session():
+def _session_factory():
     from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
 
     settings = get_settings()
-    engine = create_db_engine(settings.database.url,
-                              busy_timeout_s=settings.database.busy_timeout_s)
-    return make_session_factory(engine)()
+    return make_session_factory(create_db_engine(
+        settings.database.url, busy_timeout_s=settings.database.busy_timeout_s))
+
+
+def _session():
+    return _session_factory()()
 
 
 def _artifacts():
