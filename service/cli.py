@@ -81,7 +81,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from service.bench.serve import run_serve_bench
 
         report = run_serve_bench(Path(args.model) if args.model else None,
-                                 requests=args.requests)
+                                 requests=args.requests, floor=args.floor)
     if args.what == "latency":
         from service.bench.latency import run_latency_bench
 
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
     p.add_argument("--requests", type=int, default=400,
                    help="serve: timed predictions per server configuration")
+    p.add_argument("--floor", action="store_true", help="serve: also time the inference floor "
+                   "(the model work alone, behind a bare ASGI app) with the same clients")
     p.add_argument("--data", type=Path, help="personalization, continual: the corpora (default "
                    "../shared/data)")
     p.add_argument("--versions", type=int, default=10_000,

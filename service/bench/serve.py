@@ -9,6 +9,11 @@ from the same 8 clients. Reported: latency percentiles, throughput and errors fo
 feedback writes per second, and the CPU time the server and the client spent per request,
 beside the issue's targets.
 
+With `floor`, the same predictions also go to the inference floor (service.bench.inference_floor:
+the engine's decoding, features and batched model behind a bare ASGI app, one worker), and the
+report puts the two side by side: what the model work alone costs, and what the rest of a
+prediction adds.
+
 Nothing can flatter the server: the clips come from a pool of 32 different recordings and every
 request's bytes are unique (two samples carry the request's number), so each clip is stored and
 fsynced as a new one, as in production. The client is one asyncio loop sending pre-encoded
@@ -44,7 +49,9 @@ EMOLOOP = str(Path(sys.executable).with_name("emoloop"))
 
 
 def run_serve_bench(model_path: Path | None = None, requests: int = 400,
-                    workers: tuple[int, ...] = (1, 2)) -> dict:
+                    workers: tuple[int, ...] = (1, 2), floor: bool = False) -> dict:
+    """`floor`: also run the inference floor (service.bench.inference_floor), one worker, with
+    the same clips and clients."""
     clips = clip_pool()
     runs = {}
     for n in workers:
@@ -53,6 +60,8 @@ def run_serve_bench(model_path: Path | None = None, requests: int = 400,
     report = {"concurrency": CONCURRENCY, "clip_seconds": CLIP_SECONDS, "clip_pool": CLIP_POOL,
               "requests": requests, "cpu_count": os.cpu_count(), "database": "sqlite",
               "targets": TARGETS, "workers": {str(n): r for n, r in runs.items()}}
+    if floor:
+        report["inference_floor"] = _bench_floor(clips, requests, model_path)
     report["lines"] = _lines(report, runs)
     return report
 
@@ -83,15 +92,8 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
          str(workers), "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(port, server)
         auth = f"Authorization: Bearer {key}"
-        # Distinct from the timed ones: the warm-up stores its clips too.
-        warmup = [_upload(port, auth, unique_clip(clips, requests + i))
-                  for i in range(WARMUP_REQUESTS)]
-        timed = [_upload(port, auth, unique_clip(clips, i)) for i in range(requests)]
-        load_before = os.getloadavg()[0]
-        _run_clients(port, warmup)
-        predictions = _measured(server.pid, lambda: _run_clients(port, timed))
+        predictions = _predictions_phase(port, server, auth, clips, requests)
         ids = [json.loads(body)["prediction_id"] for body in predictions["bodies"]]
         labels = ("happy", "sad")
         feedback = _measured(server.pid, lambda: _run_clients(port, [
@@ -99,30 +101,74 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
                      "application/json",
                      json.dumps({"label": labels[i // len(ids) % 2]}).encode())
             for i in range(FEEDBACK_PER_PREDICTION * len(ids))])) if ids else None
-        load_after = os.getloadavg()[0]
+        predictions["load_after"] = os.getloadavg()[0]
     finally:
         stop_process_group(server)
     feedback = feedback or {"ok": 0, "errors": 0, "seconds": 0.0, "latencies_ms": [],
                             "server_cpu_s": 0.0, "client_cpu_s": 0.0}
+    return {
+        **_prediction_figures(predictions),
+        "errors": predictions["errors"] + feedback["errors"],
+        "feedback_writes": feedback["ok"],
+        "feedback_per_s": feedback["ok"] / feedback["seconds"] if feedback["seconds"] else 0.0,
+        "feedback_p50_ms": float(np.median(feedback["latencies_ms"] or [0.0])),
+        "feedback_p99_ms": float(np.percentile(feedback["latencies_ms"] or [0.0], 99)),
+        "cpu_ms_per_feedback": 1000 * feedback["server_cpu_s"] / max(feedback["ok"], 1),
+        "client_cpu_ms_per_request": 1000 * (predictions["client_cpu_s"] + feedback[
+            "client_cpu_s"]) / max(predictions["ok"] + feedback["ok"], 1),
+    }
+
+
+def _bench_floor(clips: list[bytes], requests: int, model_path: Path | None) -> dict:
+    """The same prediction phase against the inference floor: uvicorn with its defaults (uvloop
+    and httptools, as `emoloop serve` gets them), one worker."""
+    from service.bench.inference_floor import MODEL_ENV
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if model_path is not None:
+        env[MODEL_ENV] = str(Path(model_path).resolve())
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "service.bench.inference_floor:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        predictions = _predictions_phase(port, server, "X-Bench: floor", clips, requests)
+        predictions["load_after"] = os.getloadavg()[0]
+    finally:
+        stop_process_group(server)
+    return {**_prediction_figures(predictions), "errors": predictions["errors"],
+            "client_cpu_ms_per_request": 1000 * predictions["client_cpu_s"] / max(
+                predictions["ok"], 1)}
+
+
+def _predictions_phase(port: int, server: subprocess.Popen, auth: str, clips: list[bytes],
+                       requests: int) -> dict:
+    """Once the server is ready: the warm-up, then the timed predictions, measured."""
+    _wait_ready(port, server)
+    # Distinct from the timed ones: the warm-up stores its clips too.
+    warmup = [_upload(port, auth, unique_clip(clips, requests + i))
+              for i in range(WARMUP_REQUESTS)]
+    timed = [_upload(port, auth, unique_clip(clips, i)) for i in range(requests)]
+    load_before = os.getloadavg()[0]
+    _run_clients(port, warmup)
+    return {**_measured(server.pid, lambda: _run_clients(port, timed)),
+            "load_before": load_before}
+
+
+def _prediction_figures(predictions: dict) -> dict:
     latencies = np.array(predictions["latencies_ms"] or [0.0])
     return {
         "p50_ms": float(np.percentile(latencies, 50)),
         "p95_ms": float(np.percentile(latencies, 95)),
         "p99_ms": float(np.percentile(latencies, 99)),
         "throughput_per_s": predictions["ok"] / predictions["seconds"],
-        "predictions": predictions["ok"], "errors": predictions["errors"] + feedback["errors"],
-        "feedback_writes": feedback["ok"],
-        "feedback_per_s": feedback["ok"] / feedback["seconds"] if feedback["seconds"] else 0.0,
-        "feedback_p50_ms": float(np.median(feedback["latencies_ms"] or [0.0])),
-        "feedback_p99_ms": float(np.percentile(feedback["latencies_ms"] or [0.0], 99)),
+        "predictions": predictions["ok"],
         # CPU time per answer, the server's (all its processes) and the client's: what the load
         # costs whatever else runs on the machine (the wall-clock figures above depend on that).
         "cpu_ms_per_prediction": 1000 * predictions["server_cpu_s"] / max(predictions["ok"], 1),
-        "cpu_ms_per_feedback": 1000 * feedback["server_cpu_s"] / max(feedback["ok"], 1),
-        "client_cpu_ms_per_request": 1000 * (predictions["client_cpu_s"] + feedback[
-            "client_cpu_s"]) / max(predictions["ok"] + feedback["ok"], 1),
-        "load_average_at_start": load_before,
-        "load_average_at_end": load_after,
+        "load_average_at_start": predictions["load_before"],
+        "load_average_at_end": predictions["load_after"],
     }
 
 
@@ -287,10 +333,27 @@ def _lines(report: dict, runs: dict[int, dict]) -> list[str]:
         return (f"{name:<30}{value:>9.1f}   target {'<=' if at_most else '>='} {goal:g}   "
                 f"ratio {value / goal:.2f}   {'met' if met else 'MISSED'}")
 
+    floor = report.get("inference_floor")
+    if floor:
+        # The model work alone, same clients: no framework, keys, database or clip store.
+        lines.append(f"{'floor':>7}{floor['p50_ms']:>9.1f}{floor['p95_ms']:>9.1f}"
+                     f"{floor['p99_ms']:>9.1f}{floor['throughput_per_s']:>9.1f}"
+                     f"{floor['errors']:>8}{'-':>12}{'-':>11}{floor['cpu_ms_per_prediction']:>13.2f}"
+                     f"{'-':>11}{floor['client_cpu_ms_per_request']:>15.2f}"
+                     f"{floor['load_average_at_start']:>8.2f}-{floor['load_average_at_end']:<5.2f}")
     one, two = runs.get(1), runs.get(2)
     if one:
         lines.append(target("p50 ms, 1 worker", one["p50_ms"], TARGETS["p50_ms_1_worker"], True))
         lines.append(target("p99 ms, 1 worker", one["p99_ms"], TARGETS["p99_ms_1_worker"], True))
+    if floor:
+        lines.append(target("p50 ms, inference floor", floor["p50_ms"],
+                            TARGETS["p50_ms_1_worker"], True))
+        lines.append(target("p99 ms, inference floor", floor["p99_ms"],
+                            TARGETS["p99_ms_1_worker"], True))
+        if one:
+            lines.append(f"{'1 worker / floor':<30}p50 x{one['p50_ms'] / floor['p50_ms']:.2f}   "
+                         f"CPU per prediction x"
+                         f"{one['cpu_ms_per_prediction'] / floor['cpu_ms_per_prediction']:.2f}")
     if two:
         lines.append(target("predictions/s, 2 workers", two["throughput_per_s"],
                             TARGETS["throughput_2_workers"], False))

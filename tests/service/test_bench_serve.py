@@ -25,7 +25,7 @@ def test_every_request_sends_bytes_no_other_request_sent_and_a_valid_clip():
 
 
 def test_a_short_run_answers_every_request_and_reports_the_targets():
-    report = run_serve_bench(requests=16, workers=(1,))
+    report = run_serve_bench(requests=16, workers=(1,), floor=True)
     run = report["workers"]["1"]
     assert run["errors"] == 0
     assert run["predictions"] == 16
@@ -33,7 +33,10 @@ def test_a_short_run_answers_every_request_and_reports_the_targets():
     assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
     assert run["throughput_per_s"] > 0 and run["feedback_per_s"] > 0
     assert run["cpu_ms_per_prediction"] > 0 and run["client_cpu_ms_per_request"] > 0
+    floor = report["inference_floor"]  # the model work alone, same clips and clients
+    assert floor["errors"] == 0 and floor["predictions"] == 16
+    assert 0 < floor["p50_ms"] <= floor["p99_ms"] and floor["cpu_ms_per_prediction"] > 0
     text = "\n".join(report["lines"])
     for figure in ("p50 ms, 1 worker", "p99 ms, 1 worker", "errors, all runs",
-                   "feedback writes/s, 1 worker"):
+                   "feedback writes/s, 1 worker", "p50 ms, inference floor", "1 worker / floor"):
         assert figure in text
