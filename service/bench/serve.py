@@ -146,7 +146,7 @@ def _predictions_phase(port: int, server: subprocess.Popen, auth: str, clips: li
                        requests: int) -> dict:
     """Once the server is ready: the warm-up, then the timed predictions, measured."""
     _wait_ready(port, server)
-    # Distinct from the timed ones: the warm-up stores its clips too.
+    # Distinct from the timed ones: the server stores the warm-up's clips too.
     warmup = [_upload(port, auth, unique_clip(clips, requests + i))
               for i in range(WARMUP_REQUESTS)]
     timed = [_upload(port, auth, unique_clip(clips, i)) for i in range(requests)]
@@ -338,8 +338,9 @@ def _lines(report: dict, runs: dict[int, dict]) -> list[str]:
         # The model work alone, same clients: no framework, keys, database or clip store.
         lines.append(f"{'floor':>7}{floor['p50_ms']:>9.1f}{floor['p95_ms']:>9.1f}"
                      f"{floor['p99_ms']:>9.1f}{floor['throughput_per_s']:>9.1f}"
-                     f"{floor['errors']:>8}{'-':>12}{'-':>11}{floor['cpu_ms_per_prediction']:>13.2f}"
-                     f"{'-':>11}{floor['client_cpu_ms_per_request']:>15.2f}"
+                     f"{floor['errors']:>8}{'-':>12}{'-':>11}"
+                     f"{floor['cpu_ms_per_prediction']:>13.2f}{'-':>11}"
+                     f"{floor['client_cpu_ms_per_request']:>15.2f}"
                      f"{floor['load_average_at_start']:>8.2f}-{floor['load_average_at_end']:<5.2f}")
     one, two = runs.get(1), runs.get(2)
     if one:
