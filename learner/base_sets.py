@@ -1,13 +1,22 @@
 """The old data shipped beside the default model, so a fresh install (no corpora) can run rounds.
 
-Two class-balanced sets of feature tensors (`learner.features.extract_features` of clean clips,
-cropped to at most 3 s, float16) from the default model's TRAINING speakers only:
+Two class-balanced sets of feature tensors (a model kind's features of clean clips, cropped to at
+most 3 s, float16) from the default model's TRAINING speakers only:
 - `base_replay.safetensors`: what the replay buffer starts with; rounds rehearse it.
 - `base_gate.safetensors`: part of every gate set; how the gate sees old classes' recall.
+`base_sets.json` records their sha256, checked on every load.
 The validation speakers stay unheard (the continual bench uses them as newcomers) and the test
 speakers unseen (they measure forgetting). The sets are features, not weights: retraining the
-default model with the same features leaves them valid. `base_sets.json` records their sha256,
-checked on every load. Built by `emoloop learner build-base-sets --data ../shared/data`.
+default model with the same features leaves them valid. A model of another kind reads other
+features, so each kind has its own files, side by side in one folder: the log-mel kind's keep the
+names above (the files shipped before there were two kinds), every other kind's put the kind
+before the suffix:
+- `base_replay.whisper-cnn-bilstm.safetensors`, `base_gate.whisper-cnn-bilstm.safetensors`,
+  `base_sets.whisper-cnn-bilstm.json`.
+So when the default model changes kind, versions of the old kind in existing stores keep learning
+with their own sets. Each load names the kind it needs, and a file of other features is refused.
+Built for the kind of the model they ship beside by
+`emoloop learner build-base-sets --data ../shared/data`.
 """
 import json
 from collections import defaultdict
@@ -19,13 +28,29 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from learner.checkpoint import DEFAULT_MODEL_DIR, FEATURES_VERSION
+from learner.checkpoint import DEFAULT_MODEL_DIR, FEATURES_BY_KIND, LOGMEL_KIND
 from learner.corpora import CorpusClip, read_corpora, split_by_speaker
 from learner.file_metadata import read_metadata, save_with_metadata
 from storage.files import sha256_bytes, write_atomic
 
 SET_NAMES = ("replay", "gate")
-INFO_FILE = "base_sets.json"
+
+
+def set_file_name(name: str, kind: str) -> str:
+    """`base_replay.safetensors` for the log-mel kind, `base_replay.KIND.safetensors` else."""
+    return f"base_{name}{_kind_suffix(kind)}.safetensors"
+
+
+def info_file_name(kind: str) -> str:
+    """`base_sets.json` for the log-mel kind, `base_sets.KIND.json` else."""
+    return f"base_sets{_kind_suffix(kind)}.json"
+
+
+def _kind_suffix(kind: str) -> str:
+    if kind not in FEATURES_BY_KIND:
+        raise ValueError(f"unknown model kind {kind!r}")
+    # The log-mel kind's files were named before there was a second kind; they stay valid.
+    return "" if kind == LOGMEL_KIND else f".{kind}"
 
 
 class BaseSetError(RuntimeError):
@@ -34,7 +59,8 @@ class BaseSetError(RuntimeError):
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Clips as features: (frames_i, 64) float16 arrays, each with its label and speaker."""
+    """Clips as features: (frames_i, F) float16 arrays of one model kind's features, each with
+    its label and speaker."""
 
     features: list[np.ndarray]
     labels: list[str]
@@ -43,20 +69,21 @@ class FeatureSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to_bytes(self, about: dict) -> bytes:
+    def to_bytes(self, about: dict, kind: str) -> bytes:
         offsets = np.cumsum([0] + [f.shape[0] for f in self.features])
         tensors = {"features": torch.from_numpy(np.concatenate(self.features).astype(np.float16)),
                    "offsets": torch.from_numpy(offsets.astype(np.int64))}
-        info = {**about, "features": FEATURES_VERSION, "labels": self.labels,
+        info = {**about, "features": FEATURES_BY_KIND[kind], "labels": self.labels,
                 "speakers": self.speakers}
         return save_with_metadata(tensors, info)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "FeatureSet":
+    def from_bytes(cls, data: bytes, kind: str) -> "FeatureSet":
+        """Refuses a set of other features than a model of `kind` reads."""
         info = read_metadata(data)
-        if info.get("features") != FEATURES_VERSION:
-            raise BaseSetError(f"base set made from features {info.get('features')!r}, this "
-                               f"code computes {FEATURES_VERSION!r}: rebuild it")
+        if info.get("features") != FEATURES_BY_KIND[kind]:
+            raise BaseSetError(f"base set made from features {info.get('features')!r}, a "
+                               f"{kind} model reads {FEATURES_BY_KIND[kind]!r}: rebuild it")
         tensors = load_safetensors(data)
         frames, offsets = tensors["features"].numpy(), tensors["offsets"].numpy()
         return cls(features=[frames[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
@@ -64,21 +91,23 @@ class FeatureSet:
 
 
 @lru_cache(maxsize=4)
-def load_base_set(name: str, folder: Path | None = None) -> FeatureSet:
-    """A shipped set ("replay" or "gate"), checked against the sha256 in base_sets.json; from
-    `folder`, by default the bundled model's."""
+def load_base_set(name: str, folder: Path | None = None, *, kind: str) -> FeatureSet:
+    """A shipped set ("replay" or "gate") for a model of `kind`, from that kind's files (see the
+    module docstring), checked against the sha256 in its JSON; from `folder`, by default the
+    bundled model's."""
     folder = Path(folder) if folder is not None else DEFAULT_MODEL_DIR
     if name not in SET_NAMES:
         raise ValueError(f"no base set {name!r}")
+    set_file, info_file = set_file_name(name, kind), info_file_name(kind)
     try:
-        info = json.loads((folder / INFO_FILE).read_text())
-        data = (folder / f"base_{name}.safetensors").read_bytes()
+        info = json.loads((folder / info_file).read_text())
+        data = (folder / set_file).read_bytes()
     except OSError as err:
-        raise BaseSetError(f"the base sets beside the default model are missing ({err}); build "
-                           f"them with `emoloop learner build-base-sets`") from err
+        raise BaseSetError(f"the {kind} base sets beside the default model are missing ({err}); "
+                           f"build them with `emoloop learner build-base-sets`") from err
     if sha256_bytes(data) != info["sets"][name]["sha256"]:
-        raise BaseSetError(f"base_{name}.safetensors does not match its sha256 in {INFO_FILE}")
-    return FeatureSet.from_bytes(data)
+        raise BaseSetError(f"{set_file} does not match its sha256 in {info_file}")
+    return FeatureSet.from_bytes(data, kind)
 
 
 def select_balanced(clips: list[CorpusClip], labels: tuple[str, ...], per_class: int,
@@ -121,9 +150,10 @@ def crop_centre(features: np.ndarray, max_frames: int) -> np.ndarray:
 
 
 def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate_per_class: int,
-                    max_frames: int = 300, out_dir: Path = DEFAULT_MODEL_DIR,
+                    kind: str, max_frames: int = 300, out_dir: Path = DEFAULT_MODEL_DIR,
                     workers: int = 2) -> dict:
-    """Choose, featurise and write both sets and base_sets.json; returns that JSON."""
+    """Choose, featurise (as a model of `kind` reads clips: the kind of the model the sets ship
+    beside) and write both sets and their JSON, named for `kind`; returns that JSON."""
     from learner.evaluation import clip_features
 
     seed, labels = int(config["seed"]), tuple(config["labels"])
@@ -140,14 +170,14 @@ def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate
             "gate": [c for label in labels for c in gate[label]]}
     feature_sets = {}
     for name, members in sets.items():
-        computed = clip_features([str(c.path) for c in members], workers=workers)
+        computed = clip_features([str(c.path) for c in members], kind=kind, workers=workers)
         if unreadable := [str(c.path) for c, f in zip(members, computed) if f is None]:
             raise ValueError(f"clips that do not decode: {unreadable[:3]}")
         features = [crop_centre(f, max_frames).astype(np.float16) for f in computed]
         feature_sets[name] = FeatureSet(features, [c.emotion for c in members],
                                         [c.speaker for c in members])
     corpus_of = {c.speaker: c.corpus for members in sets.values() for c in members}
-    info = write_base_sets(out_dir, feature_sets, {
+    info = write_base_sets(out_dir, feature_sets, kind, {
         "seed": seed, "max_frames": max_frames,
         "speakers": "training speakers of configs/base-training.yaml (never the validation or "
                     "test speakers)"})
@@ -155,16 +185,17 @@ def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate
         info["sets"][name]["per_corpus"] = {
             corpus: sum(corpus_of[s] == corpus for s in feature_set.speakers)
             for corpus in sorted(set(corpus_of.values()))}
-    write_atomic(out_dir / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    _write_info(out_dir, kind, info)
     return info
 
 
-def write_base_sets(out_dir: Path, sets: dict[str, FeatureSet], about: dict) -> dict:
-    """Write the sets and base_sets.json (with their sha256) into `out_dir`; returns the JSON."""
-    info = {"features": FEATURES_VERSION, **about, "sets": {}}
+def write_base_sets(out_dir: Path, sets: dict[str, FeatureSet], kind: str, about: dict) -> dict:
+    """Write the sets (features a model of `kind` reads) and their JSON (with their sha256) into
+    `out_dir`, under `kind`'s file names; returns the JSON. Another kind's files stay."""
+    info = {"features": FEATURES_BY_KIND[kind], **about, "sets": {}}
     for name, feature_set in sets.items():
-        data = feature_set.to_bytes({"set": name})
-        write_atomic(Path(out_dir) / f"base_{name}.safetensors", data)
+        data = feature_set.to_bytes({"set": name}, kind)
+        write_atomic(Path(out_dir) / set_file_name(name, kind), data)
         info["sets"][name] = {
             "sha256": sha256_bytes(data), "bytes": len(data), "clips": len(feature_set),
             "per_class": {label: feature_set.labels.count(label)
@@ -172,6 +203,10 @@ def write_base_sets(out_dir: Path, sets: dict[str, FeatureSet], about: dict) -> 
             "speakers": len(set(feature_set.speakers)),
             "seconds": round(sum(f.shape[0] for f in feature_set.features) / 100, 1),
         }
-    write_atomic(Path(out_dir) / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    _write_info(out_dir, kind, info)
     load_base_set.cache_clear()
     return info
+
+
+def _write_info(out_dir: Path, kind: str, info: dict) -> None:
+    write_atomic(Path(out_dir) / info_file_name(kind), (json.dumps(info, indent=2) + "\n").encode())

@@ -1,22 +1,38 @@
 """Model files: safetensors weights plus the metadata needed to rebuild the model.
 
+Two kinds of model: the log-mel CNN-BiLSTM (`EmotionNet`, files without a `kind`) and the
+CNN-BiLSTM on Whisper's frozen encoder (`SpeechEmotionModel`). The second kind's file holds only
+the trained downstream and names the bundled encoder file by sha256; the encoder is loaded once
+per process and shared by every version that reads it.
+
 Files are written atomically (temp file + rename) and their sha256 is checked on load, so a
 half-written or tampered file is never served. Nothing is ever unpickled.
 """
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import load as load_safetensors
+from torch import nn
 
 from learner.file_metadata import read_metadata, save_with_metadata
 from learner.model import EmotionNet, ModelConfig
+from learner.speech_model import DownstreamConfig, SpeechEmotionModel, SpeechEmotionNet
 from storage.files import sha256_bytes, write_atomic
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MODEL_FILE = DEFAULT_MODEL_DIR / "model.safetensors"
 DEFAULT_MODEL_INFO = DEFAULT_MODEL_FILE.with_suffix(".json")
+ENCODER_FILE = DEFAULT_MODEL_DIR / "whisper_base_encoder.safetensors"
 FEATURES_VERSION = "logmel64-v1"  # bump when learner.features changes what it computes
+
+LOGMEL_KIND = "logmel-cnn-bilstm"
+WHISPER_KIND = "whisper-cnn-bilstm"
+# What each kind's feature function computes; bump when it changes.
+FEATURES_BY_KIND = {LOGMEL_KIND: FEATURES_VERSION, WHISPER_KIND: "whisper-mel80-v1"}
 
 
 class ModelFileError(RuntimeError):
@@ -25,17 +41,38 @@ class ModelFileError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    net: EmotionNet
+    net: nn.Module  # EmotionNet or SpeechEmotionModel (or their serving forms)
     labels: tuple[str, ...]
     sha256: str
+    kind: str = LOGMEL_KIND
+
+    def features(self, wave: np.ndarray) -> np.ndarray:
+        """A validated 16 kHz clip -> what this model's network reads."""
+        return features_for(self.kind)(wave)
 
 
-def model_bytes(net: EmotionNet, labels: tuple[str, ...]) -> bytes:
+def features_for(kind: str) -> Callable[[np.ndarray], np.ndarray]:
+    if kind == WHISPER_KIND:
+        from learner.speech_encoder.whisper_mel import extract_speech_features
+        return extract_speech_features
+    from learner.features import extract_features
+    return extract_features
+
+
+def model_kind(net: nn.Module) -> str:
+    return WHISPER_KIND if isinstance(net, SpeechEmotionModel) else LOGMEL_KIND
+
+
+def model_bytes(net: nn.Module, labels: tuple[str, ...]) -> bytes:
+    kind = model_kind(net)
     metadata = {
         "config": json.dumps(net.config.to_dict()),
         "labels": json.dumps(list(labels)),
-        "features": FEATURES_VERSION,
+        "features": FEATURES_BY_KIND[kind],
     }
+    if kind == WHISPER_KIND:  # the downstream only: the encoder is the bundled file
+        metadata.update(kind=kind, encoder_sha256=net.encoder_sha256)
+        net = net.downstream
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     return save_with_metadata(state, metadata)
 
@@ -53,19 +90,39 @@ def model_from_bytes(data: bytes, expected_sha256: str | None = None) -> LoadedM
         raise ModelFileError(f"model checksum mismatch: expected {expected_sha256}, got {digest}")
     try:
         metadata = read_metadata(data)
-        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        kind = metadata.get("kind", LOGMEL_KIND)
+        if kind not in FEATURES_BY_KIND:
+            raise ModelFileError(f"unknown model kind {kind!r}")
         labels = tuple(json.loads(metadata["labels"]))
-        if metadata.get("features") != FEATURES_VERSION:
+        if metadata.get("features") != FEATURES_BY_KIND[kind]:
             raise ModelFileError(f"model was trained on features {metadata.get('features')!r}, "
-                                 f"this code computes {FEATURES_VERSION!r}")
-        net = EmotionNet(config)
-        net.load_state_dict(load_safetensors(data), strict=True)
+                                 f"this code computes {FEATURES_BY_KIND[kind]!r}")
+        config = json.loads(metadata["config"])
+        if kind == WHISPER_KIND:
+            downstream = SpeechEmotionNet(DownstreamConfig.from_dict(config))
+            downstream.load_state_dict(load_safetensors(data), strict=True)
+            sha = metadata["encoder_sha256"]
+            net = SpeechEmotionModel(bundled_encoder(sha), downstream, sha)
+        else:
+            net = EmotionNet(ModelConfig.from_dict(config))
+            net.load_state_dict(load_safetensors(data), strict=True)
     except ModelFileError:
         raise
     except Exception as err:  # any parse or shape error means the file is not a usable model
         raise ModelFileError(f"not a valid emoloop model file: {err}") from err
     net.eval()
-    return LoadedModel(net=net, labels=labels, sha256=digest)
+    return LoadedModel(net=net, labels=labels, sha256=digest, kind=kind)
+
+
+@lru_cache(maxsize=2)
+def bundled_encoder(sha256: str) -> nn.Module:
+    """The bundled encoder file, checked against the sha256 a model names; loaded once."""
+    from learner.speech_encoder.weights import EncoderFileError, load_encoder
+
+    try:
+        return load_encoder(ENCODER_FILE, sha256)
+    except EncoderFileError as err:
+        raise ModelFileError(str(err)) from err
 
 
 def load_model(path: Path, expected_sha256: str | None = None) -> LoadedModel:

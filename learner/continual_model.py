@@ -1,12 +1,17 @@
-"""EmotionNet as Avalanche trains it, and back.
+"""A model as Avalanche trains it, and back: an EmotionNet, or a SpeechEmotionModel whose
+downstream is trained on its frozen encoder.
 
-Avalanche hands a model one tensor (`model(mb_x)`, also in EWC's importance pass), but EmotionNet
+Avalanche hands a model one tensor (`model(mb_x)`, also in EWC's importance pass), but the model
 needs each clip's length to mask padding. So a batch travels as one tensor with the mask as an
 extra channel: (B, T, F + 1), the last channel 1 on real frames and 0 on padding. The head
 becomes Avalanche's IncrementalClassifier, which grows when an experience brings a label the
-model does not know (its old rows are kept). `export()` gives back a plain EmotionNet, the only
-thing ever saved or served: nothing of Avalanche reaches a model file.
+model does not know (its old rows are kept). `export()` gives back a plain model of the same
+kind, the only thing ever saved or served: nothing of Avalanche reaches a model file.
+
+Only what a round trains is a parameter here: a frozen encoder's weights are never handed to
+an optimizer, never weighed by EWC, and never written to a state file.
 """
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -15,14 +20,17 @@ from avalanche.models import IncrementalClassifier
 from torch import nn
 
 from learner.model import EmotionNet
+from learner.speech_model import SpeechEmotionModel
 
 
 class MaskedInputNet(nn.Module):
-    def __init__(self, net: EmotionNet):
+    def __init__(self, net: EmotionNet | SpeechEmotionModel):
         super().__init__()
-        head = IncrementalClassifier(net.head.in_features, net.head.out_features, masking=False)
-        head.classifier.load_state_dict(net.head.state_dict())
-        net.head = head
+        owner = head_owner(net)
+        head = IncrementalClassifier(owner.head.in_features, owner.head.out_features,
+                                     masking=False)
+        head.classifier.load_state_dict(owner.head.state_dict())
+        owner.head = head
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,19 +38,44 @@ class MaskedInputNet(nn.Module):
         lengths = x[..., -1].sum(dim=1).round().long()
         return self.net(x[..., :-1], lengths)
 
+    def named_parameters(self, *args, **kwargs):
+        """The trainable parameters only. Avalanche's optimizer reset and EWC (importances,
+        anchor) read the model's parameters through here; a frozen encoder is not among them."""
+        return ((name, p) for name, p in super().named_parameters(*args, **kwargs)
+                if p.requires_grad)
+
     @property
     def n_classes(self) -> int:
-        return self.net.head.classifier.out_features
+        return head_owner(self.net).head.classifier.out_features
 
-    def export(self) -> EmotionNet:
-        """A plain EmotionNet with these weights (and the grown head), in eval mode."""
-        classifier = self.net.head.classifier
-        out = EmotionNet(replace(self.net.config, n_classes=classifier.out_features))
-        state = {k: v for k, v in self.net.state_dict().items() if not k.startswith("head.")}
+    def export(self) -> EmotionNet | SpeechEmotionModel:
+        """A plain model of the same kind with these weights (and the grown head), in eval mode;
+        a SpeechEmotionModel keeps the very encoder object it was trained on."""
+        owner = head_owner(self.net)
+        classifier = owner.head.classifier
+        out = type(owner)(replace(owner.config, n_classes=classifier.out_features))
+        state = {k: v for k, v in owner.state_dict().items() if not k.startswith("head.")}
         state["head.weight"] = classifier.weight.detach().clone()
         state["head.bias"] = classifier.bias.detach().clone()
         out.load_state_dict(state, strict=True)
+        if isinstance(self.net, SpeechEmotionModel):
+            out = SpeechEmotionModel(self.net.encoder, out, self.net.encoder_sha256)
         return out.eval()
+
+
+def head_owner(net: nn.Module) -> nn.Module:
+    """The module whose `head` attribute is the head: a SpeechEmotionModel's downstream (a
+    module assigned to the composite's `head` would become a new submodule of it, which its
+    forward never calls), or the net itself."""
+    return net.downstream if isinstance(net, SpeechEmotionModel) else net
+
+
+def copy_for_training(model: nn.Module) -> nn.Module:
+    """A deep copy to train (or to keep as it was), sharing any frozen encoder: it never
+    changes, and every version of its kind reads the one loaded encoder."""
+    shared = {id(m.encoder): m.encoder for m in model.modules()
+              if isinstance(m, SpeechEmotionModel)}
+    return copy.deepcopy(model, memo=shared)
 
 
 def pad_with_mask(features: list[torch.Tensor]) -> torch.Tensor:

@@ -36,11 +36,11 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return np.where(mel >= 15.0, log_part, linear)
 
 
-@lru_cache(maxsize=1)
-def mel_basis() -> np.ndarray:
-    """(N_MELS, N_FFT // 2 + 1) triangular filters, built once."""
-    fft_hz = np.fft.rfftfreq(N_FFT, 1.0 / SAMPLE_RATE)
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(F_MIN), _hz_to_mel(F_MAX), N_MELS + 2))
+def slaney_mel_filters(n_mels: int, n_fft: int, f_min: float, f_max: float) -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) triangular filters on Slaney's mel scale with equal area, as
+    `librosa.filters.mel(norm="slaney")`."""
+    fft_hz = np.fft.rfftfreq(n_fft, 1.0 / SAMPLE_RATE)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), n_mels + 2))
     widths = np.diff(edges)
     ramps = edges[:, None] - fft_hz[None, :]
     rising = -ramps[:-2] / widths[:-1, None]
@@ -48,6 +48,12 @@ def mel_basis() -> np.ndarray:
     weights = np.maximum(0.0, np.minimum(rising, falling))
     weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]  # equal area per filter
     return weights.astype(np.float32)
+
+
+@lru_cache(maxsize=1)
+def mel_basis() -> np.ndarray:
+    """(N_MELS, N_FFT // 2 + 1) filters of the log-mel model, built once."""
+    return slaney_mel_filters(N_MELS, N_FFT, F_MIN, F_MAX)
 
 
 @lru_cache(maxsize=1)

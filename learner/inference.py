@@ -7,7 +7,6 @@ from threadpoolctl import threadpool_limits
 
 from learner.audio import decode_audio
 from learner.checkpoint import LoadedModel
-from learner.features import extract_features
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class EmotionPredictor:
         return self.predict_logits(self.logits(features), allowed)
 
     def predict_wave(self, wave: np.ndarray) -> Prediction:
-        return self.predict_features(extract_features(wave))
+        return self.predict_features(self.model.features(wave))
 
     def predict_audio(self, source, max_seconds: float = 30.0) -> Prediction:
         return self.predict_wave(decode_audio(source, max_seconds=max_seconds))

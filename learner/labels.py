@@ -18,6 +18,11 @@ TESS_WORDS = {
     "fear": "fearful", "disgust": "disgust", "ps": "surprised",
 }
 BANGLASER_CODES = {"01": "happy", "02": "sad", "03": "angry", "04": "surprised", "05": "neutral"}
+# BanglaSER-Extended keeps BanglaSER's codes and adds two.
+BANGLASER_EXT_CODES = {**BANGLASER_CODES, "06": "disgust", "07": "fearful"}
+ASED_CODES = {"n": "neutral", "f": "fearful", "h": "happy", "s": "sad", "a": "angry"}
+NEMO_WORDS = {"neutral": "neutral", "happiness": "happy", "sadness": "sad", "anger": "angry",
+              "fear": "fearful", "surprised": "surprised"}
 
 
 def canonical_label(label: str) -> str:
@@ -43,7 +48,8 @@ def feedback_labels(configured: Sequence[str] | None, allow_new: bool,
 
 
 def label_from_source(corpus: str, source_label: str) -> str:
-    """Map a corpus's own code (RAVDESS '05-strong', TESS 'ps', BanglaSER '03') to a canonical label."""
+    """Map a corpus's own code (RAVDESS '05-strong', TESS 'ps', BanglaSER '03', ASED 'f', nEMO
+    'sadness') to a canonical label."""
     code = source_label.strip().lower()
     if corpus == "ravdess":
         return RAVDESS_CODES[code.split("-")[0]]
@@ -51,4 +57,10 @@ def label_from_source(corpus: str, source_label: str) -> str:
         return TESS_WORDS[code]
     if corpus == "banglaser":
         return BANGLASER_CODES[code]
+    if corpus == "banglaser-ext":
+        return BANGLASER_EXT_CODES[code]
+    if corpus == "ased":
+        return ASED_CODES[code]
+    if corpus == "nemo":
+        return NEMO_WORDS[code]
     raise KeyError(f"no label mapping for corpus {corpus!r}")

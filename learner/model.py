@@ -103,5 +103,6 @@ def time_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """All parameters, or only those training may change (a frozen encoder's are not)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,10 +1,11 @@
 """What a personal version is: a new linear head on top of one named global version.
 
 A personal version keeps the global version's whole feature extractor (CNN, BiLSTM, attention
-pooling) frozen and replaces only its head: `logits = W @ embed(features) + b`, with `embed` the
-parent global version's 256-dimensional utterance embedding. The file holds W and b (8 x 256 + 8
-floats, about 9 KB with its metadata) plus the parent version's number and sha256, so it can only
-ever be served on the network it was trained on.
+pooling, and the speech encoder under them in a version of that kind) frozen and replaces only
+its head: `logits = W @ embed(features) + b`, with `embed` the parent global version's
+256-dimensional utterance embedding of its own kind's features. The file holds W and b (8 x 256
++ 8 floats, about 9 KB with its metadata) plus the parent version's number and sha256, so it can
+only ever be served on the network it was trained on.
 
 Why the head only: a speaker's clips sit together in embedding space; what a user's corrections
 teach is where, for this voice, one emotion ends and the next begins, which is what the head
@@ -23,10 +24,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from learner.checkpoint import FEATURES_VERSION, ModelFileError
+from learner.checkpoint import FEATURES_BY_KIND, ModelFileError
 from learner.file_metadata import read_metadata, save_with_metadata
 from learner.inference import EmotionPredictor, pad_batch
-from learner.model import EmotionNet
 from storage.files import sha256_bytes
 
 PERSONAL_KIND = "personal-head-v1"
@@ -49,11 +49,12 @@ class PersonalHead:
 
 
 def personal_head_bytes(head: nn.Linear, labels: tuple[str, ...], *, parent_version: int,
-                        parent_sha256: str) -> bytes:
-    """The file of a personal version: safetensors with the head and its parent."""
+                        parent_sha256: str, parent_kind: str) -> bytes:
+    """The file of a personal version: safetensors with the head and its parent (whose kind
+    says which features the head's embeddings were computed from)."""
     metadata = {"kind": PERSONAL_KIND, "labels": json.dumps(list(labels)),
                 "parent_version": str(int(parent_version)), "parent_sha256": parent_sha256,
-                "features": FEATURES_VERSION}
+                "features": FEATURES_BY_KIND[parent_kind]}
     state = {"weight": head.weight.detach().float().contiguous().cpu(),
              "bias": head.bias.detach().float().contiguous().cpu()}
     return save_with_metadata(state, metadata)
@@ -111,7 +112,7 @@ class PersonalPredictor(EmotionPredictor):
 
 
 @torch.inference_mode()
-def embed_batch(net: EmotionNet, features: list[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+def embed_batch(net: nn.Module, features: list[np.ndarray], batch_size: int = 32) -> torch.Tensor:
     """Many clips' (frames_i, F) features -> (n, D) embeddings, batched by similar length
     (padding never changes an embedding, it only costs time)."""
     out = torch.zeros(len(features), net.head.in_features)

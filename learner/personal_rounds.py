@@ -169,11 +169,11 @@ class _ReferenceCache:
         with self._lock:
             if key in self._items:
                 return self._items[key]
-        buffer = restore_buffer(session_factory, artifacts, row, model.labels,
+        buffer = restore_buffer(session_factory, artifacts, row, model.labels, kind=model.kind,
                                 seed=learner.seed, base_sets_dir=learner.base_sets_dir)
         replay_x = embed_batch(model.net, [b.sample.features for b in buffer])
         replay_y = torch.tensor([model.labels.index(b.sample.label) for b in buffer])
-        gate = load_gate_set(session_factory, artifacts, model.labels,
+        gate = load_gate_set(session_factory, artifacts, model.labels, kind=model.kind,
                              base_sets_dir=learner.base_sets_dir)
         gate_x = embed_batch(model.net, [s.features for s in gate]).numpy()
         reference = GlobalReference(row.version, replay_x, replay_y,
@@ -227,7 +227,7 @@ class PersonalRound:
         model = load_version(self.artifacts, active)
         samples = [Sample(features, item.label, feedback_origin(item)) for item in items
                    if item.label in model.labels
-                   and (features := clip_features(self.artifacts, item)) is not None]
+                   and (features := clip_features(self.artifacts, item, model.kind)) is not None]
         counts["usable"] = len(samples)
         if len(samples) < max(self.personal.min_feedback, 2 * self.personal.folds):
             return self._skip(counts, f"only {len(samples)} corrections are usable (a clip "
@@ -250,7 +250,7 @@ class PersonalRound:
         counts.update({"trained": len(samples), "folds": self.personal.folds,
                        "replay": len(reference.replay_y), "gate_set": len(reference.gate)})
         data = personal_head_bytes(head, model.labels, parent_version=active.version,
-                                   parent_sha256=model.sha256)
+                                   parent_sha256=model.sha256, parent_kind=model.kind)
         return self._commit(active, data, report, counts, started)
 
     def _train(self, model: LoadedModel, x: torch.Tensor, y: torch.Tensor,

@@ -31,9 +31,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from learner.audio import AudioError, decode_audio
 from learner.base_sets import BaseSetError, load_base_set
-from learner.checkpoint import LoadedModel, ModelFileError, model_bytes, model_from_bytes
+from learner.checkpoint import (LoadedModel, ModelFileError, features_for, model_bytes,
+                                model_from_bytes)
 from learner.continual_state import EwcState, StateFileError
-from learner.features import extract_features
 from learner.gate import RegressionGate
 from learner.inference import EmotionPredictor
 from learner.labels import feedback_labels
@@ -198,7 +198,7 @@ class LearningRound:
         if active is None:
             raise RuntimeError("no active global model version to learn from")
         model = load_version(self.artifacts, active)
-        usable, ignored, unreadable = self._usable(items, model.labels)
+        usable, ignored, unreadable = self._usable(items, model)
         counts = {"feedback": len(items), "ignored_unknown_label": len(ignored),
                   "unreadable": len(unreadable), "strategy": self.settings.strategy}
         if not usable:
@@ -206,7 +206,8 @@ class LearningRound:
         train, held_out = split_holdout(usable, self.settings.holdout_share,
                                         np.random.default_rng(self.seed))
         buffer = restore_buffer(self.session_factory, self.artifacts, active, model.labels,
-                                seed=self.seed, base_sets_dir=self.settings.base_sets_dir)
+                                kind=model.kind, seed=self.seed,
+                                base_sets_dir=self.settings.base_sets_dir)
         ewc_state, bootstrapped = self._ewc_state(active, model, buffer)
         bootstrapped_state = ewc_state if bootstrapped else None
         self.timings["load_s"] = time.perf_counter() - started
@@ -217,7 +218,7 @@ class LearningRound:
         mark = time.perf_counter()
         start_net, start_labels, data = model.net, model.labels, train
         if self.settings.strategy == "joint":
-            start_net, start_labels, data = self._joint_inputs(active, train)
+            start_net, start_labels, data = self._joint_inputs(active, model, train)
         candidate = train_candidate(start_net, start_labels, data, buffer, ewc_state,
                                     self.settings, strategy=self.settings.strategy,
                                     seed=self.seed, stop=self.stop)
@@ -226,11 +227,12 @@ class LearningRound:
 
         mark = time.perf_counter()
         gate_set = load_gate_set(self.session_factory, self.artifacts, model.labels,
-                                 base_sets_dir=self.settings.base_sets_dir)
+                                 kind=model.kind, base_sets_dir=self.settings.base_sets_dir)
         report = RegressionGate(self.settings.max_recall_drop,
                                 self.settings.max_macro_f1_drop).judge(
             EmotionPredictor(model),
-            EmotionPredictor(LoadedModel(candidate.net, candidate.labels, sha256="")),
+            EmotionPredictor(LoadedModel(candidate.net, candidate.labels, sha256="",
+                                         kind=model.kind)),
             gate_set, held_out)
         self.timings["gate_s"] = time.perf_counter() - mark
         counts.update({"trained": len(train), "held_out": len(held_out),
@@ -244,18 +246,20 @@ class LearningRound:
                             unusable=[i.feedback_id for i in ignored + unreadable],
                             bootstrapped=bootstrapped_state, started=started)
 
-    def _usable(self, items: list[FeedbackItem], known: Sequence[str]):
-        """(samples, ignored items, unreadable items). Feedback naming a label outside
-        learner.labels, or one the model does not know while new labels are not allowed, is
-        ignored; a clip that is missing, corrupt or undecodable is unreadable. Both are
-        consumed all the same: no later round could use them either."""
-        allowed = feedback_labels(self.settings.labels, self.settings.allow_new_labels, known)
+    def _usable(self, items: list[FeedbackItem], model: LoadedModel):
+        """(samples, ignored items, unreadable items); the samples hold the features `model`
+        reads. Feedback naming a label outside learner.labels, or one the model does not know
+        while new labels are not allowed, is ignored; a clip that is missing, corrupt or
+        undecodable is unreadable. Both are consumed all the same: no later round could use
+        them either."""
+        allowed = feedback_labels(self.settings.labels, self.settings.allow_new_labels,
+                                  model.labels)
         samples, ignored, unreadable = [], [], []
         for item in items:
             if item.label not in allowed:
                 ignored.append(item)
                 continue
-            features = clip_features(self.artifacts, item)
+            features = clip_features(self.artifacts, item, model.kind)
             if features is None:
                 unreadable.append(item)
                 continue
@@ -275,7 +279,7 @@ class LearningRound:
         return bootstrap_ewc_state(model.net, model.labels, buffer, self.settings,
                                    seed=self.seed), True
 
-    def _joint_inputs(self, active: ModelVersion, train: list[Sample]):
+    def _joint_inputs(self, active: ModelVersion, model: LoadedModel, train: list[Sample]):
         """Joint training, the upper bound: from the first version of the lineage, on all the
         feedback rounds trained on so far, this round's, and the whole base replay set."""
         with self.session_factory() as session:
@@ -285,13 +289,13 @@ class LearningRound:
                 root = registry.get(root.parent_version)
             earlier = RoundFeedbackRepository(session).consumed_for_training()
             session.commit()
-        root_model = load_version(self.artifacts, root)
+        root_model = load_version(self.artifacts, root)  # of the same kind: rounds keep it
         samples = list(train)
         for item in earlier:
-            features = clip_features(self.artifacts, item)
+            features = clip_features(self.artifacts, item, model.kind)
             if features is not None:
                 samples.append(Sample(features, item.label, feedback_origin(item)))
-        base = load_base_set("replay", self.settings.base_sets_dir)
+        base = load_base_set("replay", self.settings.base_sets_dir, kind=model.kind)
         samples += [Sample(f, label, ExemplarRow("base", label, 0.0, base_index=i))
                     for i, (f, label) in enumerate(zip(base.features, base.labels))]
         return root_model.net, root_model.labels, samples
@@ -423,11 +427,12 @@ def load_ewc_state(artifacts: ArtifactStore, row: ModelVersion) -> EwcState | No
         return None
 
 
-def clip_features(artifacts: ArtifactStore, item: FeedbackItem) -> np.ndarray | None:
-    """The features of a feedback clip, or None if its file is missing, corrupt or not audio."""
+def clip_features(artifacts: ArtifactStore, item: FeedbackItem, kind: str) -> np.ndarray | None:
+    """The features a model of `kind` reads of a feedback clip, or None if its file is missing,
+    corrupt or not audio."""
     try:
         audio = artifacts.read_checked(item.clip_path, item.clip_sha256)
-        return extract_features(decode_audio(audio, max_seconds=MAX_CLIP_SECONDS))
+        return features_for(kind)(decode_audio(audio, max_seconds=MAX_CLIP_SECONDS))
     except (ArtifactError, AudioError) as err:
         log.warning("feedback %d: clip %s unusable: %s", item.feedback_id, item.clip_path, err)
         return None
@@ -439,16 +444,17 @@ def feedback_origin(item: FeedbackItem) -> ExemplarRow:
 
 
 def restore_buffer(session_factory: sessionmaker[Session], artifacts: ArtifactStore,
-                   version: ModelVersion, labels: Sequence[str], *, seed: int,
+                   version: ModelVersion, labels: Sequence[str], *, kind: str, seed: int,
                    base_sets_dir: Path | None = None) -> list[BufferedSample]:
-    """The replay buffer stored for a version, as samples; for a version without one, the base
-    replay set shipped with the default model. Exemplars whose clip is gone are dropped."""
+    """The replay buffer stored for a version (a model of `kind`), as samples of its features;
+    for a version without one, the base replay set shipped with the default model. Exemplars
+    whose clip is gone are dropped."""
     with session_factory() as session:
         rows = ReplayExemplarRepository(session).for_version(version.version)
         items = ReplayExemplarRepository(session).feedback_items(rows)
         session.commit()
     try:
-        base = load_base_set("replay", base_sets_dir)
+        base = load_base_set("replay", base_sets_dir, kind=kind)
     except BaseSetError as err:
         log.warning("no base replay set: %s", err)
         base = None
@@ -461,20 +467,20 @@ def restore_buffer(session_factory: sessionmaker[Session], artifacts: ArtifactSt
             features = base.features[row.base_index] if ok else None
         else:
             item = items.get(row.feedback_id)
-            features = clip_features(artifacts, item) if item is not None else None
+            features = clip_features(artifacts, item, kind) if item is not None else None
         if features is not None:
             buffer.append(BufferedSample(Sample(features, row.label, row), row.weight))
     return buffer
 
 
 def load_gate_set(session_factory: sessionmaker[Session], artifacts: ArtifactStore,
-                  labels: Sequence[str], scope: str = "global", user_id: str | None = None,
-                  base_sets_dir: Path | None = None) -> list[Sample]:
-    """The gate set for a model knowing `labels`: the shipped base gate set plus the feedback
-    that accepted rounds held out (of this scope), of those labels."""
+                  labels: Sequence[str], *, kind: str, scope: str = "global",
+                  user_id: str | None = None, base_sets_dir: Path | None = None) -> list[Sample]:
+    """The gate set for a model of `kind` knowing `labels`, as its features: the shipped base
+    gate set plus the feedback that accepted rounds held out (of this scope), of those labels."""
     samples = []
     try:
-        base = load_base_set("gate", base_sets_dir)
+        base = load_base_set("gate", base_sets_dir, kind=kind)
         samples += [Sample(f, label, ExemplarRow("base", label, 0.0, base_index=i))
                     for i, (f, label) in enumerate(zip(base.features, base.labels))
                     if label in labels]
@@ -484,6 +490,7 @@ def load_gate_set(session_factory: sessionmaker[Session], artifacts: ArtifactSto
         items = RoundFeedbackRepository(session).accepted_holdout(scope, user_id)
         session.commit()
     for item in items:
-        if item.label in labels and (features := clip_features(artifacts, item)) is not None:
+        if item.label in labels and (
+                features := clip_features(artifacts, item, kind)) is not None:
             samples.append(Sample(features, item.label, feedback_origin(item)))
     return samples

@@ -8,11 +8,13 @@ all ones, and the pack/unpack around the LSTM are skipped. A batch with padding 
 path, the same as EmotionNet's. Outputs equal EmotionNet's in eval mode to float rounding
 (tests/learner/test_serving_net.py holds them within 1e-5).
 """
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from learner.checkpoint import LoadedModel
+from learner.checkpoint import LOGMEL_KIND, LoadedModel
 from learner.model import EmotionNet, time_mask
 
 
@@ -62,9 +64,11 @@ class ServingNet(nn.Module):
 
 
 def for_serving(model: LoadedModel) -> LoadedModel:
-    """The same loaded version with its network in serving form."""
-    net = model.net if isinstance(model.net, ServingNet) else ServingNet(model.net.eval())
-    return LoadedModel(net=net, labels=model.labels, sha256=model.sha256)
+    """The same loaded version with its network in serving form. Only the log-mel EmotionNet
+    has one; a model on the speech encoder serves as it is."""
+    if model.kind != LOGMEL_KIND or isinstance(model.net, ServingNet):
+        return model
+    return replace(model, net=ServingNet(model.net.eval()))
 
 
 def _fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:

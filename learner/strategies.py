@@ -14,10 +14,11 @@ per-class recall check then refuses. Every round takes `steps` steps with the le
 falling linearly to zero, and keeps BatchNorm statistics as they were.
 
 The buffer and the EWC state come in restored from storage and go out as plain values; the
-strategy object lives for one round only and is never saved. Only the learner imports this
-module: inference never loads Avalanche.
+strategy object lives for one round only and is never saved. Either kind of model trains the
+same way; on the speech encoder only the downstream is trained, and only its parameters are in
+the optimizer and the EWC state (learner.continual_model). Only the learner imports this module:
+inference never loads Avalanche.
 """
-import copy
 import math
 import threading
 import warnings
@@ -39,9 +40,9 @@ from avalanche.training.utils import ParamData
 from torch import nn
 from torch.utils.data import Dataset
 
-from learner.continual_model import MaskedInputNet, as_float_tensor, collate_masked
+from learner.continual_model import (MaskedInputNet, as_float_tensor, collate_masked,
+                                     copy_for_training)
 from learner.continual_state import EwcState
-from learner.model import EmotionNet
 from learner.replay import BufferedSample, Sample
 from storage.settings import LearnerSettings
 
@@ -56,7 +57,7 @@ class RoundStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class Candidate:
-    net: EmotionNet
+    net: nn.Module  # of the kind the round started from
     labels: tuple[str, ...]
     buffer: list[BufferedSample]  # the replay buffer after this round (for the next)
     ewc: EwcState | None  # None for strategies without EWC
@@ -81,7 +82,7 @@ class ReplayDistillation(SupervisedPlugin):
     def __init__(self, model: MaskedInputNet, n_buffer: int, weight: float,
                  temperature: float = 2.0):
         super().__init__()
-        self.start = copy.deepcopy(model).eval()
+        self.start = copy_for_training(model).eval()
         self.n_buffer, self.weight, self.temperature = n_buffer, weight, temperature
 
     def before_backward(self, strategy, **kwargs):
@@ -139,7 +140,7 @@ class _CroppedFeatures(Dataset):
         return as_float_tensor(features), self.targets[i]
 
 
-def train_candidate(start: EmotionNet, labels: tuple[str, ...], new: list[Sample],
+def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample],
                     buffer: list[BufferedSample], ewc_state: EwcState | None,
                     settings: LearnerSettings, *, strategy: str, seed: int,
                     stop: threading.Event | None = None) -> Candidate:
@@ -156,7 +157,7 @@ def train_candidate(start: EmotionNet, labels: tuple[str, ...], new: list[Sample
     new_data = full.subset(list(range(len(buffer), len(pool))))
     policy = _restore_buffer(buffer, targets, full, settings.mem_size)
 
-    model = MaskedInputNet(copy.deepcopy(start))
+    model = MaskedInputNet(copy_for_training(start))
     ewc = EWCPlugin(settings.ewc_lambda, mode="online", decay_factor=settings.ewc_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
@@ -268,7 +269,7 @@ def _fits(state: EwcState | None, model: nn.Module) -> bool:
                                                              model.named_parameters()]
 
 
-def bootstrap_ewc_state(start: EmotionNet, labels: tuple[str, ...],
+def bootstrap_ewc_state(start: nn.Module, labels: tuple[str, ...],
                         buffer: list[BufferedSample], settings: LearnerSettings, *,
                         seed: int) -> EwcState | None:
     """The EWC state of a version no EWC round produced (the bundled model, or one trained
@@ -282,7 +283,7 @@ def bootstrap_ewc_state(start: EmotionNet, labels: tuple[str, ...],
     data = _avalanche_dataset(_CroppedFeatures([b.sample for b in buffer], targets,
                                                settings.crop_frames,
                                                np.random.default_rng(seed)), targets)
-    model = MaskedInputNet(copy.deepcopy(start))
+    model = MaskedInputNet(copy_for_training(start))
     ewc = EWCPlugin(settings.ewc_lambda, mode="online", decay_factor=settings.ewc_decay)
     importances = ewc.compute_importances(
         model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0), data, "cpu",

@@ -128,13 +128,39 @@ def train_epoch(
         x, lengths = pad_batch(feats)
         x = spec_augment(x, lengths, generator, **mask_cfg)
         loss = loss_fn(net(x, lengths), torch.from_numpy(bank.targets[idx]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        optimizer.step()
-        scheduler.step()
-        total += loss.item()
+        total += optimiser_step(net, loss, optimizer, scheduler)
     return total / max(1, len(batches))
+
+
+def optimiser_step(net: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scheduler) -> float:
+    """One step on `loss` with the gradient norm clipped at 5; returns the loss's value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+class EarlyStopping:
+    """Keeps the weights of the epoch with the best validation score, and says when `patience`
+    epochs in a row have not beaten it."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best_score, self.best_state, self.stale = patience, -1.0, None, 0
+
+    def should_stop(self, net: nn.Module, score: float) -> bool:
+        if score > self.best_score:
+            self.best_score, self.stale = score, 0
+            self.best_state = {k: v.clone() for k, v in net.state_dict().items()}
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore_best(self, net: nn.Module) -> None:
+        net.load_state_dict(self.best_state)
+        net.eval()
 
 
 @dataclass
@@ -178,7 +204,7 @@ def train(config: dict, data_dir: Path, *, progress: bool = True) -> TrainingRes
     weights = balanced_weights(bank.clips)
     mask_cfg = config["spec_augment"]
 
-    best_score, best_state, history, stale = -1.0, None, [], 0
+    history, stopping = [], EarlyStopping(train_cfg["patience"])
     for epoch in range(1, train_cfg["epochs"] + 1):
         loss = train_epoch(net, bank, weights, optimizer, scheduler, loss_fn, rng, generator,
                            train_cfg, mask_cfg, f"epoch {epoch}", progress)
@@ -189,16 +215,10 @@ def train(config: dict, data_dir: Path, *, progress: bool = True) -> TrainingRes
         if progress:
             tqdm.write(f"epoch {epoch}: loss {loss:.3f}  validation UA {score:.3f} "
                        f"accuracy {report['accuracy']:.3f}", file=sys.stderr)
-        if score > best_score:
-            best_score, stale = score, 0
-            best_state = {k: v.clone() for k, v in net.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= train_cfg["patience"]:
-                break
+        if stopping.should_stop(net, score):
+            break
 
-    net.load_state_dict(best_state)
-    net.eval()
+    stopping.restore_best(net)
     validation_report = evaluate_bank(net, labels, validation)
     test_report = None
     if split.test:
@@ -215,6 +235,7 @@ def save_training_result(result: TrainingResult, config: dict, out: Path) -> dic
         "sha256": sha256,
         "labels": list(result.labels),
         "parameters": count_parameters(result.net),
+        "trained_parameters": count_parameters(result.net, trainable_only=True),
         "seed": config["seed"],
         "split": config["split"],
         "training_seconds": round(result.seconds, 1),

@@ -94,7 +94,10 @@ async def follow_active_model(engine: InferenceEngine, session_factory: sessionm
     """Load the active model (registering the bundled one on an empty registry), then keep
     following the registry's active version."""
     try:
-        await run_in_threadpool(register_bundled_model, session_factory, engine.artifacts)
+        # Only on an empty registry: a new release's default joins an existing store's versions
+        # when the launching process (`emoloop serve`) starts, once, not in every worker.
+        await run_in_threadpool(register_bundled_model, session_factory, engine.artifacts,
+                                beside_existing=False)
     except BundledModelMissing as err:
         log.error("%s", err)  # /ready stays false until a version is registered and activated
     frozen = not freeze_heap_when_ready

@@ -13,10 +13,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_training_config(args.config)
     data_dir = Path(args.data or REPO_ROOT / config["data_dir"])
-    result = train(config, data_dir)
+    if "encoder" in config:  # a recipe on the frozen speech encoder
+        from learner.speech_training import train_speech
+
+        config["cache"]["dir"] = str(REPO_ROOT / config["cache"]["dir"])
+        encoder = REPO_ROOT / config["encoder"]["file"]
+        if args.linear_probe:
+            return _linear_probe(config, data_dir, encoder, args.linear_probe)
+        result = train_speech(config, data_dir, encoder)
+    elif args.linear_probe:
+        print("emoloop train: --linear-probe needs a recipe with an encoder", file=sys.stderr)
+        return 2
+    else:
+        result = train(config, data_dir)
     info = save_training_result(result, config, Path(args.out))
-    print(json.dumps({"model": str(args.out), **{k: info[k] for k in
-                      ("sha256", "parameters", "training_seconds", "validation", "test")}}, indent=2))
+    keys = ("sha256", "parameters", "trained_parameters", "training_seconds", "validation", "test")
+    print(json.dumps({"model": str(args.out), **{k: info[k] for k in keys}}, indent=2))
+    return 0
+
+
+def _linear_probe(config: dict, data_dir: Path, encoder: Path, blocks: str) -> int:
+    """The baseline beside the trained downstream: same split, same cache, no training of it."""
+    from learner.linear_probe import linear_probe
+    from learner.speech_training import load_cached_splits
+
+    clean_only = {**config, "augment": {**config["augment"], "variants": 1}}  # means of clean clips
+    splits = load_cached_splits(clean_only, data_dir, encoder)
+    result = linear_probe(*splits, tuple(config["labels"]),
+                          tuple(int(b) - 1 for b in blocks.split(",")))
+    keys = ("accuracy", "unweighted_accuracy", "n", "per_corpus")
+    print(json.dumps({**result, **{side: {k: result[side][k] for k in keys}
+                                   for side in ("validation", "test")}}, indent=2))
     return 0
 
 
@@ -226,6 +253,22 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encoder(args: argparse.Namespace) -> int:
+    from learner.speech_encoder.ct2_file import CT2FormatError
+    from learner.speech_encoder.weights import EncoderFileError, import_encoder_file
+
+    if args.blocks < 1:
+        print("emoloop encoder import: --blocks must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        digest = import_encoder_file(args.path, args.out, args.blocks)
+    except (EncoderFileError, CT2FormatError, OSError) as err:
+        print(f"emoloop encoder import: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}  sha256 {digest}  {args.out.stat().st_size:,} bytes")
+    return 0
+
+
 def _session_factory():
     from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
@@ -264,13 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--data", type=Path, help="folder of <corpus>/manifest.csv (default: the config's)")
     p.add_argument("--out", type=Path, default=Path("model.safetensors"))
+    p.add_argument("--linear-probe", metavar="BLOCKS",
+                   help="instead of training: the linear probe on the mean of these encoder "
+                        "blocks (counted from 1, e.g. 2 or 1,2,3,4), C chosen on validation")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, macro-F1 and per-class figures on a data folder")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--model", type=Path, help="a model file (default: the bundled model)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--report-dir", type=Path, help="also write report.md and confusion.png here")
+    p.add_argument("--report-dir", type=Path,
+                   help="also write report.md, confusion.png and roc.png here")
     p.add_argument("--speakers", help="only these speakers (comma-separated, e.g. held-out ones)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -335,6 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--older-than-s", type=float,
                    help="only files this old (default: storage.sweep_after_s, 3600)")
     p.set_defaults(func=cmd_artifacts)
+
+    p = sub.add_parser("encoder", help="the frozen speech encoder's weights")
+    encoder = p.add_subparsers(dest="action", required=True)
+    e = encoder.add_parser("import", help="keep the first blocks of Whisper base's encoder from "
+                           "its CTranslate2 model.bin (checked against the pinned sha256)")
+    e.add_argument("path", type=Path, help="faster-whisper-base's model.bin")
+    e.add_argument("--blocks", type=int, default=4, help="encoder blocks kept (default 4 of 6)")
+    e.add_argument("--out", type=Path, default=REPO_ROOT / "learner" / "default_model" /
+                   "whisper_base_encoder.safetensors",
+                   help="default: learner/default_model/whisper_base_encoder.safetensors")
+    p.set_defaults(func=cmd_encoder)
 
     from service.learner_commands import add_parser as add_learner_parser
 

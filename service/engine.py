@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from learner.audio import decode_audio
 from learner.checkpoint import ModelFileError, model_from_bytes
-from learner.features import extract_features
 from learner.inference import EmotionPredictor, Prediction
 from learner.serving_net import for_serving
 from service.batcher import ModelBatcher
@@ -138,13 +137,15 @@ class InferenceEngine:
         if model is None:
             raise ModelLoadError("no model is loaded yet")
         start = time.perf_counter()
-        with self.cpu_slots:
-            wave = decode_audio(audio, max_seconds=self.max_audio_seconds)
-            features = extract_features(wave)
+        # The model first: the features are that model's own (a personal version may sit on a
+        # global version of another kind than the one serving).
         personal = self.personal.model_for(user_id, model.version, model.predictor) \
             if user_id is not None else None
         if personal is not None:
             model = ServingModel(*personal, personal=True)
+        with self.cpu_slots:
+            wave = decode_audio(audio, max_seconds=self.max_audio_seconds)
+            features = model.predictor.model.features(wave)
         prediction = model.predictor.predict_logits(
             self.batcher.logits(model.predictor, features))
         return Inference(model, wave, prediction, (time.perf_counter() - start) * 1000)

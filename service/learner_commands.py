@@ -32,7 +32,9 @@ def run_once(args: argparse.Namespace) -> int:
     artifacts = ArtifactStore(settings.storage.artifacts_dir)
     try:
         session_factory = make_session_factory(engine)
-        register_bundled_model(session_factory, artifacts)  # a fresh install learns from it
+        # A fresh install learns from it; a new release's default joins an existing store when
+        # a launching process (`emoloop serve`, `emoloop learner serve`) starts.
+        register_bundled_model(session_factory, artifacts, beside_existing=False)
         outcome = run_round(session_factory, artifacts, settings.learner, trigger=args.trigger)
     except RoundRunning as err:
         print(f"emoloop learner run-once: {err}", file=sys.stderr)
@@ -103,11 +105,15 @@ def run_personal(args: argparse.Namespace) -> int:
 
 def build_base_sets(args: argparse.Namespace) -> int:
     from learner.base_sets import build_base_sets as build
+    from learner.checkpoint import DEFAULT_MODEL_FILE, load_model
     from learner.training import load_training_config
 
     config = load_training_config(args.config)
+    # The sets are the features of the model they ship beside; its kind also names their files,
+    # so another kind's sets in the same folder stay (learner.base_sets).
+    kind = load_model(args.model or Path(args.out) / DEFAULT_MODEL_FILE.name).kind
     info = build(Path(args.data), config, replay_per_class=args.replay_per_class,
-                 gate_per_class=args.gate_per_class, max_frames=args.max_frames,
+                 gate_per_class=args.gate_per_class, kind=kind, max_frames=args.max_frames,
                  out_dir=Path(args.out))
     print(json.dumps(info, indent=2))
     return 0
@@ -129,6 +135,9 @@ def add_parser(sub) -> None:
     a.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "base-training.yaml",
                    help="the default model's recipe: its labels, seed and speaker split")
     a.add_argument("--out", type=Path, default=REPO_ROOT / "learner" / "default_model")
+    a.add_argument("--model", type=Path,
+                   help="the model the sets are for (default: OUT/model.safetensors); its kind "
+                        "picks the features and the file names")
     a.add_argument("--replay-per-class", type=int, default=16)
     a.add_argument("--gate-per-class", type=int, default=50)
     a.add_argument("--max-frames", type=int, default=300, help="crop to this many 10 ms frames")

@@ -146,6 +146,33 @@ class ModelRegistry:
                                       details={"sha256": sha256})
         return version
 
+    def register_bundled(self, model_data: bytes, sha256: str, *, labels: list[str],
+                         metrics: dict[str, Any] | None = None) -> ModelVersion | None:
+        """On a registry that has versions but none of this file (a release brought a new default
+        model), register the bundled default as a global candidate without a parent, with an
+        audit entry: the active version keeps serving until an admin activates the new one.
+        Returns None when a version has this sha256 already, or when the registry is empty
+        (that is `bootstrap_default`'s case). Checked against `sha256` like bootstrap_default."""
+        self._lock()
+        if self.session.scalar(select(ModelVersion.version).limit(1)) is None:
+            return None
+        if self.session.scalar(select(ModelVersion.version)
+                               .where(ModelVersion.sha256 == sha256).limit(1)) is not None:
+            return None
+        if sha256_bytes(model_data) != sha256:
+            raise ArtifactError(f"bundled model does not match its recorded sha256 {sha256}")
+        active = self.active_global()
+        version = self._register(model_data, labels=labels, parent_version=None, scope="global",
+                                 user_id=None, metrics=metrics, gate_report=None,
+                                 status="candidate")
+        AuditLog(self.session).record(
+            "model.register_bundled", f"model_version:{version.version}",
+            details={"sha256": sha256, "status": "candidate",
+                     "active_version": active.version if active else None,
+                     "note": "the bundled default model of this release, registered beside the "
+                             "existing versions; it serves once an admin activates it"})
+        return version
+
     def _register(self, model_data: bytes, *, labels, parent_version, scope, user_id, metrics,
                   gate_report, status, activated_at=None) -> ModelVersion:
         if (scope == "user") != (user_id is not None):

@@ -51,7 +51,7 @@ def run_continual_bench(data_dir: Path, *, rounds: int = 3, strategies: list[str
     say = _printer(progress)
     say(f"newcomers {len(newcomers)} clips: {sum(map(len, chunks))} corrected over {rounds} "
         f"rounds, {len(measured)} measured; old test speakers {len(old)} clips")
-    features = _features({c.path: c for c in measured + old}.values())
+    features = _features({c.path: c for c in measured + old}.values(), _bundled_kind())
     report = {"data": str(data_dir), "rounds": rounds, "seed": seed, "threads": threads,
               "newcomers": sorted({c.speaker for c in newcomers}),
               "old_test_speakers": sorted({c.speaker for c in old}),
@@ -213,11 +213,19 @@ def _active_version(app) -> int:
         return ModelRegistry(session, app.state.artifacts).active_global().version
 
 
-def _features(clips) -> dict[Path, np.ndarray]:
+def _bundled_kind() -> str:
+    """The bundled model's kind: every version a bench round makes descends from it and reads
+    the same features, so they are computed once for all."""
+    from learner.checkpoint import load_default_model
+
+    return load_default_model().kind
+
+
+def _features(clips, kind: str) -> dict[Path, np.ndarray]:
     from learner.evaluation import clip_features
 
     clips = list(clips)
-    computed = clip_features([str(c.path) for c in clips])
+    computed = clip_features([str(c.path) for c in clips], kind=kind)
     if unreadable := [str(c.path) for c, f in zip(clips, computed) if f is None]:
         raise RuntimeError(f"clips that do not decode: {unreadable[:3]}")
     return {c.path: f for c, f in zip(clips, computed)}

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-TARGETS = {"median_ms": 15.0, "parameters": 5_000_000, "cold_start_s": 5.0}
+# Per model kind: the log-mel model's targets, and the encoder model's (whose frozen encoder has
+# no parameter budget: its size on disk is what is bounded).
+TARGETS_BY_KIND = {
+    "logmel-cnn-bilstm": {"median_ms": 15.0, "parameters": 5_000_000, "cold_start_s": 5.0},
+    "whisper-cnn-bilstm": {"median_ms": 25.0, "parameters": None, "cold_start_s": 5.0},
+}
 
 _COLD_START = """
 import time, sys
@@ -26,14 +31,13 @@ print(time.perf_counter() - t0)
 
 def _time_stages(predictor, audio: bytes, runs: int) -> dict[str, list[float]]:
     from learner.audio import decode_audio
-    from learner.features import extract_features
 
     stages = {"decode": [], "features": [], "model": [], "total": []}
     for i in range(runs + 10):
         t0 = time.perf_counter()
         wave = decode_audio(audio)
         t1 = time.perf_counter()
-        features = extract_features(wave)
+        features = predictor.model.features(wave)  # the model's own kind's
         t2 = time.perf_counter()
         predictor.predict_features(features)
         t3 = time.perf_counter()
@@ -80,23 +84,28 @@ def run_latency_bench(model_path: Path | None = None, runs: int = 200, cold_star
         }
     cold = _cold_start_seconds(model_path, cold_starts)
     parameters = count_parameters(model.net)
+    trained = count_parameters(model.net, trainable_only=True)  # a frozen encoder's are not
     headline = results["wav-16k"]["total"]["median_ms"]
+    targets = TARGETS_BY_KIND[model.kind]
     lines = [f"emoloop bench latency: 3 s clip, 1 thread, {runs} runs after warm-up"]
     lines.append(f"{'clip':<15}{'stage':<10}{'median ms':>10}{'p95 ms':>9}")
     for name, stages in results.items():
         for stage, s in stages.items():
             lines.append(f"{name:<15}{stage:<10}{s['median_ms']:>10.2f}{s['p95_ms']:>9.2f}")
     lines += [
-        f"total median (wav-16k): {headline:.2f} ms   target <= {TARGETS['median_ms']:.0f} ms   "
-        f"ratio {headline / TARGETS['median_ms']:.2f}",
+        f"total median (wav-16k): {headline:.2f} ms   target <= {targets['median_ms']:.0f} ms   "
+        f"ratio {headline / targets['median_ms']:.2f}",
         f"cold start (median of {len(cold)}): {np.median(cold):.2f} s   target <= "
-        f"{TARGETS['cold_start_s']:.0f} s   ratio {np.median(cold) / TARGETS['cold_start_s']:.2f}",
-        f"parameters: {parameters:,}   target <= {TARGETS['parameters']:,}   "
-        f"ratio {parameters / TARGETS['parameters']:.2f}",
+        f"{targets['cold_start_s']:.0f} s   ratio {np.median(cold) / targets['cold_start_s']:.2f}",
+        f"parameters: {parameters:,} ({parameters - trained:,} in the frozen encoder, "
+        f"{trained:,} trained)" + (f"   target <= {targets['parameters']:,}   ratio "
+                                   f"{parameters / targets['parameters']:.2f}"
+                                   if targets["parameters"] else ""),
     ]
     return {
         "runs": runs, "threads": 1, "clip_seconds": 3.0, "clips": results,
         "median_ms": headline, "p95_ms": results["wav-16k"]["total"]["p95_ms"],
         "cold_start_s": float(np.median(cold)), "cold_start_samples_s": cold,
-        "parameters": parameters, "targets": TARGETS, "lines": lines,
+        "parameters": parameters, "trained_parameters": trained, "kind": model.kind,
+        "targets": targets, "lines": lines,
     }

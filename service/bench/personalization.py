@@ -243,6 +243,7 @@ def _cost_bench(root: Path, versions: int, probes: int) -> dict:
         global_version, global_sha = store.active_global()
         base_head = store.engine.serving.predictor.model.net.head
         labels = store.engine.serving.predictor.labels
+        kind = store.engine.serving.predictor.model.kind
         generator = torch.Generator().manual_seed(0)
 
         def personal_file() -> bytes:
@@ -252,7 +253,7 @@ def _cost_bench(root: Path, versions: int, probes: int) -> dict:
                     head.weight.shape, generator=generator))
                 head.bias.copy_(base_head.bias)
             return personal_head_bytes(head, labels, parent_version=global_version,
-                                       parent_sha256=global_sha)
+                                       parent_sha256=global_sha, parent_kind=kind)
 
         # The first ones through the registry as a round registers them (file fsynced, row,
         # activation with its audit entry): that is the throughput figure. The rest in bulk,

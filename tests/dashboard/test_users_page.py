@@ -4,8 +4,8 @@ import pytest
 from sqlalchemy import select
 from torch import nn
 
+from learner.checkpoint import model_from_bytes
 from learner.labels import DEFAULT_LABELS
-from learner.model import ModelConfig
 from learner.personal_model import personal_head_bytes
 from storage.models import Feedback
 from storage.registry import ModelRegistry
@@ -30,9 +30,10 @@ def register_personal_version(server, user: str) -> tuple[int, int]:
     with server.db() as session:
         registry = ModelRegistry(session, server.artifacts)
         parent = registry.active_global()
-        head = nn.Linear(2 * ModelConfig().lstm_hidden, len(DEFAULT_LABELS))
+        model = model_from_bytes(server.artifacts.read_model(parent.artifact_path, parent.sha256))
+        head = nn.Linear(model.net.head.in_features, len(DEFAULT_LABELS))
         data = personal_head_bytes(head, DEFAULT_LABELS, parent_version=parent.version,
-                                   parent_sha256=parent.sha256)
+                                   parent_sha256=parent.sha256, parent_kind=model.kind)
         mine = registry.register(data, labels=list(DEFAULT_LABELS), parent_version=parent.version,
                                  scope="user", user_id=user, gate_report=personal_gate_report(user))
         session.commit()

@@ -8,7 +8,6 @@ import torch
 from learner.checkpoint import (DEFAULT_MODEL_FILE, DEFAULT_MODEL_INFO, ModelFileError,
                                 load_default_model, load_model, model_bytes, model_from_bytes,
                                 save_model)
-from learner.features import extract_features
 from learner.inference import EmotionPredictor
 from learner.labels import DEFAULT_LABELS
 from learner.model import EmotionNet, ModelConfig
@@ -56,10 +55,11 @@ def test_bundled_default_model_is_small_checked_and_answers_every_label():
     predictor = EmotionPredictor(load_default_model())
     assert predictor.model.sha256 == info["sha256"]
     assert predictor.labels == DEFAULT_LABELS
-    prediction = predictor.predict_features(extract_features(voiced_clip(2.0)))
+    prediction = predictor.predict_wave(voiced_clip(2.0))  # on its own kind's features
     assert set(prediction.probabilities) == set(DEFAULT_LABELS)
     assert abs(sum(prediction.probabilities.values()) - 1.0) < 1e-5
     assert prediction.emotion == max(prediction.probabilities, key=prediction.probabilities.get)
-    restricted = predictor.predict_features(extract_features(voiced_clip(2.0)), allowed=("sad", "angry"))
+    restricted = predictor.predict_features(predictor.model.features(voiced_clip(2.0)),
+                                            allowed=("sad", "angry"))
     assert restricted.emotion in ("sad", "angry")
     assert np.isclose(sum(restricted.probabilities.values()), 1.0)

@@ -1,4 +1,6 @@
-"""The `emoloop` command line end to end on generated audio: train, evaluate, predict, bench."""
+"""The `emoloop` command line end to end on generated audio: train, evaluate, predict, bench;
+and the encoder import on a hand-made CTranslate2 file."""
+import functools
 import json
 import subprocess
 import sys
@@ -9,7 +11,11 @@ import pytest
 import soundfile as sf
 import yaml
 
+from learner.speech_encoder import weights
+from service import cli
 from service.bench.clips import voiced_clip
+from storage.files import sha256_bytes
+from tests.learner.test_speech_encoder import tiny_whisper_ct2
 from tests.learner.toy_corpus import make_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,3 +108,29 @@ def test_evaluate_on_named_speakers_only(tiny_model, toy_corpus):
     assert json.loads(result.stdout)["n"] == 8
     result = emoloop("evaluate", "--data", str(toy_corpus), "--speakers", "nobody", "--json")
     assert result.returncode == 2 and "nobody" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_encoder_import_refuses_a_file_that_is_not_the_pinned_whisper(tmp_path):
+    ct2 = tmp_path / "model.bin"
+    ct2.write_bytes(tiny_whisper_ct2())
+    out = tmp_path / "encoder.safetensors"
+    result = emoloop("encoder", "import", str(ct2), "--blocks", "2", "--out", str(out))
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "sha256" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_encoder_import_writes_the_kept_blocks_and_prints_path_sha256_and_size(
+        tmp_path, monkeypatch, capsys):
+    data = tiny_whisper_ct2()
+    ct2 = tmp_path / "model.bin"
+    ct2.write_bytes(data)
+    # Pin the hand-made file in place of Whisper base's, in this process only.
+    monkeypatch.setattr(weights, "import_encoder", functools.partial(
+        weights.import_encoder, expected_sha256=sha256_bytes(data)))
+    out = tmp_path / "encoder.safetensors"
+    assert cli.main(["encoder", "import", str(ct2), "--blocks", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and sha256_bytes(out.read_bytes()) in printed
+    assert f"{out.stat().st_size:,} bytes" in printed
+    assert weights.load_encoder(out, sha256_bytes(out.read_bytes())).config.n_blocks == 2

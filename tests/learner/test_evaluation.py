@@ -2,7 +2,9 @@
 from pathlib import Path
 
 from learner.corpora import CorpusClip
-from learner.evaluation import Outcome, build_report, predict_clips
+from learner.evaluation import Outcome, build_report, evaluate_folder, predict_clips, write_report
+from learner.inference import Prediction
+from tests.learner.toy_learning import toy_model  # noqa: F401 (fixture)
 
 
 def _clip(corpus: str, emotion: str) -> CorpusClip:
@@ -16,12 +18,14 @@ def test_answers_are_restricted_to_each_corpus_labels_and_unknown_labels_are_ski
 
     def predict(clip, allowed):
         seen[(clip.corpus, clip.emotion)] = allowed
-        return clip.emotion
+        return Prediction(clip.emotion, 1.0, {"happy": 0.5, "sad": 0.2, "angry": 0.3, "calm": 0.0})
 
     outcomes, skipped = predict_clips(clips, ("happy", "sad", "angry", "calm"), predict)
     assert skipped == 1 and len(outcomes) == 4
     assert seen[("a", "sad")] == ("happy", "sad")
     assert seen[("b", "angry")] == ("sad", "angry")  # boredom is unknown to the model
+    # Only the labels it could answer are kept: a forced 0 is no score.
+    assert outcomes[2].probabilities == {"sad": 0.2, "angry": 0.3}
 
 
 def test_accuracy_unweighted_accuracy_and_macro_f1_follow_their_definitions():
@@ -38,3 +42,47 @@ def test_accuracy_unweighted_accuracy_and_macro_f1_follow_their_definitions():
     assert report["per_corpus"]["b"] == {"accuracy": 1.0, "macro_f1": 1.0,
                                          "unweighted_accuracy": 1.0, "n": 1}
     assert report["confusion"] == {"labels": ["happy", "sad"], "matrix": [[1, 0], [1, 2]]}
+
+
+def _scored(corpus: str, truth: str, **probabilities: float) -> Outcome:
+    return Outcome(corpus, truth, max(probabilities, key=probabilities.get), probabilities)
+
+
+def test_roc_auc_is_each_emotion_against_the_rest_where_it_could_be_answered():
+    outcomes = [
+        _scored("a", "happy", happy=0.9, sad=0.1), _scored("a", "happy", happy=0.4, sad=0.6),
+        _scored("a", "sad", happy=0.6, sad=0.4), _scored("a", "sad", happy=0.2, sad=0.8),
+        # Corpus b has no happy: its clips are no negatives for happy (P(happy) is a forced 0).
+        _scored("b", "sad", sad=0.3, angry=0.7), _scored("b", "angry", sad=0.1, angry=0.9),
+    ]
+    auc = build_report(outcomes, skipped=0, labels=("happy", "sad", "angry", "calm"))["roc_auc"]
+    # happy: positives 0.9, 0.4 against negatives 0.6, 0.2 -> 3 of 4 pairs ranked right.
+    assert auc["per_class"]["happy"] == 0.75
+    # sad: positives 0.4, 0.8, 0.3 against negatives 0.1, 0.6, 0.1 -> 7 of 9 pairs.
+    assert abs(auc["per_class"]["sad"] - 7 / 9) < 1e-9
+    assert auc["per_class"]["angry"] == 1.0
+    assert auc["per_class"]["calm"] is None  # no clip of it: no curve, and no crash
+    assert abs(auc["macro"] - (0.75 + 7 / 9 + 1.0) / 3) < 1e-9
+
+
+def test_a_set_of_one_emotion_has_no_roc_and_still_writes_its_report(tmp_path):
+    outcomes = [_scored("a", "sad", happy=0.3, sad=0.7), _scored("a", "sad", happy=0.6, sad=0.4)]
+    report = build_report(outcomes, skipped=0, labels=("happy", "sad"))
+    assert report["roc_auc"] == {"per_class": {"happy": None, "sad": None}, "macro": None}
+    write_report(report, outcomes, tmp_path, "one emotion")
+    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| sad | 1.000 | 0.500 | 0.667 | 2 | none |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_report_run_draws_roc_curves_and_reports_each_emotions_auc(toy_corpus, toy_model,
+                                                                      tmp_path):
+    model = tmp_path / "toy.safetensors"
+    model.write_bytes(toy_model)
+    report = evaluate_folder(toy_corpus, model, report_dir=tmp_path / "report", workers=1,
+                             progress=False)
+    auc = report["roc_auc"]
+    assert set(auc["per_class"]) == {"happy", "sad"}
+    assert all(0.0 <= v <= 1.0 for v in auc["per_class"].values())
+    assert 0.0 <= auc["macro"] <= 1.0
+    assert (tmp_path / "report" / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![ROC curves](roc.png)" in (tmp_path / "report" / "report.md").read_text()

@@ -1,6 +1,7 @@
 """A world small enough for learning rounds in tests: synthetic 'emotions' a tiny model tells
 apart (low and slow 'sad', high and fast 'happy', in between 'angry'), a tiny model trained on
-them, base sets of their features, and feedback rows pointing at stored WAV clips."""
+them, base sets of their features, and feedback rows pointing at stored WAV clips. The model is
+a log-mel EmotionNet; tests/learner/tiny_speech.py makes one of the speech-encoder kind."""
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,8 +10,7 @@ import pytest
 import torch
 
 from learner.base_sets import FeatureSet, write_base_sets
-from learner.checkpoint import model_bytes
-from learner.features import extract_features
+from learner.checkpoint import LOGMEL_KIND, features_for, model_bytes
 from learner.inference import limit_threads, pad_batch
 from learner.model import EmotionNet, ModelConfig
 from service.bench.clips import to_wav, voiced_clip
@@ -30,23 +30,27 @@ def toy_wave(label: str, seed: int) -> np.ndarray:
     return voiced_clip(0.8, 16_000 * PITCH[label], seed=seed)[:12_800]
 
 
-def toy_features(label: str, seed: int) -> np.ndarray:
-    return extract_features(toy_wave(label, seed))
+def toy_features(label: str, seed: int, kind: str = LOGMEL_KIND) -> np.ndarray:
+    return features_for(kind)(toy_wave(label, seed))
 
 
 def toy_wav(label: str, seed: int) -> bytes:
     return to_wav(toy_wave(label, seed), 16_000)
 
 
-def train_toy_model(seed: int = 0) -> bytes:
-    """A tiny model that tells the toy 'happy' from 'sad' (trained here, in a second)."""
+def train_toy_model(seed: int = 0, net: torch.nn.Module | None = None,
+                    kind: str = LOGMEL_KIND) -> bytes:
+    """A tiny model that tells the toy 'happy' from 'sad' (trained here, in a second): a new
+    EmotionNet, or `net`, a model of `kind`."""
     torch.manual_seed(seed)
-    net = EmotionNet(ModelConfig(n_classes=2, channels=(4, 8, 8), lstm_hidden=16, dropout=0.0))
-    data = [(toy_features(label, 1000 + k), i) for i, label in enumerate(TOY_LABELS)
+    if net is None:
+        net = EmotionNet(ModelConfig(n_classes=2, channels=(4, 8, 8), lstm_hidden=16,
+                                     dropout=0.0))
+    data = [(toy_features(label, 1000 + k, kind), i) for i, label in enumerate(TOY_LABELS)
             for k in range(8)]
     x, lengths = pad_batch([f for f, _ in data])
     y = torch.tensor([t for _, t in data])
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.01)
     net.train()
     for _ in range(40):
         loss = torch.nn.functional.cross_entropy(net(x, lengths), y)
@@ -56,14 +60,14 @@ def train_toy_model(seed: int = 0) -> bytes:
     return model_bytes(net.eval(), TOY_LABELS)
 
 
-def write_toy_base_sets(folder: Path) -> Path:
+def write_toy_base_sets(folder: Path, kind: str = LOGMEL_KIND) -> Path:
     sets = {}
     for name, per_class, offset in (("replay", 4, 2000), ("gate", 8, 3000)):
-        items = [(toy_features(label, offset + k).astype(np.float16), label)
+        items = [(toy_features(label, offset + k, kind).astype(np.float16), label)
                  for label in TOY_LABELS for k in range(per_class)]
         sets[name] = FeatureSet([f for f, _ in items], [label for _, label in items],
                                 ["toy"] * len(items))
-    write_base_sets(folder, sets, {"about": "toy sets for tests"})
+    write_base_sets(folder, sets, kind, {"about": "toy sets for tests"})
     return folder
 
 
@@ -140,13 +144,18 @@ class LearnerWorld:
                              **kwargs)
 
 
-@pytest.fixture
-def world(session_factory, tmp_path, toy_model, toy_base_sets) -> LearnerWorld:
-    """A migrated database (SQLite and PostgreSQL) whose active version 1 is the toy model."""
-    artifacts = ArtifactStore(tmp_path / "artifacts")
-    register_active(session_factory, artifacts, toy_model)
+def make_world(session_factory, folder: Path, model: bytes, base_sets: Path) -> LearnerWorld:
+    """A world whose active version 1 is `model`, learning with `base_sets` (of its kind)."""
+    artifacts = ArtifactStore(folder / "artifacts")
+    register_active(session_factory, artifacts, model)
     with session_factory() as session:
         key, _ = ApiKeyRepository(session).create("app", "app")
         session.commit()
         key_id = key.id
-    return LearnerWorld(session_factory, artifacts, toy_learner_settings(toy_base_sets), key_id)
+    return LearnerWorld(session_factory, artifacts, toy_learner_settings(base_sets), key_id)
+
+
+@pytest.fixture
+def world(session_factory, tmp_path, toy_model, toy_base_sets) -> LearnerWorld:
+    """A migrated database (SQLite and PostgreSQL) whose active version 1 is the toy model."""
+    return make_world(session_factory, tmp_path, toy_model, toy_base_sets)

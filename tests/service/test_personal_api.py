@@ -268,7 +268,8 @@ def test_personal_heads_are_cached_within_the_bound_and_loaded_on_demand(
         head.weight.zero_()
         head.bias.copy_(torch.tensor([5.0, -5.0]))  # happy, sad
     data = personal_head_bytes(head, global_model.labels, parent_version=1,
-                               parent_sha256=global_model.sha256)
+                               parent_sha256=global_model.sha256,
+                               parent_kind=global_model.kind)
     assert len(data) <= 1_000_000
     users = [f"user-{i}" for i in range(4)]
     with db() as session:

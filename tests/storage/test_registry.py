@@ -43,6 +43,51 @@ def test_bootstrap_refuses_a_damaged_bundled_model(session, artifacts):
     assert not artifacts.root.exists() or not any(artifacts.root.rglob("*.safetensors"))
 
 
+def test_a_new_bundled_model_joins_an_existing_store_as_a_candidate(session, artifacts,
+                                                                      model_v1):
+    registry = ModelRegistry(session, artifacts)
+    register(session, artifacts, "two")
+    registry.activate(2)
+    session.commit()
+    data = fake_model("new release's default")
+    bundled = registry.register_bundled(data, sha256_bytes(data), labels=LABELS,
+                                        metrics={"test": {"macro_f1": 0.7}})
+    session.commit()
+
+    assert (bundled.version, bundled.status, bundled.parent_version, bundled.scope) == (
+        3, "candidate", None, "global")
+    assert bundled.metrics == {"test": {"macro_f1": 0.7}} and bundled.activated_at is None
+    assert artifacts.read_model(bundled.artifact_path, bundled.sha256) == data
+    assert registry.active_global().version == 2  # the active version keeps serving
+    audit = session.scalars(select(AuditEntry)
+                            .where(AuditEntry.action == "model.register_bundled")).one()
+    assert (audit.target, audit.actor_key_id) == ("model_version:3", None)
+    assert audit.details["sha256"] == sha256_bytes(data) and audit.details["active_version"] == 2
+    assert "activates" in audit.details["note"]
+    # Once there, or on an empty registry (bootstrap_default's case), nothing is registered.
+    assert registry.register_bundled(data, sha256_bytes(data), labels=LABELS) is None
+    default = fake_model("default")  # version 1's file
+    assert registry.register_bundled(default, sha256_bytes(default), labels=LABELS) is None
+    assert [v.version for v in registry.list_versions()] == [1, 2, 3]
+    assert registry.activate(3).status == "active"  # an admin can activate it
+
+
+def test_a_bundled_model_is_registered_beside_others_only_when_intact(session, artifacts,
+                                                                     model_v1):
+    registry = ModelRegistry(session, artifacts)
+    with pytest.raises(ArtifactError):
+        registry.register_bundled(b"damaged", sha256_bytes(b"original"), labels=LABELS)
+    session.rollback()
+    assert [v.version for v in registry.list_versions()] == [1]
+
+
+def test_no_bundled_candidate_on_an_empty_registry(session, artifacts):
+    data = fake_model("default")
+    assert ModelRegistry(session, artifacts).register_bundled(data, sha256_bytes(data),
+                                                              labels=LABELS) is None
+    assert session.scalar(select(func.count()).select_from(ModelVersion)) == 0
+
+
 def test_a_registered_version_is_a_candidate_with_a_checked_file(session, artifacts, model_v1):
     v2 = register(session, artifacts, "two", metrics={"macro_f1": 0.6})
     assert (v2.version, v2.status, v2.parent_version, v2.metrics) == (2, "candidate", 1,

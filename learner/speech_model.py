@@ -1,0 +1,135 @@
+"""The emotion network on a frozen speech encoder, whole, in one file: the downstream that is
+trained, on the hidden states of the first blocks of Whisper's encoder.
+
+encoder states (N, B, T, D) at 50 fps (learner.speech_encoder; frozen, computed once per clip)
+-> pooled in pairs of frames to 25 fps (`pool_frames`; what the training cache stores)
+-> softmax-weighted sum of the N blocks (which depths carry emotion is learned)
+-> LayerNorm -> linear projection to `channels` (D is wide; everything after runs narrow)
+-> Conv1d blocks (local patterns over 40 ms steps) -> BiLSTM (context over the utterance)
+-> attention pooling (which frames carry the emotion) -> linear head.
+Variable length is masked at every stage: padding a clip inside a batch never changes its output.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from learner.model import AttentionPooling, time_mask
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    n_blocks: int = 4  # encoder blocks read (the first n)
+    width: int = 512  # the encoder's D
+    n_classes: int = 8
+    channels: int = 128
+    conv_layers: int = 2
+    kernel: int = 5
+    lstm_hidden: int = 128
+    dropout: float = 0.3  # before the head
+    input_dropout: float = 0.0  # on the projected frames: fewer of a voice's details to memorise
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DownstreamConfig":
+        return cls(**data)
+
+
+def pool_frames(states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, B, T, D) at 50 fps -> (N, B, ceil(T/2), D) means of frame pairs (a lone last frame
+    stays itself), and the new lengths; padded frames come out zero whatever they held."""
+    n, b, t, d = states.shape
+    if not bool((lengths == t).all()):
+        states = states * time_mask(lengths, t)[None, :, :, None]
+    if t % 2:
+        states = torch.cat([states, states.new_zeros(n, b, 1, d)], dim=2)
+    pooled = states.view(n, b, -1, 2, d).sum(dim=3)
+    new_lengths = (lengths + 1) // 2
+    # A pair is two frames unless it is a clip's odd last frame.
+    count = 2 - (torch.arange(pooled.shape[2])[None, :] * 2 + 1 >= lengths[:, None]).float()
+    pooled = pooled / count.clamp(min=1)[None, :, :, None]
+    return pooled * time_mask(new_lengths, pooled.shape[2])[None, :, :, None], new_lengths
+
+
+class ConvBlock1d(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2, bias=False)
+        self.norm = nn.BatchNorm1d(c_out)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Re-zero padded frames: the next conv must see the zeros an unpadded clip ends with.
+        return torch.relu(self.norm(self.conv(x))) * mask[:, None, :]
+
+
+class SpeechEmotionNet(nn.Module):
+    def __init__(self, config: DownstreamConfig):
+        super().__init__()
+        self.config = config
+        self.block_logits = nn.Parameter(torch.zeros(config.n_blocks))
+        self.in_norm = nn.LayerNorm(config.width)
+        self.project = nn.Linear(config.width, config.channels)
+        self.input_dropout = nn.Dropout(config.input_dropout)
+        self.convs = nn.ModuleList(ConvBlock1d(config.channels, config.channels, config.kernel)
+                                   for _ in range(config.conv_layers))
+        self.lstm = nn.LSTM(config.channels, config.lstm_hidden, batch_first=True,
+                            bidirectional=True)
+        self.pool = AttentionPooling(2 * config.lstm_hidden)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(2 * config.lstm_hidden, config.n_classes)
+
+    def embed(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, N, T, D) pooled encoder states, (B,) frame counts -> (B, 2*lstm_hidden)."""
+        weights = torch.softmax(self.block_logits, dim=0)
+        x = self.in_norm(torch.einsum("n,bntd->btd", weights, states))  # (B, T, D)
+        t = x.shape[1]
+        mask = time_mask(lengths, t)
+        x = self.input_dropout(self.project(x)).transpose(1, 2) * mask[:, None, :]  # (B, C, T)
+        for conv in self.convs:
+            x = conv(x, mask)
+        x = x.transpose(1, 2)  # (B, T, C)
+        lengths = lengths.clamp(min=1)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        h, _ = self.lstm(packed)
+        h, _ = pad_packed_sequence(h, batch_first=True, total_length=t)  # (B, T, 2H)
+        return self.pool(h, time_mask(lengths, t))
+
+    def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """-> (B, n_classes) logits."""
+        return self.head(self.dropout(self.embed(states, lengths)))
+
+
+class SpeechEmotionModel(nn.Module):
+    """The whole model as it serves: Whisper log-mel (B, T, 80) -> frozen encoder -> frame pairs
+    pooled -> downstream. The same interface as EmotionNet (`embed`, `head`, `config`), so
+    inference, rounds and personal heads work on either kind. Only the downstream is saved in a
+    model version's file; the encoder is the bundled one, named there by its sha256."""
+
+    def __init__(self, encoder: nn.Module, downstream: SpeechEmotionNet, encoder_sha256: str):
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.encoder_sha256 = encoder_sha256  # which bundled encoder file the downstream reads
+        self.downstream = downstream
+        self.config = downstream.config
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.downstream.head
+
+    def train(self, mode: bool = True) -> "SpeechEmotionModel":
+        super().train(mode)
+        self.encoder.eval()  # frozen: never in training mode, whatever the caller does
+        return self
+
+    def embed(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, 80) Whisper log-mel, (B,) frame counts -> (B, 2*lstm_hidden)."""
+        with torch.no_grad():
+            states, lengths = self.encoder(mel, lengths)
+            states, lengths = pool_frames(states, lengths)
+        return self.downstream.embed(states.transpose(0, 1), lengths)
+
+    def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.downstream.head(self.downstream.dropout(self.embed(mel, lengths)))

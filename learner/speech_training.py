@@ -1,0 +1,182 @@
+"""Base training of the downstream on Whisper's frozen encoder, on all corpora, split by speaker.
+
+The encoder costs far more than the downstream, so it runs once per clip and variant
+(learner.encoder_cache): the clean clip for every speaker, plus waveform-augmented variants of
+the training speakers' clips. Epochs then read the cache: one variant per pick, a random crop,
+classes balanced by sampling; the epoch with the best unweighted accuracy on the validation
+speakers (averaged over corpora) is kept. The result wraps the bundled encoder, so it saves and serves as one model.
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from learner.checkpoint import LoadedModel
+from learner.corpora import CorpusClip, read_corpora, split_by_speaker
+from learner.encoder_cache import EncoderCache, build_or_load_cache
+from learner.evaluation import build_report, predict_clips
+from learner.inference import EmotionPredictor, limit_threads
+from learner.speech_encoder.weights import load_encoder
+from learner.speech_model import DownstreamConfig, SpeechEmotionModel, SpeechEmotionNet
+from learner.training import EarlyStopping, TrainingResult, balanced_weights, optimiser_step
+from storage.files import sha256_bytes
+
+
+class CachedClips:
+    """Clips and where their encoder states are: one or more cache variants per clip."""
+
+    def __init__(self, clips: list[CorpusClip], variants: list[tuple[EncoderCache, np.ndarray]],
+                 labels: tuple[str, ...], n_blocks: int):
+        self.clips, self.variants, self.n_blocks = clips, variants, n_blocks
+        self.targets = np.array([labels.index(c.emotion) for c in clips], dtype=np.int64)
+
+    def states(self, i: int, variant: int, max_frames: int | None,
+               rng: np.random.Generator | None) -> np.ndarray:
+        """(n_blocks, frames, D) float32 of clip i, randomly cropped to max_frames."""
+        cache, rows = self.variants[variant]
+        row = int(rows[i])
+        start, length = int(cache.offsets[row]), int(cache.lengths[row])
+        if max_frames is not None and length > max_frames:
+            start += int(rng.integers(0, length - max_frames + 1))
+            length = max_frames
+        return np.asarray(cache.states[start : start + length, : self.n_blocks],
+                          dtype=np.float32).transpose(1, 0, 2)
+
+
+def _batch(states: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (N, T_i, D) -> zero-padded (B, N, T, D) and (B,) lengths."""
+    lengths = torch.tensor([s.shape[1] for s in states])
+    n, _, d = states[0].shape
+    batch = torch.zeros(len(states), n, int(lengths.max()), d)
+    for i, s in enumerate(states):
+        batch[i, :, : s.shape[1]] = torch.from_numpy(s)
+    return batch, lengths
+
+
+@torch.inference_mode()
+def cached_logits(net: SpeechEmotionNet, data: CachedClips, batch_size: int = 64) -> np.ndarray:
+    """Logits of every clip's clean variant, whole clip, batched by similar length."""
+    net.eval()
+    cache, rows = data.variants[0]
+    order = np.argsort(cache.lengths[rows], kind="stable")
+    out = np.zeros((len(data.clips), net.config.n_classes), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        x, lengths = _batch([data.states(int(i), 0, None, None) for i in chunk])
+        out[chunk] = net(x, lengths).numpy()
+    return out
+
+
+def cached_report(net: SpeechEmotionNet, data: CachedClips, labels: tuple[str, ...]) -> dict:
+    """The evaluation report (per-corpus restricted labels) from cached states."""
+    logits = cached_logits(net, data)
+    scorer = EmotionPredictor(LoadedModel(net=net, labels=labels, sha256=""))
+    row = {id(c): i for i, c in enumerate(data.clips)}
+    outcomes, skipped = predict_clips(
+        data.clips, labels, lambda clip, allowed: scorer.predict_logits(logits[row[id(clip)]], allowed))
+    return build_report(outcomes, skipped, labels)
+
+
+def corpus_mean_ua(report: dict) -> float:
+    """The early-stopping score: unweighted accuracy per corpus, averaged over corpora. Pooled
+    over clips, one validation speaker with 500 clips (nEMO) would outweigh whole corpora."""
+    return float(np.mean([r["unweighted_accuracy"] for r in report["per_corpus"].values()]))
+
+
+def train_downstream(config: dict, train: CachedClips, validation: CachedClips,
+                     labels: tuple[str, ...], encoder_width: int, *, progress: bool = True,
+                     ) -> tuple[SpeechEmotionNet, list[dict]]:
+    seed, train_cfg = int(config["seed"]), config["train"]
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = SpeechEmotionNet(DownstreamConfig(n_classes=len(labels), width=encoder_width,
+                                            **config["model"]))
+    batch_size, epochs = train_cfg["batch_size"], train_cfg["epochs"]
+    steps = len(train.clips) // batch_size
+    optimizer = torch.optim.AdamW(net.parameters(), lr=train_cfg["lr"],
+                                  weight_decay=train_cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=train_cfg["lr"], total_steps=steps * epochs, pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=train_cfg.get("label_smoothing", 0.0))
+    weights = balanced_weights(train.clips)
+    history, stopping = [], EarlyStopping(train_cfg["patience"])
+    for epoch in range(1, epochs + 1):
+        net.train()
+        picks = rng.choice(len(train.clips), size=steps * batch_size, replace=True, p=weights)
+        total = 0.0
+        for step in tqdm(range(steps), desc=f"epoch {epoch}", unit="batch", disable=not progress,
+                         leave=False):
+            idx = picks[step * batch_size : (step + 1) * batch_size]
+            x, lengths = _batch([train.states(int(i), int(rng.integers(len(train.variants))),
+                                              train_cfg["max_frames"], rng) for i in idx])
+            loss = loss_fn(net(x, lengths), torch.from_numpy(train.targets[idx]))
+            total += optimiser_step(net, loss, optimizer, scheduler)
+        report = cached_report(net, validation, labels)
+        score = corpus_mean_ua(report)
+        per_corpus = {c: round(r["accuracy"], 3) for c, r in report["per_corpus"].items()}
+        history.append({"epoch": epoch, "loss": round(total / steps, 4),
+                        "val_corpus_mean_ua": round(score, 4),
+                        "val_ua": round(report["unweighted_accuracy"], 4),
+                        "val_accuracy": round(report["accuracy"], 4), "val_per_corpus": per_corpus})
+        if progress:
+            tqdm.write(f"epoch {epoch}: loss {total / steps:.3f}  validation mean UA over corpora "
+                       f"{score:.3f}  accuracy {per_corpus}", file=sys.stderr)
+        if stopping.should_stop(net, score):
+            break
+    stopping.restore_best(net)
+    return net, history
+
+
+def load_cached_splits(config: dict, data_dir: Path, encoder_path: Path, *,
+                       progress: bool = True) -> tuple[CachedClips, CachedClips, CachedClips]:
+    """The train, validation and test clips with their encoder states, built if not cached."""
+    labels = tuple(config["labels"])
+    seed, augment, train_cfg = int(config["seed"]), config["augment"], config["train"]
+    n_blocks, keep = config["model"]["n_blocks"], config["cache"]["keep_blocks"]
+    clips = [c for c in read_corpora(data_dir, config.get("corpora")) if c.emotion in labels]
+    split = split_by_speaker(clips, validation_speakers=config["split"]["validation_speakers"],
+                             test_speakers=config["split"]["test_speakers"])
+    encoder_sha = sha256_bytes(Path(encoder_path).read_bytes())
+    root = Path(config["cache"]["dir"])
+    common = dict(keep_blocks=keep, workers=int(train_cfg.get("workers", 2)), progress=progress)
+    # Clean states of every clip in one cache (any split can be read from it), then the
+    # augmented variants of the training clips.
+    every = sorted(str(c.path) for c in clips)
+    clean = build_or_load_cache(root, encoder_path, encoder_sha, every, desc="encoder (clean)",
+                                **common)
+    row_of = {p: i for i, p in enumerate(every)}
+
+    def rows(part: list[CorpusClip]) -> np.ndarray:
+        return np.array([row_of[str(c.path)] for c in part], dtype=np.int64)
+
+    train_paths = [str(c.path) for c in split.train]
+    variants = [(clean, rows(split.train))]
+    for v in range(1, int(augment["variants"])):
+        cache = build_or_load_cache(root, encoder_path, encoder_sha, train_paths, variant=v,
+                                    seed=seed, augment=augment, desc=f"encoder (variant {v})",
+                                    **common)
+        variants.append((cache, np.arange(len(train_paths))))
+    return (CachedClips(split.train, variants, labels, n_blocks),
+            CachedClips(split.validation, [(clean, rows(split.validation))], labels, n_blocks),
+            CachedClips(split.test, [(clean, rows(split.test))], labels, n_blocks))
+
+
+def train_speech(config: dict, data_dir: Path, encoder_path: Path, *,
+                 progress: bool = True) -> TrainingResult:
+    """The whole recipe: caches, downstream training, the model wrapped with its encoder."""
+    started = time.perf_counter()
+    labels = tuple(config["labels"])
+    limit_threads(int(config["train"].get("threads", 2)))
+    train, validation, test = load_cached_splits(config, data_dir, encoder_path, progress=progress)
+    encoder_sha = sha256_bytes(Path(encoder_path).read_bytes())
+    encoder = load_encoder(encoder_path, encoder_sha)
+    downstream, history = train_downstream(config, train, validation, labels,
+                                           encoder.config.width, progress=progress)
+    net = SpeechEmotionModel(encoder, downstream, encoder_sha)
+    return TrainingResult(net, labels, history, cached_report(downstream, validation, labels),
+                          cached_report(downstream, test, labels) if test.clips else None,
+                          time.perf_counter() - started)

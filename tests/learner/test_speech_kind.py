@@ -1,0 +1,173 @@
+"""The second kind of model, the CNN-BiLSTM on the frozen speech encoder, through everything the
+log-mel kind goes through: its file, inference on its own features, its own base sets beside the
+log-mel kind's, a learning round that trains its downstream only, and a personal head on its
+embedding. On a tiny encoder
+(tests/learner/tiny_speech.py), never the real Whisper file."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from learner.base_sets import BaseSetError, load_base_set
+from learner.checkpoint import (LOGMEL_KIND, WHISPER_KIND, LoadedModel, ModelFileError,
+                                bundled_encoder, model_bytes, model_from_bytes)
+from learner.continual_state import EwcState
+from learner.file_metadata import read_metadata
+from learner.inference import EmotionPredictor, pad_batch
+from learner.personal_model import (PersonalPredictor, embed_batch, personal_head_bytes,
+                                    personal_head_from_bytes)
+from learner.rounds import run_round
+from learner.serving_net import for_serving
+from learner.speech_encoder.weights import load_encoder
+from learner.speech_encoder.whisper_mel import extract_speech_features
+from learner.speech_model import SpeechEmotionModel
+from storage.registry import ModelRegistry
+from tests.learner.tiny_speech import (bundled_tiny_encoder, speech_world,  # noqa: F401
+                                       tiny_encoder_file, tiny_speech_model, toy_speech_base_sets,
+                                       toy_speech_model)
+from tests.learner.toy_learning import (TOY_LABELS, make_world, toy_base_sets,  # noqa: F401
+                                        toy_features, toy_model, toy_wave, write_toy_base_sets)
+
+sqlite_only = pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)
+
+
+def _clips() -> list[np.ndarray]:
+    return [toy_features(label, 50 + k, WHISPER_KIND) for k, label in enumerate(TOY_LABELS * 2)]
+
+
+def test_its_file_holds_the_downstream_only_and_loads_with_the_same_outputs(
+        tiny_encoder_file, bundled_tiny_encoder):
+    net = tiny_speech_model(tiny_encoder_file).eval()
+    data = model_bytes(net, TOY_LABELS)
+
+    assert set(load_safetensors(data)) == set(net.downstream.state_dict())  # no encoder tensor
+    metadata = read_metadata(data)
+    assert (metadata["kind"], metadata["encoder_sha256"]) == (WHISPER_KIND, bundled_tiny_encoder)
+    loaded = model_from_bytes(data)
+    assert (loaded.kind, loaded.labels) == (WHISPER_KIND, TOY_LABELS)
+    assert isinstance(loaded.net, SpeechEmotionModel)
+    x, lengths = pad_batch(_clips())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(x, lengths), net(x, lengths))
+    # Every version of the kind reads the one loaded encoder.
+    assert model_from_bytes(data).net.encoder is loaded.net.encoder
+
+    # It is served as it is, and answers a wave from its own features.
+    served = EmotionPredictor(for_serving(loaded))
+    assert served.model.kind == WHISPER_KIND
+    wave = toy_wave("happy", 7)
+    assert served.predict_wave(wave) == served.predict_features(extract_speech_features(wave))
+
+
+def test_a_model_naming_another_encoder_is_refused_whole(tiny_encoder_file, bundled_tiny_encoder):
+    path, sha256 = tiny_encoder_file
+    net = tiny_speech_model(tiny_encoder_file)
+    foreign = SpeechEmotionModel(net.encoder, net.downstream, encoder_sha256="0" * 64)
+    with pytest.raises(ModelFileError, match="checksum"):
+        model_from_bytes(model_bytes(foreign, TOY_LABELS))
+    assert bundled_encoder.cache_info().currsize == 0  # nothing of it kept
+    model_from_bytes(model_bytes(net, TOY_LABELS))  # the right one still loads
+
+
+@pytest.fixture(scope="session")
+def both_kinds_base_sets(tmp_path_factory) -> Path:
+    """One folder with the toy base sets of both kinds, as the default model's folder ships
+    them once the default changes kind."""
+    folder = tmp_path_factory.mktemp("both_kinds_base_sets")
+    write_toy_base_sets(folder, LOGMEL_KIND)
+    return write_toy_base_sets(folder, WHISPER_KIND)
+
+
+def test_base_sets_of_both_kinds_live_side_by_side(both_kinds_base_sets):
+    # The log-mel kind's files keep the names the shipped sets always had.
+    assert sorted(p.name for p in both_kinds_base_sets.iterdir()) == [
+        "base_gate.safetensors", "base_gate.whisper-cnn-bilstm.safetensors",
+        "base_replay.safetensors", "base_replay.whisper-cnn-bilstm.safetensors",
+        "base_sets.json", "base_sets.whisper-cnn-bilstm.json"]
+    for kind in (LOGMEL_KIND, WHISPER_KIND):
+        width = toy_features("happy", 0, kind).shape[1]  # 64 log-mel bands, 80 Whisper ones
+        for name in ("replay", "gate"):
+            loaded = load_base_set(name, both_kinds_base_sets, kind=kind)
+            assert len(loaded) > 0 and {f.shape[1] for f in loaded.features} == {width}
+
+
+def test_base_sets_of_another_kind_are_refused(toy_base_sets, tmp_path):
+    with pytest.raises(BaseSetError, match="whisper-cnn-bilstm base sets .* are missing"):
+        load_base_set("gate", toy_base_sets, kind=WHISPER_KIND)  # log-mel sets only
+    # A file named for the speech kind that holds log-mel features is refused too.
+    for theirs, ours in (("base_gate.safetensors", "base_gate.whisper-cnn-bilstm.safetensors"),
+                         ("base_sets.json", "base_sets.whisper-cnn-bilstm.json")):
+        shutil.copy(toy_base_sets / theirs, tmp_path / ours)
+    with pytest.raises(BaseSetError, match="rebuild"):
+        load_base_set("gate", tmp_path, kind=WHISPER_KIND)
+
+
+@sqlite_only
+@pytest.mark.parametrize("kind", [LOGMEL_KIND, WHISPER_KIND])
+def test_rounds_of_each_kind_read_their_own_base_sets(kind, request, session_factory, tmp_path,
+                                                       both_kinds_base_sets):
+    if kind == WHISPER_KIND:
+        request.getfixturevalue("bundled_tiny_encoder")
+    model = request.getfixturevalue("toy_speech_model" if kind == WHISPER_KIND else "toy_model")
+    world = make_world(session_factory, tmp_path, model, both_kinds_base_sets)
+    world.feedback(["happy", "sad"] * 6)
+    outcome = run_round(world.session_factory, world.artifacts, world.settings)
+
+    assert outcome.status in ("accepted", "rejected"), outcome.gate_report
+    # All of its kind's toy sets (the first round's gate has no earlier held-out feedback); a
+    # set of the other kind's features would have been refused, leaving nothing.
+    assert (outcome.counts["gate_set"], outcome.counts["replay_buffer"]) == (16, 8)
+
+
+@sqlite_only
+def test_a_round_trains_the_downstream_only_and_registers_a_version_of_the_kind(
+        speech_world, tiny_encoder_file):
+    world = speech_world
+    world.feedback(["happy", "sad"] * 6)
+    outcome = run_round(world.session_factory, world.artifacts, world.settings)
+
+    assert outcome.status == "accepted", outcome.gate_report
+    assert outcome.counts["gate_set"] > 0 and outcome.counts["replay_buffer"] > 0  # its base sets
+    with world.session_factory() as session:
+        registry = ModelRegistry(session, world.artifacts)
+        row, active = registry.get(outcome.candidate_version), registry.active_global()
+    assert active.version == row.version == 2
+    model = model_from_bytes(world.artifacts.read_model(row.artifact_path, row.sha256),
+                             expected_sha256=row.sha256)
+    assert model.kind == WHISPER_KIND and model.labels == TOY_LABELS
+    path, sha256 = tiny_encoder_file
+    assert model.net.encoder is bundled_encoder(sha256)
+    # The encoder every version shares came out of the round as it was loaded.
+    for name, tensor in load_encoder(path, sha256).state_dict().items():
+        torch.testing.assert_close(model.net.encoder.state_dict()[name], tensor, msg=name)
+    # The EWC state handed to the next round covers the trained downstream, nothing more.
+    state = EwcState.from_bytes(world.artifacts.read_checked(row.state_path, row.state_sha256))
+    assert all(name.startswith("net.downstream.") for name in state.anchor)
+    assert sum(t.numel() for t in state.anchor.values()) == sum(
+        p.numel() for p in model.net.downstream.parameters())
+
+
+def test_a_personal_head_runs_on_its_embedding(tiny_encoder_file, bundled_tiny_encoder):
+    net = tiny_speech_model(tiny_encoder_file).eval()
+    global_model = model_from_bytes(model_bytes(net, TOY_LABELS))
+    torch.manual_seed(1)
+    head_layer = torch.nn.Linear(global_model.net.head.in_features, len(TOY_LABELS))
+    data = personal_head_bytes(head_layer, TOY_LABELS, parent_version=2,
+                               parent_sha256=global_model.sha256, parent_kind=global_model.kind)
+    assert read_metadata(data)["features"] == read_metadata(model_bytes(net, TOY_LABELS))["features"]
+    predictor = PersonalPredictor(EmotionPredictor(global_model), personal_head_from_bytes(data))
+
+    clips = _clips()
+    with torch.no_grad():
+        expected = head_layer(embed_batch(global_model.net, clips)).numpy()
+    assert np.allclose(predictor.logits_batch(clips), expected, atol=1e-5)
+    assert np.allclose(predictor.logits(clips[0]), expected[0], atol=1e-5)
+    wave = toy_wave("sad", 3)
+    assert predictor.predict_wave(wave) == predictor.predict_features(extract_speech_features(wave))
+
+    other = LoadedModel(global_model.net, TOY_LABELS, sha256="b" * 64, kind=WHISPER_KIND)
+    with pytest.raises(ModelFileError, match="trained on a global model"):
+        PersonalPredictor(EmotionPredictor(other), personal_head_from_bytes(data))

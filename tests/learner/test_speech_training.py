@@ -1,0 +1,227 @@
+"""Base training on the frozen speech encoder: the cache of encoder states (built once, rebuilt
+when a build was cut short, one folder per encoder, clips, variant and seed; what it holds is what
+the encoder computes), the recipe end to end through `emoloop train --config`, and the linear
+probe beside it. On the toy corpus and the tiny encoder (tests/learner/tiny_speech.py), the
+recipe cut down to seconds."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from learner import encoder_cache
+from learner.audio import decode_audio, trim_silence
+from learner.checkpoint import WHISPER_KIND, load_model
+from learner.encoder_cache import build_or_load_cache, cache_key, encode_wave
+from learner.linear_probe import C_GRID
+from learner.speech_encoder.weights import load_encoder
+from learner.speech_training import corpus_mean_ua, load_cached_splits
+from service import cli
+from storage.files import sha256_bytes
+from tests.learner.tiny_speech import (BLOCKS, bundled_tiny_encoder,  # noqa: F401
+                                       tiny_encoder_bytes, tiny_encoder_file)
+
+REPO = Path(__file__).resolve().parents[2]
+LABELS = ["happy", "sad"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_encoder_file) -> dict:
+    """configs/speech-training.yaml on the toy corpus and the tiny encoder, cut down to seconds."""
+    config = yaml.safe_load((REPO / "configs" / "speech-training.yaml").read_text())
+    config["corpora"], config["labels"] = ["toy"], LABELS
+    config["split"] = {"validation_speakers": ["toy-a03"], "test_speakers": ["toy-a04"]}
+    config["encoder"]["file"] = str(tiny_encoder_file[0])
+    config["cache"].update(dir=str(tmp_path_factory.mktemp("encoder-states")), keep_blocks=BLOCKS)
+    config["augment"]["variants"] = 2
+    config["model"].update(n_blocks=BLOCKS, channels=8, lstm_hidden=8)
+    config["train"].update(epochs=2, patience=2, batch_size=4, max_frames=20, workers=1,
+                           threads=1)
+    return config
+
+
+@pytest.fixture(scope="module")
+def splits(recipe, toy_corpus, tiny_encoder_file):
+    """Train, validation and test clips with their states: the first build of the caches."""
+    return load_cached_splits(recipe, toy_corpus, tiny_encoder_file[0], progress=False)
+
+
+def _folders(root) -> set[str]:
+    return {p.name for p in Path(root).iterdir()}
+
+
+class EncoderRan(AssertionError):
+    pass
+
+
+def _no_encoder_runs(monkeypatch) -> None:
+    """From here on, starting the encoder's worker pool raises EncoderRan."""
+    def refuse(*args, **kwargs):
+        raise EncoderRan("the encoder ran")
+
+    monkeypatch.setattr(encoder_cache, "get_context", refuse)
+
+
+def _assert_same_cache(a, b) -> None:
+    for name in ("states", "offsets", "lengths", "means"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_the_cache_is_built_once_and_read_back_unchanged(recipe, toy_corpus, tiny_encoder_file,
+                                                         splits, monkeypatch):
+    root = Path(recipe["cache"]["dir"])
+    # Complete: the clean states of every clip, and the training clips' augmented variant.
+    assert len(list(root.glob("*/index.json"))) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    _no_encoder_runs(monkeypatch)
+
+    again = load_cached_splits(recipe, toy_corpus, tiny_encoder_file[0], progress=False)
+
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamps  # nothing rewritten
+    for first, second in zip(splits, again):
+        assert [c.path for c in first.clips] == [c.path for c in second.clips]
+        assert len(first.variants) == len(second.variants)
+        for (cache, rows), (cache_again, rows_again) in zip(first.variants, second.variants):
+            np.testing.assert_array_equal(rows, rows_again)
+            _assert_same_cache(cache, cache_again)
+    train, validation, test = splits
+    assert {c.speaker for c in validation.clips} == {"toy-a03"}
+    assert {c.speaker for c in test.clips} == {"toy-a04"}
+    assert len(train.variants) == 2 and len(validation.variants) == len(test.variants) == 1
+
+
+def test_another_encoder_file_variant_or_seed_is_never_read_from_the_cache(
+        recipe, tiny_encoder_file, splits, tmp_path, monkeypatch):
+    path, sha256 = tiny_encoder_file
+    root = Path(recipe["cache"]["dir"])
+    train_paths = [str(c.path) for c in splits[0].clips]
+    seed, augment = int(recipe["seed"]), recipe["augment"]
+    other = tmp_path / "other_encoder.safetensors"
+    other.write_bytes(tiny_encoder_bytes(seed=1))
+    cached = _folders(root)
+    _no_encoder_runs(monkeypatch)
+
+    # What is cached loads; each change below runs the encoder again, into a folder of its own.
+    build_or_load_cache(root, path, sha256, train_paths, keep_blocks=BLOCKS, variant=1, seed=seed,
+                        augment=augment, workers=1, progress=False)
+    changes = [dict(encoder_path=other, encoder_sha256=sha256_bytes(other.read_bytes())),
+               dict(variant=2), dict(seed=seed + 1), dict(keep_blocks=BLOCKS - 1),
+               dict(augment={**augment, "snr_db": [20, 30]})]
+    for change in changes:
+        args = dict(encoder_path=path, encoder_sha256=sha256, paths=train_paths,
+                    keep_blocks=BLOCKS, variant=1, seed=seed, augment=augment) | change
+        before = _folders(root)
+        with pytest.raises(EncoderRan):
+            build_or_load_cache(root, workers=1, progress=False, **args)
+        assert len(_folders(root) - before) == 1, change
+    assert len(_folders(root) - cached) == len(changes)
+
+
+def test_a_build_cut_short_is_rebuilt_and_gives_the_same_states(recipe, tiny_encoder_file,
+                                                               splits, tmp_path):
+    path, sha256 = tiny_encoder_file
+    train_paths = [str(c.path) for c in splits[0].clips]
+    seed, augment = int(recipe["seed"]), recipe["augment"]
+    augmented = splits[0].variants[1][0]
+    # As a build killed before it wrote its index.json: states and means half-written.
+    folder = tmp_path / cache_key(sha256, BLOCKS, train_paths, 1, seed, augment)
+    folder.mkdir()
+    for name in ("states.npy", "means.npy"):
+        (folder / name).write_bytes(b"\x93NUMPY half a file")
+
+    # By two workers instead of one: which process encodes a clip cannot change its states.
+    rebuilt = build_or_load_cache(tmp_path, path, sha256, train_paths, keep_blocks=BLOCKS,
+                                  variant=1, seed=seed, augment=augment, workers=2, progress=False)
+
+    assert (folder / "index.json").is_file() and _folders(tmp_path) == {folder.name}
+    _assert_same_cache(rebuilt, augmented)
+
+
+def test_cached_states_are_what_the_encoder_computes_for_the_trimmed_clip(
+        tiny_encoder_file, splits):
+    encoder = load_encoder(*tiny_encoder_file)
+    test = splits[2]
+    cache, rows = test.variants[0]
+    assert cache.states.dtype == np.float16 and cache.states.shape[1:] == (BLOCKS, 16)
+    assert int(cache.lengths.sum()) == cache.states.shape[0]
+    for i in (0, len(test.clips) - 1):
+        row = int(rows[i])
+        wave = trim_silence(decode_audio(test.clips[i].path, max_seconds=60.0))
+        expected, frames = encode_wave(encoder, wave)  # (blocks, frames, D) float32
+
+        assert cache.lengths[row] == frames == expected.shape[1]
+        assert frames < 30  # not the 38 frames of the whole 1.5 s file: its silence is trimmed off
+        np.testing.assert_allclose(cache.clip(row).astype(np.float32), expected[:BLOCKS],
+                                   rtol=2 ** -10, atol=1e-4)
+        np.testing.assert_allclose(cache.means[row], expected.mean(axis=1), rtol=1e-4, atol=1e-5)
+        # What training reads of the clip: the same states, blocks first, in float32.
+        np.testing.assert_array_equal(test.states(i, 0, None, None),
+                                      cache.clip(row).astype(np.float32))
+
+
+def test_an_augmented_variant_differs_from_the_clean_one(splits):
+    train = splits[0]
+    (clean, clean_rows), (augmented, augmented_rows) = train.variants
+    assert len(augmented.lengths) == len(train.clips)  # the training speakers' clips only
+    for i in range(len(train.clips)):
+        assert not np.array_equal(clean.clip(int(clean_rows[i])),
+                                  augmented.clip(int(augmented_rows[i])))
+
+
+def test_early_stopping_weighs_every_corpus_alike():
+    report = {"per_corpus": {"nemo": {"unweighted_accuracy": 1.0, "n": 500},
+                             "ravdess": {"unweighted_accuracy": 0.0, "n": 10}}}
+    assert corpus_mean_ua(report) == 0.5
+
+
+def _write_recipe(recipe: dict, folder: Path) -> Path:
+    path = folder / "speech.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_emoloop_train_writes_a_model_of_the_speech_kind_the_same_for_the_same_seed(
+        recipe, toy_corpus, splits, bundled_tiny_encoder, tmp_path, capsys, monkeypatch):
+    config = _write_recipe(recipe, tmp_path)
+    _no_encoder_runs(monkeypatch)  # every epoch reads the cache
+    outs = [tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"]
+    summaries = []
+    for out in outs:
+        out.parent.mkdir()
+        assert cli.main(["train", "--config", str(config), "--out", str(out),
+                         "--data", str(toy_corpus)]) == 0
+        summaries.append(json.loads(capsys.readouterr().out))
+
+    model = load_model(outs[0])
+    assert model.kind == WHISPER_KIND and model.labels == tuple(LABELS)
+    assert model.net.encoder_sha256 == bundled_tiny_encoder
+    info = json.loads(outs[0].with_suffix(".json").read_text())
+    assert summaries[0]["sha256"] == info["sha256"] == model.sha256
+    assert info["validation"]["n"] == 8 and info["test"]["n"] == 8
+    assert set(info["test"]["per_corpus"]) == {"toy"}
+    assert 0 < info["trained_parameters"] < info["parameters"]  # the encoder stays frozen
+    assert info["trained_parameters"] == sum(p.numel() for p in model.net.downstream.parameters())
+    # The epoch kept is the one best on the validation speakers.
+    assert len(info["history"]) == 2
+    assert round(info["validation"]["unweighted_accuracy"], 4) == max(
+        h["val_corpus_mean_ua"] for h in info["history"])
+    assert summaries[1]["sha256"] == sha256_bytes(outs[1].read_bytes()) == model.sha256
+
+
+def test_the_linear_probe_prints_its_reports_and_trains_nothing(recipe, toy_corpus, splits,
+                                                                 tmp_path, capsys, monkeypatch):
+    config = _write_recipe(recipe, tmp_path)
+    before = _folders(recipe["cache"]["dir"])
+    _no_encoder_runs(monkeypatch)  # the same cache as the trained downstream
+    out = tmp_path / "model.safetensors"
+    assert cli.main(["train", "--config", str(config), "--out", str(out),
+                     "--data", str(toy_corpus), "--linear-probe", "1"]) == 0
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["blocks"] == [1] and result["C"] in C_GRID
+    assert result["validation"]["n"] == result["test"]["n"] == 8
+    assert 0.0 <= result["test"]["unweighted_accuracy"] <= 1.0
+    assert set(result["test"]["per_corpus"]) == {"toy"}
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert _folders(recipe["cache"]["dir"]) == before

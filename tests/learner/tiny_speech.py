@@ -1,0 +1,86 @@
+"""Models of the speech-encoder kind small enough for any test: a Whisper-shaped encoder with
+random float16 weights (width 16, 2 heads, 2 blocks), imported as `emoloop encoder import`
+would import the real file, and tiny downstreams on it. The `bundled_tiny_encoder` fixture makes
+it the bundled encoder file, so such models save and load like the real ones; the real Whisper
+file is never read."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import learner.checkpoint as checkpoint
+from learner.checkpoint import WHISPER_KIND
+from learner.inference import limit_threads
+from learner.speech_encoder.ct2_file import write_ct2
+from learner.speech_encoder.weights import import_encoder, load_encoder
+from learner.speech_encoder.whisper_encoder import EncoderConfig, WhisperEncoder, ct2_names
+from learner.speech_model import DownstreamConfig, SpeechEmotionModel, SpeechEmotionNet
+from storage.files import sha256_bytes
+from tests.learner.toy_learning import (LearnerWorld, make_world, train_toy_model,
+                                        write_toy_base_sets)
+
+WIDTH, HEADS, BLOCKS, N_MELS, MAX_FRAMES = 16, 2, 2, 80, 1500
+
+
+def tiny_encoder_bytes(seed: int = 0) -> bytes:
+    """An encoder file: random CTranslate2 variables of the tiny encoder's shapes, imported
+    (their sha256 not pinned)."""
+    rng = np.random.default_rng(seed)
+    shapes = WhisperEncoder(EncoderConfig(N_MELS, WIDTH, HEADS, BLOCKS, MAX_FRAMES)).state_dict()
+    variables = {theirs: ((1.0 if ours.endswith("norm.weight") else 0.0)  # LayerNorm gains
+                          + 0.15 * rng.standard_normal(shapes[ours].shape)).astype(np.float16)
+                 for ours, theirs in ct2_names(BLOCKS).items()}
+    variables["encoder/num_heads"] = np.array(HEADS, np.int16)
+    return import_encoder(write_ct2("WhisperSpec", variables), BLOCKS, expected_sha256=None)
+
+
+def tiny_downstream(n_classes: int = 2) -> SpeechEmotionNet:
+    return SpeechEmotionNet(DownstreamConfig(n_blocks=BLOCKS, width=WIDTH, n_classes=n_classes,
+                                             channels=8, conv_layers=1, kernel=3,
+                                             lstm_hidden=8, dropout=0.0))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_file(tmp_path_factory) -> tuple[Path, str]:
+    """(path, sha256) of the tiny encoder file."""
+    data = tiny_encoder_bytes()
+    path = tmp_path_factory.mktemp("encoder") / "whisper_base_encoder.safetensors"
+    path.write_bytes(data)
+    return path, sha256_bytes(data)
+
+
+@pytest.fixture
+def bundled_tiny_encoder(tiny_encoder_file, monkeypatch) -> str:
+    """The tiny encoder as the bundled encoder file, for this test; returns its sha256."""
+    path, sha256 = tiny_encoder_file
+    monkeypatch.setattr(checkpoint, "ENCODER_FILE", path)
+    checkpoint.bundled_encoder.cache_clear()
+    yield sha256
+    checkpoint.bundled_encoder.cache_clear()
+
+
+def tiny_speech_model(tiny_encoder_file, n_classes: int = 2, seed: int = 0) -> SpeechEmotionModel:
+    """A random tiny model of the speech kind on (a load of) the tiny encoder file."""
+    path, sha256 = tiny_encoder_file
+    torch.manual_seed(seed)
+    return SpeechEmotionModel(load_encoder(path, sha256), tiny_downstream(n_classes), sha256)
+
+
+@pytest.fixture(scope="session")
+def toy_speech_model(tiny_encoder_file) -> bytes:
+    """The toy model (tests/learner/toy_learning.py) of the speech kind: a model file."""
+    limit_threads(1)  # as toy_model: one thread trains these tiny models fastest
+    return train_toy_model(net=tiny_speech_model(tiny_encoder_file), kind=WHISPER_KIND)
+
+
+@pytest.fixture(scope="session")
+def toy_speech_base_sets(tmp_path_factory) -> Path:
+    return write_toy_base_sets(tmp_path_factory.mktemp("speech_base_sets"), WHISPER_KIND)
+
+
+@pytest.fixture
+def speech_world(session_factory, tmp_path, toy_speech_model, toy_speech_base_sets,
+                 bundled_tiny_encoder) -> LearnerWorld:
+    """The toy world (a migrated database, its active version 1) on the speech kind."""
+    return make_world(session_factory, tmp_path, toy_speech_model, toy_speech_base_sets)
