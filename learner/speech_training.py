@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from learner.checkpoint import LoadedModel
-from learner.corpora import CorpusClip, read_corpora, split_by_speaker
+from learner.corpora import CorpusClip, CorpusError, read_corpora, split_by_speaker
 from learner.encoder_cache import EncoderCache, build_or_load_cache
 from learner.evaluation import build_report, predict_clips
 from learner.inference import EmotionPredictor, limit_threads
@@ -97,6 +97,10 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips,
                                             **config["model"]))
     batch_size, epochs = train_cfg["batch_size"], train_cfg["epochs"]
     steps = len(train.clips) // batch_size
+    if not validation.clips or steps == 0:
+        raise CorpusError(f"{len(train.clips)} training and {len(validation.clips)} validation "
+                          f"clips: need at least a batch ({batch_size}) to train on and one "
+                          f"validation clip to choose the epoch on")
     optimizer = torch.optim.AdamW(net.parameters(), lr=train_cfg["lr"],
                                   weight_decay=train_cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

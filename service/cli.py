@@ -9,23 +9,32 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from learner.corpora import CorpusError
     from learner.training import load_training_config, save_training_result, train
 
     config = load_training_config(args.config)
     data_dir = Path(args.data or REPO_ROOT / config["data_dir"])
-    if "encoder" in config:  # a recipe on the frozen speech encoder
-        from learner.speech_training import train_speech
-
-        config["cache"]["dir"] = str(REPO_ROOT / config["cache"]["dir"])
-        encoder = REPO_ROOT / config["encoder"]["file"]
-        if args.linear_probe:
-            return _linear_probe(config, data_dir, encoder, args.linear_probe)
-        result = train_speech(config, data_dir, encoder)
-    elif args.linear_probe:
+    if "encoder" not in config and args.linear_probe:
         print("emoloop train: --linear-probe needs a recipe with an encoder", file=sys.stderr)
         return 2
-    else:
-        result = train(config, data_dir)
+    try:
+        if "encoder" in config:  # a recipe on the frozen speech encoder
+            from learner.speech_training import train_speech
+
+            config["cache"]["dir"] = str(REPO_ROOT / config["cache"]["dir"])
+            encoder = REPO_ROOT / config["encoder"]["file"]
+            if not encoder.is_file():
+                print(f"emoloop train: no encoder file {encoder}: `emoloop encoder import` "
+                      f"writes it", file=sys.stderr)
+                return 2
+            if args.linear_probe:
+                return _linear_probe(config, data_dir, encoder, args.linear_probe)
+            result = train_speech(config, data_dir, encoder)
+        else:
+            result = train(config, data_dir)
+    except CorpusError as err:
+        print(f"emoloop train: {err}", file=sys.stderr)
+        return 2
     info = save_training_result(result, config, Path(args.out))
     keys = ("sha256", "parameters", "trained_parameters", "training_seconds", "validation", "test")
     print(json.dumps({"model": str(args.out), **{k: info[k] for k in keys}}, indent=2))

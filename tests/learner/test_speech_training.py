@@ -225,3 +225,18 @@ def test_the_linear_probe_prints_its_reports_and_trains_nothing(recipe, toy_corp
     assert set(result["test"]["per_corpus"]) == {"toy"}
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert _folders(recipe["cache"]["dir"]) == before
+
+
+def test_a_recipe_without_its_encoder_file_or_validation_speakers_is_a_clear_error(
+        recipe, toy_corpus, splits, tmp_path, capsys):
+    out = tmp_path / "model.safetensors"
+    no_encoder = {**recipe, "encoder": {"file": str(tmp_path / "missing.safetensors")}}
+    assert cli.main(["train", "--config", str(_write_recipe(no_encoder, tmp_path)),
+                     "--out", str(out), "--data", str(toy_corpus)]) == 2
+    assert "emoloop encoder import" in capsys.readouterr().err
+
+    nobody = {**recipe, "split": {"validation_speakers": ["toy-a99"], "test_speakers": ["toy-a04"]}}
+    assert cli.main(["train", "--config", str(_write_recipe(nobody, tmp_path)),
+                     "--out", str(out), "--data", str(toy_corpus)]) == 2
+    assert "0 validation clips" in capsys.readouterr().err
+    assert not out.exists()
