@@ -212,10 +212,18 @@ def evaluate_features(predictor, clips: Sequence[CorpusClip], features: Sequence
 def _outcomes(predictor, clips: Sequence[CorpusClip],
               features: Sequence[np.ndarray]) -> tuple[list[Outcome], int]:
     logits = predictor.logits_batch(list(features)) if len(features) else []
+    return outcomes_from_logits(clips, predictor.labels, logits)
+
+
+def outcomes_from_logits(clips: Sequence[CorpusClip], labels: tuple[str, ...],
+                         logits: np.ndarray) -> tuple[list[Outcome], int]:
+    """Outcomes of clips whose logits (one row per clip, in `labels` order) are computed."""
+    from learner.inference import prediction_from_logits
+
     row = {id(c): i for i, c in enumerate(clips)}
     return predict_clips(
-        clips, predictor.labels,
-        lambda clip, allowed: predictor.predict_logits(logits[row[id(clip)]], allowed),
+        clips, labels,
+        lambda clip, allowed: prediction_from_logits(logits[row[id(clip)]], labels, allowed),
     )
 
 

@@ -60,17 +60,23 @@ class EmotionPredictor:
         self.predict_wave(wave)
 
     def predict_logits(self, logits: np.ndarray, allowed: tuple[str, ...] | None = None) -> Prediction:
-        if allowed is not None:
-            keep = np.array([label in allowed for label in self.labels])
-            logits = np.where(keep, logits, -np.inf)
-        shifted = np.exp(logits - logits.max())
-        probs = shifted / shifted.sum()
-        best = int(probs.argmax())
-        return Prediction(
-            emotion=self.labels[best],
-            confidence=float(probs[best]),
-            probabilities={label: float(p) for label, p in zip(self.labels, probs)},
-        )
+        return prediction_from_logits(logits, self.labels, allowed)
+
+
+def prediction_from_logits(logits: np.ndarray, labels: tuple[str, ...],
+                           allowed: tuple[str, ...] | None = None) -> Prediction:
+    """Softmax over `labels` (only those in `allowed`, when given) and the most likely one."""
+    if allowed is not None:
+        keep = np.array([label in allowed for label in labels])
+        logits = np.where(keep, logits, -np.inf)
+    shifted = np.exp(logits - logits.max())
+    probs = shifted / shifted.sum()
+    best = int(probs.argmax())
+    return Prediction(
+        emotion=labels[best],
+        confidence=float(probs[best]),
+        probabilities={label: float(p) for label, p in zip(labels, probs)},
+    )
 
 
 def pad_batch(features: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

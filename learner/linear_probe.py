@@ -4,9 +4,7 @@ as the trained downstream, C chosen on the validation speakers. It shows what th
 CNN-BiLSTM adds over the frozen features alone."""
 import numpy as np
 
-from learner.evaluation import build_report, predict_clips
-from learner.inference import EmotionPredictor
-from learner.checkpoint import LoadedModel
+from learner.evaluation import build_report, outcomes_from_logits
 from learner.speech_training import CachedClips
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -20,11 +18,7 @@ def _means(data: CachedClips, blocks: tuple[int, ...]) -> np.ndarray:
 def _report(model, x: np.ndarray, data: CachedClips, labels: tuple[str, ...]) -> dict:
     logits = np.full((len(x), len(labels)), -np.inf, dtype=np.float64)
     logits[:, model.classes_] = model.predict_log_proba(x)
-    scorer = EmotionPredictor(LoadedModel(net=None, labels=labels, sha256=""))
-    row = {id(c): i for i, c in enumerate(data.clips)}
-    outcomes, skipped = predict_clips(
-        data.clips, labels, lambda clip, allowed: scorer.predict_logits(logits[row[id(clip)]], allowed))
-    return build_report(outcomes, skipped, labels)
+    return build_report(*outcomes_from_logits(data.clips, labels, logits), labels)
 
 
 def linear_probe(train: CachedClips, validation: CachedClips, test: CachedClips,

@@ -4,7 +4,8 @@ The encoder costs far more than the downstream, so it runs once per clip and var
 (learner.encoder_cache): the clean clip for every speaker, plus waveform-augmented variants of
 the training speakers' clips. Epochs then read the cache: one variant per pick, a random crop,
 classes balanced by sampling; the epoch with the best unweighted accuracy on the validation
-speakers (averaged over corpora) is kept. The result wraps the bundled encoder, so it saves and serves as one model.
+speakers (averaged over corpora) is kept. The result wraps the bundled encoder, so it saves and
+serves as one model.
 """
 import sys
 import time
@@ -15,11 +16,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from learner.checkpoint import LoadedModel
 from learner.corpora import CorpusClip, CorpusError, read_corpora, split_by_speaker
 from learner.encoder_cache import EncoderCache, build_or_load_cache
-from learner.evaluation import build_report, predict_clips
-from learner.inference import EmotionPredictor, limit_threads
+from learner.evaluation import build_report, outcomes_from_logits
+from learner.inference import limit_threads
 from learner.speech_encoder.weights import load_encoder
 from learner.speech_model import DownstreamConfig, SpeechEmotionModel, SpeechEmotionNet
 from learner.training import EarlyStopping, TrainingResult, balanced_weights, optimiser_step
@@ -38,13 +38,12 @@ class CachedClips:
                rng: np.random.Generator | None) -> np.ndarray:
         """(n_blocks, frames, D) float32 of clip i, randomly cropped to max_frames."""
         cache, rows = self.variants[variant]
-        row = int(rows[i])
-        start, length = int(cache.offsets[row]), int(cache.lengths[row])
+        states = cache.clip(int(rows[i]))[: self.n_blocks]
+        length = states.shape[1]
         if max_frames is not None and length > max_frames:
-            start += int(rng.integers(0, length - max_frames + 1))
-            length = max_frames
-        return np.asarray(cache.states[start : start + length, : self.n_blocks],
-                          dtype=np.float32).transpose(1, 0, 2)
+            start = int(rng.integers(0, length - max_frames + 1))
+            states = states[:, start : start + max_frames]
+        return np.asarray(states, dtype=np.float32)
 
 
 def _batch(states: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,12 +72,8 @@ def cached_logits(net: SpeechEmotionNet, data: CachedClips, batch_size: int = 64
 
 def cached_report(net: SpeechEmotionNet, data: CachedClips, labels: tuple[str, ...]) -> dict:
     """The evaluation report (per-corpus restricted labels) from cached states."""
-    logits = cached_logits(net, data)
-    scorer = EmotionPredictor(LoadedModel(net=net, labels=labels, sha256=""))
-    row = {id(c): i for i, c in enumerate(data.clips)}
-    outcomes, skipped = predict_clips(
-        data.clips, labels, lambda clip, allowed: scorer.predict_logits(logits[row[id(clip)]], allowed))
-    return build_report(outcomes, skipped, labels)
+    return build_report(*outcomes_from_logits(data.clips, labels, cached_logits(net, data)),
+                        labels)
 
 
 def corpus_mean_ua(report: dict) -> float:

@@ -266,15 +266,18 @@ def cmd_encoder(args: argparse.Namespace) -> int:
     from learner.speech_encoder.ct2_file import CT2FormatError
     from learner.speech_encoder.weights import EncoderFileError, import_encoder_file
 
+    from learner.checkpoint import ENCODER_FILE
+
     if args.blocks < 1:
         print("emoloop encoder import: --blocks must be at least 1", file=sys.stderr)
         return 2
+    out = args.out or ENCODER_FILE
     try:
-        digest = import_encoder_file(args.path, args.out, args.blocks)
+        digest = import_encoder_file(args.path, out, args.blocks)
     except (EncoderFileError, CT2FormatError, OSError) as err:
         print(f"emoloop encoder import: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}  sha256 {digest}  {args.out.stat().st_size:,} bytes")
+    print(f"wrote {out}  sha256 {digest}  {out.stat().st_size:,} bytes")
     return 0
 
 
@@ -398,8 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "its CTranslate2 model.bin (checked against the pinned sha256)")
     e.add_argument("path", type=Path, help="faster-whisper-base's model.bin")
     e.add_argument("--blocks", type=int, default=4, help="encoder blocks kept (default 4 of 6)")
-    e.add_argument("--out", type=Path, default=REPO_ROOT / "learner" / "default_model" /
-                   "whisper_base_encoder.safetensors",
+    e.add_argument("--out", type=Path,
                    help="default: learner/default_model/whisper_base_encoder.safetensors")
     p.set_defaults(func=cmd_encoder)
 
