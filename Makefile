@@ -24,7 +24,7 @@ test: install
 
 # Long jobs, never part of `make test`.
 train: install
-	$(BIN)/emoloop train --config configs/base-training.yaml --out learner/default_model/model.safetensors
+	$(BIN)/emoloop train --config configs/speech-training.yaml --out learner/default_model/model.safetensors
 
 evaluate: install
 	$(BIN)/emoloop evaluate --data ../shared/data

@@ -151,7 +151,7 @@ def crop_centre(features: np.ndarray, max_frames: int) -> np.ndarray:
 
 def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate_per_class: int,
                     kind: str, max_frames: int = 300, out_dir: Path = DEFAULT_MODEL_DIR,
-                    workers: int = 2) -> dict:
+                    workers: int = 2, config_name: str = "the recipe") -> dict:
     """Choose, featurise (as a model of `kind` reads clips: the kind of the model the sets ship
     beside) and write both sets and their JSON, named for `kind`; returns that JSON."""
     from learner.evaluation import clip_features
@@ -179,8 +179,7 @@ def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate
     corpus_of = {c.speaker: c.corpus for members in sets.values() for c in members}
     info = write_base_sets(out_dir, feature_sets, kind, {
         "seed": seed, "max_frames": max_frames,
-        "speakers": "training speakers of configs/base-training.yaml (never the validation or "
-                    "test speakers)"})
+        "speakers": f"training speakers of {config_name} (never the validation or test speakers)"})
     for name, feature_set in feature_sets.items():
         info["sets"][name]["per_corpus"] = {
             corpus: sum(corpus_of[s] == corpus for s in feature_set.speakers)

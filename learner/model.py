@@ -105,4 +105,9 @@ def time_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """All parameters, or only those training may change (a frozen encoder's are not)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    if not trainable_only:  # an int8 encoder's linear layers keep theirs packed, outside parameters()
+        for m in model.modules():
+            if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+                total += m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0)
+    return total

@@ -273,7 +273,7 @@ def cmd_encoder(args: argparse.Namespace) -> int:
         return 2
     out = args.out or ENCODER_FILE
     try:
-        digest = import_encoder_file(args.path, out, args.blocks)
+        digest = import_encoder_file(args.path, out, args.blocks, args.precision)
     except (EncoderFileError, CT2FormatError, OSError) as err:
         print(f"emoloop encoder import: {err}", file=sys.stderr)
         return 2
@@ -401,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "its CTranslate2 model.bin (checked against the pinned sha256)")
     e.add_argument("path", type=Path, help="faster-whisper-base's model.bin")
     e.add_argument("--blocks", type=int, default=4, help="encoder blocks kept (default 4 of 6)")
+    e.add_argument("--precision", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="how the encoder runs: recorded in the file, so a model trained on it is "
+                        "served the same states (default float32)")
     e.add_argument("--out", type=Path,
                    help="default: learner/default_model/whisper_base_encoder.safetensors")
     p.set_defaults(func=cmd_encoder)

@@ -105,16 +105,20 @@ def run_personal(args: argparse.Namespace) -> int:
 
 def build_base_sets(args: argparse.Namespace) -> int:
     from learner.base_sets import build_base_sets as build
-    from learner.checkpoint import DEFAULT_MODEL_FILE, load_model
+    from learner.checkpoint import DEFAULT_MODEL_FILE, LOGMEL_KIND, WHISPER_KIND, load_model
     from learner.training import load_training_config
 
-    config = load_training_config(args.config)
+    recipe_by_kind = {LOGMEL_KIND: "base-training.yaml", WHISPER_KIND: "speech-training.yaml"}
     # The sets are the features of the model they ship beside; its kind also names their files,
-    # so another kind's sets in the same folder stay (learner.base_sets).
+    # so another kind's sets in the same folder stay (learner.base_sets), and picks the recipe
+    # whose training speakers they come from.
     kind = load_model(args.model or Path(args.out) / DEFAULT_MODEL_FILE.name).kind
-    info = build(Path(args.data), config, replay_per_class=args.replay_per_class,
-                 gate_per_class=args.gate_per_class, kind=kind, max_frames=args.max_frames,
-                 out_dir=Path(args.out))
+    config_path = args.config or REPO_ROOT / "configs" / recipe_by_kind[kind]
+    info = build(Path(args.data), load_training_config(config_path),
+                 replay_per_class=args.replay_per_class, gate_per_class=args.gate_per_class,
+                 kind=kind, max_frames=args.max_frames, out_dir=Path(args.out),
+                 config_name=config_path.relative_to(REPO_ROOT).as_posix()
+                 if config_path.is_relative_to(REPO_ROOT) else str(config_path))
     print(json.dumps(info, indent=2))
     return 0
 
@@ -132,8 +136,10 @@ def add_parser(sub) -> None:
     a = actions.add_parser("build-base-sets",
                            help="write the replay and gate feature sets beside the default model")
     a.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
-    a.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "base-training.yaml",
-                   help="the default model's recipe: its labels, seed and speaker split")
+    a.add_argument("--config", type=Path,
+                   help="the model's recipe: its labels, seed and speaker split (default: "
+                        "configs/speech-training.yaml for a model on the speech encoder, "
+                        "configs/base-training.yaml for a log-mel one)")
     a.add_argument("--out", type=Path, default=REPO_ROOT / "learner" / "default_model")
     a.add_argument("--model", type=Path,
                    help="the model the sets are for (default: OUT/model.safetensors); its kind "

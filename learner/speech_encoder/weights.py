@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from safetensors.torch import load as load_safetensors
 
 from learner.file_metadata import read_metadata, save_with_metadata
 from learner.speech_encoder.ct2_file import read_ct2
-from learner.speech_encoder.whisper_encoder import EncoderConfig, WhisperEncoder, ct2_names
+from learner.speech_encoder.whisper_encoder import (PRECISIONS, EncoderConfig, WhisperEncoder,
+                                                    ct2_names, with_precision)
 from storage.files import sha256_bytes, write_atomic
 
 # Whisper base, CTranslate2 format version 6 (faster-whisper-base's model.bin).
@@ -28,10 +30,13 @@ class EncoderFileError(RuntimeError):
     """An encoder file that is missing, corrupt, or not the one a model was trained with."""
 
 
-def import_encoder(ct2_bytes: bytes, n_blocks: int, *, expected_sha256: str | None = WHISPER_BASE_SHA256,
-                   ) -> bytes:
+def import_encoder(ct2_bytes: bytes, n_blocks: int, *, precision: str = "float32",
+                   expected_sha256: str | None = WHISPER_BASE_SHA256) -> bytes:
     """A CTranslate2 Whisper file -> safetensors bytes of its conv stem, position table and
-    first `n_blocks` encoder blocks (float16, as converted). Refuses any other file."""
+    first `n_blocks` encoder blocks (float16, as converted; `precision` records how they run,
+    which changes the file and so its sha256). Refuses any other file."""
+    if precision not in PRECISIONS:
+        raise EncoderFileError(f"precision must be one of {', '.join(PRECISIONS)}")
     digest = sha256_bytes(ct2_bytes)
     if expected_sha256 is not None and digest != expected_sha256:
         raise EncoderFileError(f"not the pinned Whisper file: sha256 {digest}, "
@@ -45,7 +50,8 @@ def import_encoder(ct2_bytes: bytes, n_blocks: int, *, expected_sha256: str | No
     config = EncoderConfig(n_mels=int(variables["encoder/conv1/weight"].shape[1]),
                            width=int(variables["encoder/conv1/weight"].shape[0]),
                            heads=int(variables["encoder/num_heads"]), n_blocks=n_blocks,
-                           max_frames=int(variables["encoder/position_encodings/encodings"].shape[0]))
+                           max_frames=int(variables["encoder/position_encodings/encodings"].shape[0]),
+                           precision=precision)
     tensors = {ours: torch.from_numpy(np.ascontiguousarray(variables[theirs]))
                for ours, theirs in names.items()}
     metadata = {"config": config.to_dict(), "source_sha256": digest,
@@ -53,15 +59,16 @@ def import_encoder(ct2_bytes: bytes, n_blocks: int, *, expected_sha256: str | No
     return save_with_metadata(tensors, metadata)
 
 
-def import_encoder_file(ct2_path: Path, out: Path, n_blocks: int) -> str:
+def import_encoder_file(ct2_path: Path, out: Path, n_blocks: int, precision: str = "float32") -> str:
     """`emoloop encoder import`: write the safetensors atomically; returns its sha256."""
-    data = import_encoder(Path(ct2_path).read_bytes(), n_blocks)
+    data = import_encoder(Path(ct2_path).read_bytes(), n_blocks, precision=precision)
     write_atomic(out, data)
     return sha256_bytes(data)
 
 
-def load_encoder(path: Path, expected_sha256: str | None) -> WhisperEncoder:
-    """The frozen encoder in float32, eval mode; refuses a file whose sha256 differs."""
+def load_encoder(path: Path, expected_sha256: str | None) -> nn.Module:
+    """The frozen encoder in eval mode, in the precision its file records; refuses a file whose
+    sha256 differs."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -75,6 +82,6 @@ def load_encoder(path: Path, expected_sha256: str | None) -> WhisperEncoder:
         encoder = WhisperEncoder(config)
         state = {k: v.float() for k, v in load_safetensors(data).items()}
         encoder.load_state_dict(state, strict=True)
+        return with_precision(encoder).eval()
     except Exception as err:  # a parse or shape error: not an encoder file we wrote
         raise EncoderFileError(f"not a valid encoder file {path}: {err}") from err
-    return encoder.eval()

@@ -11,6 +11,7 @@ more of the voice (and of its emotion) than the last. Padded frames are zeroed b
 and masked out of attention, so a clip's valid frames do not depend on what it is batched with
 (the padded frames of the output hold junk: readers mask them).
 """
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,6 +26,7 @@ class EncoderConfig:
     heads: int = 8
     n_blocks: int = 4  # how many of Whisper's blocks are kept
     max_frames: int = 1500  # rows of the position table: 30 s at 50 fps
+    precision: str = "float32"  # or "bfloat16", or "int8" (`with_precision`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,8 +66,19 @@ class WhisperEncoder(nn.Module):
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, 80) log-mel, (B,) frame counts -> (n_blocks, B, T', D) hidden states and (B,)
         lengths T' = ceil(T / 2)."""
+        if self.config.precision == "int8" and mel.shape[0] > 1:
+            # Dynamic int8 takes one activation scale per call: in a batch, a clip's states would
+            # depend on its neighbours (and padding). Each clip alone keeps them its own.
+            alone = [self._states(mel[i : i + 1, :n], lengths[i : i + 1])
+                     for i, n in enumerate(lengths.tolist())]
+            t = max(states.shape[2] for states, _ in alone)
+            return (torch.cat([F.pad(states, (0, 0, 0, t - states.shape[2])) for states, _ in alone], 1),
+                    torch.cat([n for _, n in alone]))
+        return self._states(mel, lengths)
+
+    def _states(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         full = bool((lengths == mel.shape[1]).all())  # one clip, or clips of one length
-        x = mel.transpose(1, 2)  # (B, 80, T)
+        x = mel.transpose(1, 2).to(self.conv1.weight.dtype)  # (B, 80, T)
         if not full:  # the conv must see zeros past a clip's end, as it does on the clip alone
             x = x * _mask(lengths, x.shape[-1])[:, None, :]
         x = F.gelu(self.conv1(x))
@@ -82,7 +95,42 @@ class WhisperEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, attn_mask)
             states.append(x)
-        return torch.stack(states), lengths
+        return torch.stack(states).float(), lengths
+
+
+# Block 1's attention stays in float32: its input carries Whisper's few huge activation channels,
+# which int8 with one scale per row cannot hold. In float32 it costs little, and on RAVDESS clips
+# it cut the relative error of block 3's states from 5.4% to 3.7% (README, "The next model").
+FLOAT32_LAYERS = ("blocks.0.qkv", "blocks.0.attn_out")
+
+
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def with_precision(encoder: WhisperEncoder) -> nn.Module:
+    """The encoder as its config says it runs (the file records it, so a downstream is trained on
+    the very states it is served). bfloat16: every weight and activation (CPUs with AVX-512 BF16
+    run it natively); int8: see `quantized_int8`."""
+    precision = encoder.config.precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown encoder precision {precision!r}")
+    if precision == "bfloat16":
+        return encoder.to(torch.bfloat16)
+    return quantized_int8(encoder) if precision == "int8" else encoder
+
+
+def quantized_int8(encoder: WhisperEncoder) -> nn.Module:
+    """The encoder with its linear layers in dynamic int8 (per-output-channel weight scales,
+    activations quantised per call), except FLOAT32_LAYERS. Deterministic: the same weights give
+    the same int8 model, so a downstream trained on its states serves on the same states."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    layers = [name for name, module in encoder.named_modules()
+              if isinstance(module, nn.Linear) and name not in FLOAT32_LAYERS]
+    with warnings.catch_warnings():  # torch.ao's "migrate to torchao" notice: not a dependency here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(encoder, {name: per_channel_dynamic_qconfig for name in layers})
 
 
 def _mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

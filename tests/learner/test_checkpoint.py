@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from learner.checkpoint import (DEFAULT_MODEL_FILE, DEFAULT_MODEL_INFO, ModelFileError,
+from learner.checkpoint import (DEFAULT_MODEL_DIR, DEFAULT_MODEL_FILE, DEFAULT_MODEL_INFO,
+                                ENCODER_FILE, ModelFileError,
                                 load_default_model, load_model, model_bytes, model_from_bytes,
                                 save_model)
 from learner.inference import EmotionPredictor
@@ -47,6 +48,13 @@ def test_checksum_mismatch_and_corrupt_files_are_refused(tmp_path):
         load_model(path, expected_sha256=digest)
     with pytest.raises(ModelFileError, match="cannot read"):
         load_model(tmp_path / "missing.safetensors")
+
+
+def test_bundled_model_files_fit_the_package_bound():
+    """Model, encoder, replay and gate sets of every kind shipped: at most 50 MB in all."""
+    sizes = {f.name: f.stat().st_size for f in DEFAULT_MODEL_DIR.glob("*.safetensors")}
+    assert {DEFAULT_MODEL_FILE.name, ENCODER_FILE.name} <= set(sizes)
+    assert sum(sizes.values()) <= 50 * 1000 * 1000, sizes
 
 
 def test_bundled_default_model_is_small_checked_and_answers_every_label():

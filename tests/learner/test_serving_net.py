@@ -2,12 +2,13 @@
 import numpy as np
 import torch
 
-from learner.checkpoint import load_default_model
+from learner.checkpoint import model_from_bytes
 from learner.features import extract_features
 from learner.inference import pad_batch
 from learner.model import EmotionNet, ModelConfig
 from learner.serving_net import ServingNet, for_serving
 from service.bench.clips import voiced_clip
+from tests.learner.toy_learning import toy_model  # noqa: F401 (fixture)
 
 
 def _net(seed: int, config: ModelConfig | None = None) -> EmotionNet:
@@ -51,8 +52,8 @@ def test_padded_batches_match_each_clip_alone():
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_bundled_model_in_serving_form_gives_the_same_logits_on_speech_like_clips():
-    model = load_default_model()
+def test_a_trained_model_in_serving_form_gives_the_same_logits_on_speech_like_clips(toy_model):
+    model = model_from_bytes(toy_model)  # trained: its BatchNorm statistics are real ones
     serving = for_serving(model)
     assert serving.labels == model.labels and serving.sha256 == model.sha256
     assert for_serving(serving).net is serving.net  # already in serving form: kept as it is

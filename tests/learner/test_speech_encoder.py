@@ -117,7 +117,7 @@ def test_import_keeps_the_stem_and_first_blocks_only(ct2_bytes, variables):
         np.testing.assert_array_equal(tensors[ours].numpy(), variables[theirs])
     metadata = read_metadata(data)
     assert metadata["config"] == {"n_mels": N_MELS, "width": WIDTH, "heads": HEADS, "n_blocks": 2,
-                                  "max_frames": MAX_FRAMES}
+                                  "max_frames": MAX_FRAMES, "precision": "float32"}
     assert metadata["source_sha256"] == sha256_bytes(ct2_bytes)
 
 
@@ -224,8 +224,13 @@ def test_encoder_equals_a_plain_reference(encoder_file, variables, frames):
         np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-4, rtol=0)
 
 
-def test_a_clip_gives_the_same_states_alone_and_batched_with_padding(encoder_file):
-    encoder = load_encoder(*encoder_file)
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_a_clip_gives_the_same_states_alone_and_batched_with_padding(ct2_bytes, tmp_path, precision):
+    """Also in int8, whose activation scale is taken per call: a neighbour never moves a clip."""
+    path = tmp_path / "encoder.safetensors"
+    path.write_bytes(import_encoder(ct2_bytes, LAYERS, precision=precision,
+                                    expected_sha256=sha256_bytes(ct2_bytes)))
+    encoder = load_encoder(path, None)
     mels = [random_mel(37, seed=1), random_mel(60, seed=2), random_mel(8, seed=3)]
     batch = torch.zeros(len(mels), 60, N_MELS)
     for i, mel in enumerate(mels):
@@ -238,6 +243,37 @@ def test_a_clip_gives_the_same_states_alone_and_batched_with_padding(encoder_fil
             valid = batched[:, i, : lengths[i]]
             assert alone.shape[2] == lengths[i]
             np.testing.assert_allclose(valid.numpy(), alone[:, 0].numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_a_lower_precision_encoder_agrees_with_float32_and_is_a_file_of_its_own(
+        ct2_bytes, tmp_path, precision):
+    """The file records its precision, so a model trained on it names its sha256 (and is served
+    the states it was trained on); the states stay close to float32's, in float32."""
+    files = {}
+    for p in ("float32", precision):
+        files[p] = tmp_path / f"{p}.safetensors"
+        files[p].write_bytes(import_encoder(ct2_bytes, LAYERS, precision=p,
+                                            expected_sha256=sha256_bytes(ct2_bytes)))
+    assert sha256_bytes(files["float32"].read_bytes()) != sha256_bytes(files[precision].read_bytes())
+    exact, lower = load_encoder(files["float32"], None), load_encoder(files[precision], None)
+    if precision == "int8":
+        float32 = {name for name, m in lower.named_modules() if type(m) is torch.nn.Linear}
+        assert float32 == {"blocks.0.qkv", "blocks.0.attn_out"}  # the rest runs in int8
+    mels = [random_mel(37, seed=1), random_mel(60, seed=2)]
+    batch = torch.stack([torch.from_numpy(np.pad(m, ((0, 60 - len(m)), (0, 0)))) for m in mels])
+    with torch.no_grad():
+        ref, lengths = exact(batch, torch.tensor([37, 60]))
+        ours, _ = lower(batch, torch.tensor([37, 60]))
+    assert ours.dtype == torch.float32
+    for i, n in enumerate(lengths.tolist()):
+        a, b = ref[:, i, :n], ours[:, i, :n]
+        assert 0 < float((a - b).norm() / a.norm()) < 0.05
+
+
+def test_import_refuses_an_unknown_precision(ct2_bytes):
+    with pytest.raises(EncoderFileError, match="precision"):
+        import_encoder(ct2_bytes, 2, precision="float8", expected_sha256=sha256_bytes(ct2_bytes))
 
 
 def test_encoder_refuses_more_frames_than_its_position_table(encoder_file):

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from learner.checkpoint import LoadedModel, load_default_model
-from learner.features import extract_features
 from learner.inference import EmotionPredictor
 from learner.labels import DEFAULT_LABELS
-from learner.model import EmotionNet, ModelConfig
+from learner.speech_model import SpeechEmotionModel, SpeechEmotionNet
 from learner.serving_net import for_serving
 from service.batcher import ModelBatcher
 from service.bench.clips import voiced_clip
@@ -45,9 +44,9 @@ def model() -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def clips() -> list[np.ndarray]:
-    # Different lengths, so the shared passes are padded.
-    return [extract_features(voiced_clip(s, seed=i))
+def clips(model) -> list[np.ndarray]:
+    # Different lengths, so the shared passes are padded; the bundled model's own features.
+    return [model.features(voiced_clip(s, seed=i))
             for i, s in enumerate((3.0, 2.0, 3.0, 1.1, 2.6, 3.0, 0.8, 1.7, 3.0))]
 
 
@@ -110,9 +109,9 @@ def test_a_batch_holds_at_most_max_batch_clips_and_a_lone_request_runs_at_once(m
 
 
 def test_each_version_answers_its_own_clips_and_a_failing_one_fails_only_its_own(model, clips):
-    torch.manual_seed(0)
-    other = EmotionPredictor(for_serving(LoadedModel(
-        EmotionNet(ModelConfig()).eval(), DEFAULT_LABELS, sha256="other")))
+    torch.manual_seed(0)  # another version of the bundled model's kind: its own random downstream
+    net = SpeechEmotionModel(model.net.encoder, SpeechEmotionNet(model.net.downstream.config), "x")
+    other = EmotionPredictor(LoadedModel(net.eval(), DEFAULT_LABELS, sha256="other", kind=model.kind))
     real = EmotionPredictor(model)
 
     class Broken(EmotionPredictor):
