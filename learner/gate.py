@@ -11,12 +11,15 @@ which the two disagree (the discordant pairs), the number lost is Binomial(m, pi
         `tolerance` * n clips (n: the group's clips), i.e. pi <= 1/2 + tolerance * n / (2 m)
 
 one-sided with the exact binomial tail, P(Binomial(m, pi0) >= lost). With a tolerance of 0 this
-is the exact McNemar test. Old classes are tested with `max_recall_drop` as the tolerance (the
-recall a class may lose as the price of learning); the held-out new feedback with 0 (the
+is the exact McNemar test. Each old class is tested twice with `max_recall_drop` as the tolerance
+(what a class may lose as the price of learning): on its recall (its own clips, right when
+answered with it) and on its false alarms (the other old classes' clips, right when NOT answered
+with it; corrections that all name one label spread a small recall loss over every other class
+but pile the false alarms on one). The held-out new feedback is tested with tolerance 0 (the
 candidate must be at least as good there). The p-values of all these hypotheses together are
 Holm-adjusted, so the chance that a candidate which truly keeps every class is refused for any
 of them is at most 1 - `confidence`. The gate refuses when an adjusted p-value is at most
-1 - `confidence`: the evidence then says (at that confidence) that this class lost more than the
+1 - `confidence`: the evidence then says (at that confidence) that a class lost more than the
 tolerance, or that the candidate is worse on the new feedback.
 
 The burden of proof is on the refusal: a loss the gate set is too small to show passes. The
@@ -36,7 +39,8 @@ from learner.inference import EmotionPredictor
 from learner.replay import Sample
 
 TEST_NAME = ("one-sided exact conditional McNemar test (binomial on the discordant pairs) of "
-             "'net loss <= tolerance', Holm-adjusted over the old classes and the new feedback")
+             "'net loss <= tolerance', per old class on its recall and on its false alarms and "
+             "on the new feedback, Holm-adjusted over all of them")
 NEW_FEEDBACK = "new feedback (held out)"
 
 
@@ -151,40 +155,57 @@ class RegressionGate:
         }
 
     def tests(self, answers: Answers) -> dict:
-        """The paired tests: per old class on the gate set and on the held-out new feedback."""
+        """The paired tests: per old class on the gate set, its recall and its false alarms,
+        and on the held-out new feedback; Holm over all of them."""
         a, alpha = answers, round(1.0 - self.confidence, 12)  # 0.05, not 0.050000000000000044
-        groups: dict[str, tuple[PairedCounts, float]] = {}
-        for label in sorted(set(a.truth), key=a.truth.index):
+        classes = sorted(set(a.truth), key=a.truth.index)
+        groups: dict[tuple[str, str], tuple[PairedCounts, float]] = {}
+        for label in classes:
             rows = [i for i, t in enumerate(a.truth) if t == label]
-            groups[label] = (PairedCounts.of([a.truth[i] for i in rows],
-                                             [a.before[i] for i in rows],
-                                             [a.after[i] for i in rows]), self.max_recall_drop)
+            groups[("paired", label)] = (PairedCounts.of(
+                [label] * len(rows), [a.before[i] for i in rows], [a.after[i] for i in rows]),
+                self.max_recall_drop)
+            # Its false alarms: the clips of the other old classes, 'right' when not called
+            # `label`. Corrections that all name one label raise these far more than they
+            # lower any one class's recall.
+            others = [i for i, t in enumerate(a.truth) if t != label]
+            groups[("false_alarms", label)] = (PairedCounts.of(
+                [_OTHER] * len(others), [_other(a.before[i], label) for i in others],
+                [_other(a.after[i], label) for i in others]), self.max_recall_drop)
         if a.holdout_truth:
-            groups[NEW_FEEDBACK] = (PairedCounts.of(a.holdout_truth, a.holdout_before,
-                                                    a.holdout_after), 0.0)
+            groups[("paired", NEW_FEEDBACK)] = (PairedCounts.of(
+                a.holdout_truth, a.holdout_before, a.holdout_after), 0.0)
         p_values = {key: loss_p_value(counts, tol) for key, (counts, tol) in groups.items()}
         adjusted = holm(p_values)
         first_step = alpha / max(1, len(groups))
-        paired = {}
-        for key, (counts, tolerance) in groups.items():
+        out = {"test": TEST_NAME, "confidence": self.confidence, "alpha": alpha,
+               "hypotheses": len(groups), "paired": {}, "false_alarms": {}}
+        for (family, key), (counts, tolerance) in groups.items():
             smallest = detectable_loss(counts.n, tolerance, first_step)
-            paired[key] = {
+            out[family][key] = {
                 "n": counts.n, "lost": counts.lost, "gained": counts.gained,
-                "recall_change": (counts.gained - counts.lost) / counts.n,
-                "tolerance": tolerance, "p_value": p_values[key],
-                "adjusted_p_value": adjusted[key], "refused": adjusted[key] <= alpha,
+                "change": (counts.gained - counts.lost) / counts.n if counts.n else 0.0,
+                "tolerance": tolerance, "p_value": p_values[(family, key)],
+                "adjusted_p_value": adjusted[(family, key)],
+                "refused": adjusted[(family, key)] <= alpha,
                 "detectable_loss_clips": smallest,
                 "detectable_loss": None if smallest is None else smallest / counts.n}
-        return {"test": TEST_NAME, "confidence": self.confidence, "alpha": alpha,
-                "hypotheses": len(groups), "paired": paired}
+        return out
 
     def _failure(self, r: dict) -> str | None:
         if not r["gate_set_size"]:
             return "the gate set is empty: nothing shows the candidate keeps the old classes"
-        refused = [(k, t) for k, t in r["paired"].items() if t["refused"]]
+        refused = [(family, k, t) for family in ("paired", "false_alarms")
+                   for k, t in r[family].items() if t["refused"]]
         if not refused:
             return None
-        key, t = min(refused, key=lambda item: item[1]["adjusted_p_value"])
+        family, key, t = min(refused, key=lambda item: item[2]["adjusted_p_value"])
+        if family == "false_alarms":
+            return (f"it answers '{key}' wrongly on {t['lost']} more of the other old classes' "
+                    f"{t['n']} gate clips ({t['gained']} fewer elsewhere): more than "
+                    f"{t['tolerance']:.3f} of them at {r['confidence']:.0%} confidence (adjusted "
+                    f"p = {t['adjusted_p_value']:.2g}); corrections that all name one label "
+                    f"look like this")
         if key == NEW_FEEDBACK:
             return (f"on the held-out new feedback it is worse than the active model: "
                     f"{t['lost']} of {t['n']} clips lost, {t['gained']} gained (accuracy "
@@ -195,6 +216,13 @@ class RegressionGate:
                 f"{r['confidence']:.0%} confidence: {t['lost']} of its {t['n']} gate clips lost, "
                 f"{t['gained']} gained (recall {r['recall_before'][key]:.3f} -> "
                 f"{r['recall_after'][key]:.3f}; adjusted p = {t['adjusted_p_value']:.2g})")
+
+
+_OTHER = "(another class)"
+
+
+def _other(answer: str, label: str) -> str:
+    return label if answer == label else _OTHER
 
 
 def _acceptance(r: dict) -> str:

@@ -72,7 +72,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         report = run_gate_bench(args.data or REPO_ROOT.parent / "shared" / "data",
                                 should_pass=args.should_pass, must_fail=args.must_fail,
-                                corrections=args.corrections, threads=args.threads)
+                                corrections=args.corrections, threads=args.threads,
+                                kinds=args.kinds.split(",") if args.kinds else None)
     if args.json:
         print(json.dumps(report))
     else:
@@ -146,7 +147,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         report = run_gate_bench(args.data or REPO_ROOT.parent / "shared" / "data",
                                 should_pass=args.should_pass, must_fail=args.must_fail,
-                                corrections=args.corrections, threads=args.threads)
+                                corrections=args.corrections, threads=args.threads,
+                                kinds=args.kinds.split(",") if args.kinds else None)
     if args.json:
         print(json.dumps(report))
     else:
@@ -371,11 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continual: corrections in the timed round (0: skip it)")
     p.add_argument("--threads", type=int, default=1,
                    help="continual, gate: torch threads (1, as in a service worker)")
-    p.add_argument("--should-pass", type=int, default=4,
+    p.add_argument("--should-pass", type=int, default=3,
                    help="gate: rounds of each kind that should pass (confirm, newcomers)")
-    p.add_argument("--must-fail", type=int, default=3, help="gate: rounds of each kind that "
+    p.add_argument("--must-fail", type=int, default=2, help="gate: rounds of each kind that "
                    "must fail (one-label, shuffled, naive-high-lr)")
     p.add_argument("--corrections", type=int, default=100, help="gate: corrections a round")
+    p.add_argument("--kinds", help="gate: comma-separated kinds of round (default: all of "
+                   "confirm, newcomers, one-label, shuffled, naive-high-lr)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
