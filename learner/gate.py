@@ -71,7 +71,7 @@ def loss_p_value(counts: PairedCounts, tolerance: float) -> float:
     return float(binom.sf(counts.lost - 1, discordant, pi0))
 
 
-def holm(p_values: dict[str, float]) -> dict[str, float]:
+def holm(p_values: dict) -> dict:
     """Holm's step-down adjusted p-values: refusing where one is <= alpha keeps the chance of
     any false refusal among all of them at most alpha."""
     order = sorted(p_values, key=lambda key: p_values[key])
@@ -204,8 +204,8 @@ class RegressionGate:
             return (f"it answers '{key}' wrongly on {t['lost']} more of the other old classes' "
                     f"{t['n']} gate clips ({t['gained']} fewer elsewhere): more than "
                     f"{t['tolerance']:.3f} of them at {r['confidence']:.0%} confidence (adjusted "
-                    f"p = {t['adjusted_p_value']:.2g}); corrections that all name one label "
-                    f"look like this")
+                    f"p = {t['adjusted_p_value']:.2g}): it learnt to say '{key}' where the "
+                    f"active model rightly did not")
         if key == NEW_FEEDBACK:
             return (f"on the held-out new feedback it is worse than the active model: "
                     f"{t['lost']} of {t['n']} clips lost, {t['gained']} gained (accuracy "
@@ -226,12 +226,13 @@ def _other(answer: str, label: str) -> str:
 
 
 def _acceptance(r: dict) -> str:
-    classes = {k: t for k, t in r["paired"].items() if k != NEW_FEEDBACK}
-    worst = min(classes, key=lambda k: classes[k]["adjusted_p_value"])
-    t = classes[worst]
-    parts = [f"no old class shows a loss beyond {r['max_recall_drop']:.3f} of recall at "
-             f"{r['confidence']:.0%} confidence (closest: '{worst}', {t['lost']} lost, "
-             f"{t['gained']} gained of {t['n']}, adjusted p = {t['adjusted_p_value']:.2g})",
+    tested = [(f"'{k}' recall", t) for k, t in r["paired"].items() if k != NEW_FEEDBACK]
+    tested += [(f"'{k}' false alarms", t) for k, t in r["false_alarms"].items()]
+    closest, t = min(tested, key=lambda item: item[1]["adjusted_p_value"])
+    parts = [f"no old class shows a loss of recall or a rise of false alarms beyond "
+             f"{r['max_recall_drop']:.3f} at {r['confidence']:.0%} confidence (closest: "
+             f"{closest}, {t['lost']} lost, {t['gained']} gained of {t['n']}, adjusted p = "
+             f"{t['adjusted_p_value']:.2g})",
              f"macro-F1 {r['macro_f1_before']:.3f} -> {r['macro_f1_after']:.3f}"]
     if r["new_feedback_accuracy_after"] is None:
         parts.append("no new feedback was held out")

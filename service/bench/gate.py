@@ -14,9 +14,10 @@ must fail
   shuffled       the true labels, shuffled among the round's clips
   naive-high-lr  true labels, but plain fine-tuning (no replay, no EWC) at 10x the learning rate
 
-Beside the gate's decision, every candidate is measured on the old test speakers (the model
-card's protocol, learner.evaluation), which no round and no gate set ever sees: the independent
-check of what it lost.
+Beside the gate's decision, every candidate is compared with the active model on the old test
+speakers (the model card's protocol, learner.evaluation), which no round and no gate set ever
+sees, clip by clip as the gate compares: accuracy change, clips lost and gained, and the exact
+McNemar p-value of a loss. That is the independent check of what it lost.
 """
 import math
 import tempfile
@@ -43,6 +44,9 @@ def run_gate_bench(data_dir: Path, *, should_pass: int = 3, must_fail: int = 2,
     from learner.training import load_training_config
     from storage.settings import get_settings
 
+    if unknown := set(kinds or ()) - set(SHOULD_PASS + MUST_FAIL):
+        raise ValueError(f"no kind of round {sorted(unknown)}; kinds: "
+                         f"{', '.join(SHOULD_PASS + MUST_FAIL)}")
     limit_threads(threads)  # one thread, as a service worker runs a round
     config = load_training_config(REPO_ROOT / "configs" / "base-training.yaml")
     clips = [c for c in read_corpora(data_dir, config.get("corpora"))
