@@ -39,3 +39,24 @@ def test_the_gate_set_is_of_unseen_speakers_and_the_replay_set_of_training_speak
     written = json.loads((out / "base_sets.json").read_text())
     assert written == info and written["speakers"].startswith("unseen speakers")
     assert written["sets"]["gate"]["per_class"] == {"happy": 10, "sad": 10}
+
+
+def test_the_shipped_gate_set_holds_no_speaker_the_model_trained_on_or_a_benchmark_uses():
+    from learner.base_sets import REPO_ROOT
+
+    recipes = [yaml.safe_load((REPO_ROOT / "configs" / name).read_text())
+               for name in ("base-training.yaml", "speech-training.yaml")]
+    held_out = {s for r in recipes for key in ("validation_speakers", "test_speakers")
+                for s in r["split"][key]}
+    trained_corpora = recipes[0]["corpora"]
+    gate = load_base_set("gate", kind=LOGMEL_KIND)
+    assert not set(gate.speakers) & held_out
+    per_class = {label: gate.labels.count(label) for label in set(gate.labels)}
+    info = json.loads((REPO_ROOT / "learner" / "default_model" / "base_sets.json").read_text())
+    from_trained = sum(info["sets"]["gate"]["per_corpus"].get(c, 0) for c in trained_corpora)
+    # Only calm (RAVDESS's alone, its unseen actors all held out) comes from training speakers.
+    assert from_trained == per_class["calm"] == 50
+    assert {s for s, label in zip(gate.speakers, gate.labels) if label == "calm"} <= {
+        f"ravdess-a{i:02d}" for i in range(1, 15)}
+    assert all(n == 150 for label, n in per_class.items() if label not in ("calm", "disgust"))
+    assert per_class["disgust"] >= 50
