@@ -162,7 +162,8 @@ def test_a_stricter_confidence_or_tolerance_needs_a_larger_loss_to_refuse():
     assert _judge(table, gate=RegressionGate(0.02, 0.99))["decision"] == "accepted"
     assert _judge(table, gate=RegressionGate(0.10, 0.95))["decision"] == "accepted"
     strict = _judge(before, gate=RegressionGate(0.0, 0.95))["paired"]["sad"]
-    assert strict["detectable_loss_clips"] == 9  # exact McNemar: 16 * 0.5 ** 9 <= 0.05 < 16 * 0.5 ** 8
+    # Exact McNemar over 16 hypotheses: 16 * 0.5 ** 9 <= 0.05 < 16 * 0.5 ** 8.
+    assert strict["detectable_loss_clips"] == 9
 
 
 def test_an_empty_gate_set_refuses():
