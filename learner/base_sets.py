@@ -1,9 +1,13 @@
 """The old data shipped beside the default model, so a fresh install (no corpora) can run rounds.
 
-Two class-balanced sets of feature tensors (a model kind's features of clean clips, cropped to at
-most 3 s, float16) from the default model's TRAINING speakers only:
-- `base_replay.safetensors`: what the replay buffer starts with; rounds rehearse it.
-- `base_gate.safetensors`: part of every gate set; how the gate sees old classes' recall.
+Two class-balanced sets of feature tensors (a model kind's features of clean clips, centre-cropped,
+float16):
+- `base_replay.safetensors`: what the replay buffer starts with; rounds rehearse it. From the
+  default model's TRAINING speakers only.
+- `base_gate.safetensors`: part of every gate set; how the gate sees old classes' recall. With a
+  `gate_set` section in the model's recipe, clips of speakers the model never trained on (what
+  an unseen speaker loses does not show on training speakers' clips; `unseen_gate`), else
+  training speakers' clips.
 `base_sets.json` records their sha256, checked on every load.
 The validation speakers stay unheard (the continual bench uses them as newcomers) and the test
 speakers unseen (they measure forgetting). The sets are features, not weights: retraining the
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load as load_safetensors
 
 from learner.checkpoint import DEFAULT_MODEL_DIR, FEATURES_BY_KIND, LOGMEL_KIND
@@ -34,6 +39,7 @@ from learner.file_metadata import read_metadata, save_with_metadata
 from storage.files import sha256_bytes, write_atomic
 
 SET_NAMES = ("replay", "gate")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def set_file_name(name: str, kind: str) -> str:
@@ -161,11 +167,19 @@ def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate
     split = split_by_speaker(clips, validation_speakers=config["split"]["validation_speakers"],
                              test_speakers=config["split"]["test_speakers"])
     rng = np.random.default_rng(seed)
-    # The gate's clips first, then the replay set's from the clips left: disjoint, both balanced.
+    # Training speakers' gate clips first, then the replay set's from the clips left: disjoint,
+    # both balanced (and the replay set the same whatever the gate set's recipe).
     gate = select_balanced(split.train, labels, gate_per_class, rng)
     taken = {c.path for chosen in gate.values() for c in chosen}
     replay = select_balanced([c for c in split.train if c.path not in taken], labels,
                              replay_per_class, rng)
+    gate_frames, about_gate = max_frames, {
+        "speakers": f"training speakers of {config_name} (never the validation or test speakers)"}
+    if recipe := config.get("gate_set"):
+        gate = unseen_gate(data_dir, recipe, labels, gate, seed, split.validation)
+        gate_frames = int(recipe.get("max_frames", max_frames))
+        about_gate = {"speakers": f"unseen speakers: {recipe['about']}",
+                      "gate_max_frames": gate_frames}
     sets = {"replay": [c for label in labels for c in replay[label]],
             "gate": [c for label in labels for c in gate[label]]}
     feature_sets = {}
@@ -173,19 +187,45 @@ def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate
         computed = clip_features([str(c.path) for c in members], kind=kind, workers=workers)
         if unreadable := [str(c.path) for c, f in zip(members, computed) if f is None]:
             raise ValueError(f"clips that do not decode: {unreadable[:3]}")
-        features = [crop_centre(f, max_frames).astype(np.float16) for f in computed]
+        frames = gate_frames if name == "gate" else max_frames
+        features = [crop_centre(f, frames).astype(np.float16) for f in computed]
         feature_sets[name] = FeatureSet(features, [c.emotion for c in members],
                                         [c.speaker for c in members])
     corpus_of = {c.speaker: c.corpus for members in sets.values() for c in members}
     info = write_base_sets(out_dir, feature_sets, kind, {
-        "seed": seed, "max_frames": max_frames,
-        "speakers": f"training speakers of {config_name} (never the validation or test speakers)"})
+        "seed": seed, "max_frames": max_frames, **about_gate})
     for name, feature_set in feature_sets.items():
         info["sets"][name]["per_corpus"] = {
             corpus: sum(corpus_of[s] == corpus for s in feature_set.speakers)
             for corpus in sorted(set(corpus_of.values()))}
     _write_info(out_dir, kind, info)
     return info
+
+
+def unseen_gate(data_dir: Path, recipe: dict, labels: tuple[str, ...],
+                trained: dict[str, list[CorpusClip]], seed: int,
+                validation: list[CorpusClip]) -> dict[str, list[CorpusClip]]:
+    """The gate set of speakers the model never trained on (recipe: config's `gate_set`): per
+    label up to `per_class` clips, spread over corpora and speakers, either of the recipe's own
+    validation speakers (`speakers: validation`) or of `recipe['corpora']` less the speakers of
+    the splits in `recipe['exclude_splits_of']` (other recipes' test and validation speakers:
+    the benchmarks' newcomers and measured speakers). A label with fewer than `min_per_class`
+    such clips is filled up to that from `trained`, the training speakers' gate clips: the gate
+    still sees it, if not on unseen voices."""
+    if recipe.get("speakers") == "validation":
+        pool = [c for c in validation if c.emotion in labels]
+    else:
+        excluded: set[str] = set()
+        for other in recipe.get("exclude_splits_of", []):
+            split = yaml.safe_load((REPO_ROOT / other).read_text())["split"]
+            excluded |= set(split["validation_speakers"]) | set(split["test_speakers"])
+        pool = [c for c in read_corpora(data_dir, recipe["corpora"])
+                if c.emotion in labels and c.speaker not in excluded]
+    chosen = select_balanced(pool, labels, int(recipe["per_class"]),
+                             np.random.default_rng([seed, 1]))
+    floor = int(recipe.get("min_per_class", 0))
+    return {label: chosen[label] + trained[label][:max(0, floor - len(chosen[label]))]
+            for label in labels}
 
 
 def write_base_sets(out_dir: Path, sets: dict[str, FeatureSet], kind: str, about: dict) -> dict:

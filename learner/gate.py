@@ -1,88 +1,238 @@
-"""The regression gate: a candidate replaces the active model only if it keeps what that model
-knew and does at least as well on the new feedback it was not trained on.
+"""The regression gate: a candidate replaces the active model unless the evidence says it lost
+what that model knew, or does worse on the new feedback it was not trained on.
 
-Old classes are the labels the active model knows. On the gate set (the base gate set shipped
-beside the default model, plus feedback that earlier accepted rounds held out) the candidate
-passes only if
-  1. no old class loses more than `max_recall_drop` of recall,
-  2. macro-F1 over the old classes does not fall (by more than `max_macro_f1_drop`, default
-     0.005: one clip trading places between two classes moves it by about 0.003 on the shipped
-     gate set, which is noise, not forgetting), and
-  3. on the held-out share of this round's feedback its accuracy is at least the active model's.
-Labels the active model does not know are new classes: reported, not guarded. Answers are the
-model's unrestricted argmax, as the service gives them. The report's shape is shared with the
-dashboard (see the README's "Learner" section).
+Both models answer the same clips, so the gate compares them clip by clip (paired). For one
+group of clips (an old class on the gate set, or the held-out share of this round's feedback) a
+clip is *lost* when the active model answers it right and the candidate wrong, *gained* the
+other way round; clips both answer alike say nothing about the difference. Given the m clips on
+which the two disagree (the discordant pairs), the number lost is Binomial(m, pi). The gate tests
+
+    H0: the candidate's expected net loss on those m clips, m * (2 pi - 1), is at most
+        `tolerance` * n clips (n: the group's clips), i.e. pi <= 1/2 + tolerance * n / (2 m)
+
+one-sided with the exact binomial tail, P(Binomial(m, pi0) >= lost). With a tolerance of 0 this
+is the exact McNemar test. Each old class is tested twice with `max_recall_drop` as the tolerance
+(what a class may lose as the price of learning): on its recall (its own clips, right when
+answered with it) and on its false alarms (the other old classes' clips, right when NOT answered
+with it; corrections that all name one label spread a small recall loss over every other class
+but pile the false alarms on one). The held-out new feedback is tested with tolerance 0 (the
+candidate must be at least as good there). The p-values of all these hypotheses together are
+Holm-adjusted, so the chance that a candidate which truly keeps every class is refused for any
+of them is at most 1 - `confidence`. The gate refuses when an adjusted p-value is at most
+1 - `confidence`: the evidence then says (at that confidence) that a class lost more than the
+tolerance, or that the candidate is worse on the new feedback.
+
+The burden of proof is on the refusal: a loss the gate set is too small to show passes. The
+report says how small that is: per class, the fewest clips a candidate could lose with no gain
+(and the recall that is) and still be refused. Every point figure (recall and macro-F1 per
+model, new-feedback accuracy) stays in the report. Old classes are the labels the active model
+knows; labels it does not know are new classes: reported, not guarded. Answers are the models'
+unrestricted argmax, as the service gives them. The report's shape is shared with the dashboard
+(see the README's "Learner" section).
 """
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from learner.inference import EmotionPredictor
 from learner.replay import Sample
 
-# Figures are compared after rounding away float noise: equal means equal.
-_EPS = 1e-9
+TEST_NAME = ("one-sided exact conditional McNemar test (binomial on the discordant pairs) of "
+             "'net loss <= tolerance', per old class on its recall and on its false alarms and "
+             "on the new feedback, Holm-adjusted over all of them")
+NEW_FEEDBACK = "new feedback (held out)"
+
+
+@dataclass(frozen=True)
+class PairedCounts:
+    """One group of clips both models answered: how many, and how many each alone got right."""
+    n: int
+    lost: int  # right before, wrong after
+    gained: int  # wrong before, right after
+
+    @classmethod
+    def of(cls, truth: Sequence[str], before: Sequence[str], after: Sequence[str]):
+        right_before = np.array([t == b for t, b in zip(truth, before)], dtype=bool)
+        right_after = np.array([t == a for t, a in zip(truth, after)], dtype=bool)
+        return cls(len(truth), int(np.sum(right_before & ~right_after)),
+                   int(np.sum(~right_before & right_after)))
+
+
+def loss_p_value(counts: PairedCounts, tolerance: float) -> float:
+    """The one-sided p-value of H0 'expected net loss <= tolerance * n clips', given the
+    discordant pairs: P(Binomial(m, pi0) >= lost), pi0 = 1/2 + tolerance * n / (2 m)."""
+    from scipy.stats import binom  # imported when a round judges, not when the service starts
+
+    discordant = counts.lost + counts.gained
+    if discordant == 0 or counts.lost == 0:
+        return 1.0
+    pi0 = min(1.0, 0.5 + tolerance * counts.n / (2 * discordant))
+    return float(binom.sf(counts.lost - 1, discordant, pi0))
+
+
+def holm(p_values: dict) -> dict:
+    """Holm's step-down adjusted p-values: refusing where one is <= alpha keeps the chance of
+    any false refusal among all of them at most alpha."""
+    order = sorted(p_values, key=lambda key: p_values[key])
+    adjusted, running = {}, 0.0
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def detectable_loss(n: int, tolerance: float, alpha: float) -> int | None:
+    """The fewest clips of n a candidate could lose (gaining none) and be refused at `alpha`.
+    With this the only loss among k tests, Holm's first step compares with alpha / k: the
+    caller passes that. None if not even losing all n would be."""
+    for lost in range(1, n + 1):
+        if loss_p_value(PairedCounts(n, lost, 0), tolerance) <= alpha:
+            return lost
+    return None
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What both models answered: the gate set's clips of old classes, and the held-out new
+    feedback (truth, the active model's answers, the candidate's)."""
+    truth: list[str]
+    before: list[str]
+    after: list[str]
+    holdout_truth: list[str] = field(default_factory=list)
+    holdout_before: list[str] = field(default_factory=list)
+    holdout_after: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, active: EmotionPredictor, candidate: EmotionPredictor,
+           gate_set: Sequence[Sample], new_holdout: Sequence[Sample]) -> "Answers":
+        gate = [s for s in gate_set if s.label in active.labels]
+        return cls([s.label for s in gate], _answers(active, gate), _answers(candidate, gate),
+                   [s.label for s in new_holdout], _answers(active, new_holdout),
+                   _answers(candidate, new_holdout))
 
 
 class RegressionGate:
-    def __init__(self, max_recall_drop: float = 0.02, max_macro_f1_drop: float = 0.005):
-        self.max_recall_drop = max_recall_drop
-        self.max_macro_f1_drop = max_macro_f1_drop
+    def __init__(self, max_recall_drop: float = 0.02, confidence: float = 0.95):
+        self.max_recall_drop = max_recall_drop  # the tolerance of the old classes' tests
+        self.confidence = confidence
 
     def judge(self, active: EmotionPredictor, candidate: EmotionPredictor,
               gate_set: Sequence[Sample], new_holdout: Sequence[Sample], *,
               scope: str = "global", user_id: str | None = None) -> dict:
-        """The gate report (decision, reason and every figure behind them)."""
-        old = [label for label in active.labels]
-        new = [label for label in candidate.labels if label not in old]
-        gate = [s for s in gate_set if s.label in old]
-        truth = [s.label for s in gate]
-        before, after = _answers(active, gate), _answers(candidate, gate)
-        present = [label for label in old if label in truth]
-        recall_before = _recalls(truth, before, present)
-        recall_after = _recalls(truth, after, present)
-        f1_before, f1_after = _macro_f1(truth, before, present), _macro_f1(truth, after, present)
-        holdout_truth = [s.label for s in new_holdout]
-        acc_before = _accuracy(holdout_truth, _answers(active, new_holdout))
-        acc_after = _accuracy(holdout_truth, _answers(candidate, new_holdout))
-        report = {
-            "decision": "accepted", "reason": "", "scope": scope, "user_id": user_id,
-            "old_classes": old, "new_classes": new, "max_recall_drop": self.max_recall_drop,
-            "recall_before": recall_before, "recall_after": recall_after,
-            "macro_f1_before": f1_before, "macro_f1_after": f1_after,
-            "new_feedback_accuracy_before": acc_before, "new_feedback_accuracy_after": acc_after,
-            "gate_set_size": len(gate), "new_holdout_size": len(new_holdout),
-        }
+        """The gate report on two models (decision, reason, every figure and the tests)."""
+        return self.judge_answers(list(active.labels), list(candidate.labels),
+                                  Answers.of(active, candidate, gate_set, new_holdout),
+                                  scope=scope, user_id=user_id)
+
+    def judge_answers(self, old: list[str], labels: list[str], answers: Answers, *,
+                      scope: str = "global", user_id: str | None = None) -> dict:
+        """The gate report on what the models answered: `old` the active model's labels,
+        `labels` the candidate's."""
+        report = self.figures(old, labels, answers, scope=scope, user_id=user_id)
+        report.update(self.tests(answers))
         failure = self._failure(report)
         report["decision"] = "rejected" if failure else "accepted"
         report["reason"] = failure or _acceptance(report)
         return report
 
+    def figures(self, old: list[str], labels: list[str], answers: Answers, *,
+                scope: str = "global", user_id: str | None = None) -> dict:
+        """Every point figure of both models (the decision still open)."""
+        a = answers
+        present = [label for label in old if label in a.truth]
+        return {
+            "decision": "accepted", "reason": "", "scope": scope, "user_id": user_id,
+            "old_classes": old, "new_classes": [label for label in labels if label not in old],
+            "max_recall_drop": self.max_recall_drop,
+            "recall_before": _recalls(a.truth, a.before, present),
+            "recall_after": _recalls(a.truth, a.after, present),
+            "macro_f1_before": _macro_f1(a.truth, a.before, present),
+            "macro_f1_after": _macro_f1(a.truth, a.after, present),
+            "new_feedback_accuracy_before": _accuracy(a.holdout_truth, a.holdout_before),
+            "new_feedback_accuracy_after": _accuracy(a.holdout_truth, a.holdout_after),
+            "gate_set_size": len(a.truth), "new_holdout_size": len(a.holdout_truth),
+        }
+
+    def tests(self, answers: Answers) -> dict:
+        """The paired tests: per old class on the gate set, its recall and its false alarms,
+        and on the held-out new feedback; Holm over all of them."""
+        a, alpha = answers, round(1.0 - self.confidence, 12)  # 0.05, not 0.050000000000000044
+        classes = sorted(set(a.truth), key=a.truth.index)
+        groups: dict[tuple[str, str], tuple[PairedCounts, float]] = {}
+        for label in classes:
+            rows = [i for i, t in enumerate(a.truth) if t == label]
+            groups[("paired", label)] = (PairedCounts.of(
+                [label] * len(rows), [a.before[i] for i in rows], [a.after[i] for i in rows]),
+                self.max_recall_drop)
+            # Its false alarms: the clips of the other old classes, 'right' when not called
+            # `label`. Corrections that all name one label raise these far more than they
+            # lower any one class's recall.
+            others = [i for i, t in enumerate(a.truth) if t != label]
+            groups[("false_alarms", label)] = (PairedCounts.of(
+                [_OTHER] * len(others), [_other(a.before[i], label) for i in others],
+                [_other(a.after[i], label) for i in others]), self.max_recall_drop)
+        if a.holdout_truth:
+            groups[("paired", NEW_FEEDBACK)] = (PairedCounts.of(
+                a.holdout_truth, a.holdout_before, a.holdout_after), 0.0)
+        p_values = {key: loss_p_value(counts, tol) for key, (counts, tol) in groups.items()}
+        adjusted = holm(p_values)
+        first_step = alpha / max(1, len(groups))
+        out = {"test": TEST_NAME, "confidence": self.confidence, "alpha": alpha,
+               "hypotheses": len(groups), "paired": {}, "false_alarms": {}}
+        for (family, key), (counts, tolerance) in groups.items():
+            smallest = detectable_loss(counts.n, tolerance, first_step)
+            out[family][key] = {
+                "n": counts.n, "lost": counts.lost, "gained": counts.gained,
+                "change": (counts.gained - counts.lost) / counts.n if counts.n else 0.0,
+                "tolerance": tolerance, "p_value": p_values[(family, key)],
+                "adjusted_p_value": adjusted[(family, key)],
+                "refused": adjusted[(family, key)] <= alpha,
+                "detectable_loss_clips": smallest,
+                "detectable_loss": None if smallest is None else smallest / counts.n}
+        return out
+
     def _failure(self, r: dict) -> str | None:
         if not r["gate_set_size"]:
             return "the gate set is empty: nothing shows the candidate keeps the old classes"
-        drops = {label: r["recall_before"][label] - r["recall_after"][label]
-                 for label in r["recall_before"]}
-        worst = max(drops, key=lambda label: drops[label])
-        if drops[worst] > self.max_recall_drop + _EPS:
-            return (f"recall of old class '{worst}' fell from {r['recall_before'][worst]:.3f} to "
-                    f"{r['recall_after'][worst]:.3f} on the gate set, more than the allowed "
-                    f"{self.max_recall_drop:.3f}")
-        if r["macro_f1_after"] < r["macro_f1_before"] - self.max_macro_f1_drop - _EPS:
-            return (f"macro-F1 on the gate set fell from {r['macro_f1_before']:.4f} to "
-                    f"{r['macro_f1_after']:.4f}, more than the allowed "
-                    f"{self.max_macro_f1_drop:.4f}")
-        before, after = r["new_feedback_accuracy_before"], r["new_feedback_accuracy_after"]
-        if after is not None and after < before - _EPS:
-            return (f"on the held-out new feedback it is worse than the active model: accuracy "
-                    f"{after:.3f} against {before:.3f}")
-        return None
+        refused = [(family, k, t) for family in ("paired", "false_alarms")
+                   for k, t in r[family].items() if t["refused"]]
+        if not refused:
+            return None
+        family, key, t = min(refused, key=lambda item: item[2]["adjusted_p_value"])
+        if family == "false_alarms":
+            return (f"it answers '{key}' wrongly on {t['lost']} more of the other old classes' "
+                    f"{t['n']} gate clips ({t['gained']} fewer elsewhere): more than "
+                    f"{t['tolerance']:.3f} of them at {r['confidence']:.0%} confidence (adjusted "
+                    f"p = {t['adjusted_p_value']:.2g}): it learnt to say '{key}' where the "
+                    f"active model rightly did not")
+        if key == NEW_FEEDBACK:
+            return (f"on the held-out new feedback it is worse than the active model: "
+                    f"{t['lost']} of {t['n']} clips lost, {t['gained']} gained (accuracy "
+                    f"{r['new_feedback_accuracy_before']:.3f} -> "
+                    f"{r['new_feedback_accuracy_after']:.3f}; adjusted p = "
+                    f"{t['adjusted_p_value']:.2g} <= {r['alpha']:.2g})")
+        return (f"old class '{key}' lost more than {t['tolerance']:.3f} of recall at "
+                f"{r['confidence']:.0%} confidence: {t['lost']} of its {t['n']} gate clips lost, "
+                f"{t['gained']} gained (recall {r['recall_before'][key]:.3f} -> "
+                f"{r['recall_after'][key]:.3f}; adjusted p = {t['adjusted_p_value']:.2g})")
+
+
+_OTHER = "(another class)"
+
+
+def _other(answer: str, label: str) -> str:
+    return label if answer == label else _OTHER
 
 
 def _acceptance(r: dict) -> str:
-    drops = [r["recall_before"][k] - r["recall_after"][k] for k in r["recall_before"]]
-    parts = [f"no old class lost more than {r['max_recall_drop']:.3f} recall "
-             f"(largest loss {max(0.0, max(drops)):.3f})",
+    tested = [(f"'{k}' recall", t) for k, t in r["paired"].items() if k != NEW_FEEDBACK]
+    tested += [(f"'{k}' false alarms", t) for k, t in r["false_alarms"].items()]
+    closest, t = min(tested, key=lambda item: item[1]["adjusted_p_value"])
+    parts = [f"no old class shows a loss of recall or a rise of false alarms beyond "
+             f"{r['max_recall_drop']:.3f} at {r['confidence']:.0%} confidence (closest: "
+             f"{closest}, {t['lost']} lost, {t['gained']} gained of {t['n']}, adjusted p = "
+             f"{t['adjusted_p_value']:.2g})",
              f"macro-F1 {r['macro_f1_before']:.3f} -> {r['macro_f1_after']:.3f}"]
     if r["new_feedback_accuracy_after"] is None:
         parts.append("no new feedback was held out")

@@ -36,7 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from learner.checkpoint import LoadedModel
-from learner.gate import RegressionGate
+from learner.gate import Answers, RegressionGate
 from learner.personal_model import embed_batch, personal_head_bytes, personal_head_from_bytes
 from learner.replay import Sample
 from learner.rounds import (
@@ -93,7 +93,9 @@ class PersonalGate(RegressionGate):
     def judge_personal(self, active: "EmbeddingHead", candidate: "EmbeddingHead",
                        gate_set: list[Sample], corrections: list[Sample],
                        cross_validated: list[str], *, user_id: str) -> dict:
-        report = self.judge(active, candidate, gate_set, [], scope="user", user_id=user_id)
+        report = self.figures(list(active.labels), list(candidate.labels),
+                              Answers.of(active, candidate, gate_set, []), scope="user",
+                              user_id=user_id)
         truth = [s.label for s in corrections]
         before = [active.labels[i] for i in
                   active.logits_batch([s.features for s in corrections]).argmax(axis=1)]

@@ -229,7 +229,7 @@ class LearningRound:
         gate_set = load_gate_set(self.session_factory, self.artifacts, model.labels,
                                  kind=model.kind, base_sets_dir=self.settings.base_sets_dir)
         report = RegressionGate(self.settings.max_recall_drop,
-                                self.settings.max_macro_f1_drop).judge(
+                                self.settings.gate_confidence).judge(
             EmotionPredictor(model),
             EmotionPredictor(LoadedModel(candidate.net, candidate.labels, sha256="",
                                          kind=model.kind)),

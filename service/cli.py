@@ -67,6 +67,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except CorpusError as err:
         print(f"emoloop evaluate: {err}", file=sys.stderr)
         return 2
+    if args.what == "gate":
+        from service.bench.gate import run_gate_bench
+
+        report = run_gate_bench(args.data or REPO_ROOT.parent / "shared" / "data",
+                                should_pass=args.should_pass, must_fail=args.must_fail,
+                                corrections=args.corrections, threads=args.threads,
+                                kinds=args.kinds.split(",") if args.kinds else None)
     if args.json:
         print(json.dumps(report))
     else:
@@ -135,6 +142,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.data or REPO_ROOT.parent / "shared" / "data", rounds=args.rounds,
             strategies=args.strategies.split(",") if args.strategies else None,
             timing_corrections=args.timing_corrections, threads=args.threads)
+    if args.what == "gate":
+        from service.bench.gate import run_gate_bench
+
+        report = run_gate_bench(args.data or REPO_ROOT.parent / "shared" / "data",
+                                should_pass=args.should_pass, must_fail=args.must_fail,
+                                corrections=args.corrections, threads=args.threads,
+                                kinds=args.kinds.split(",") if args.kinds else None)
     if args.json:
         print(json.dumps(report))
     else:
@@ -340,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks that print medians")
-    p.add_argument("what", choices=["latency", "serve", "personalization", "continual"])
+    p.add_argument("what", choices=["latency", "serve", "personalization", "continual", "gate"])
     p.add_argument("--model", type=Path)
     p.add_argument("--runs", type=int, default=200, help="timed runs after warm-up")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
@@ -348,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: timed predictions per server configuration")
     p.add_argument("--floor", action="store_true", help="serve: also time the inference floor "
                    "(the model work alone, behind a bare ASGI app) with the same clients")
-    p.add_argument("--data", type=Path, help="personalization, continual: the corpora (default "
-                   "../shared/data)")
+    p.add_argument("--data", type=Path, help="personalization, continual, gate: the corpora "
+                   "(default ../shared/data)")
     p.add_argument("--versions", type=int, default=10_000,
                    help="personalization: personal versions stored for the cost figures")
     p.add_argument("--rounds", type=int, default=3, help="continual: learning rounds")
@@ -358,7 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-corrections", type=int, default=500,
                    help="continual: corrections in the timed round (0: skip it)")
     p.add_argument("--threads", type=int, default=1,
-                   help="continual: torch threads (1, as in a service worker)")
+                   help="continual, gate: torch threads (1, as in a service worker)")
+    p.add_argument("--should-pass", type=int, default=3,
+                   help="gate: rounds of each kind that should pass (confirm, newcomers)")
+    p.add_argument("--must-fail", type=int, default=2, help="gate: rounds of each kind that "
+                   "must fail (one-label, shuffled, naive-high-lr)")
+    p.add_argument("--corrections", type=int, default=100, help="gate: corrections a round")
+    p.add_argument("--kinds", help="gate: comma-separated kinds of round (default: all of "
+                   "confirm, newcomers, one-label, shuffled, naive-high-lr)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

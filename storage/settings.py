@@ -62,8 +62,10 @@ class LearnerSettings(Section):
     # The labels feedback may name; None: every canonical label (learner.labels). A subset of them.
     labels: list[str] | None = None
     allow_new_labels: bool = True  # a label the model does not know grows its head
-    max_recall_drop: float = 0.02  # the gate: most recall an old class may lose
-    max_macro_f1_drop: float = 0.005  # ... and macro-F1 may fall at most by noise
+    # The gate (learner/gate.py): refuse when the evidence says an old class lost more recall
+    # than this, at this confidence (family-wise, over the classes and the new feedback).
+    max_recall_drop: float = Field(0.02, ge=0.0, le=1.0)
+    gate_confidence: float = Field(0.95, gt=0.5, lt=1.0)
     holdout_share: float = Field(0.2, ge=0.0, lt=1.0)  # of each round's feedback, for the gate
     # Rounds one piece of feedback may go through: a refused round gives its feedback back to
     # the next one until then, so corrections are not lost to one close call of the gate, and a

@@ -22,6 +22,17 @@ def rejected_report() -> dict:
             "gate_set_size": 420, "new_holdout_size": 8}
 
 
+def paired_report() -> dict:
+    """A report of the paired gate: 'happy' fell further than 'sad' but by noise; 'sad' was
+    refused by its test."""
+    report = rejected_report()
+    report["recall_after"] = {**report["recall_before"], "sad": 0.5, "happy": 0.45}
+    report["paired"] = {label: {"refused": label == "sad", "detectable_loss": 0.08}
+                        for label in DEFAULT_LABELS}
+    report["paired"]["calm"]["detectable_loss"] = 0.18
+    return {**report, "confidence": 0.95, "alpha": 0.05}
+
+
 def test_rounds_show_their_gate_reports_and_start_in_one_click(open_dashboard, server):
     # A round that ran before, took every piece of feedback so far, and was rejected.
     with server.db() as session:
@@ -31,6 +42,8 @@ def test_rounds_show_their_gate_reports_and_start_in_one_click(open_dashboard, s
         RoundFeedbackRepository(session).mark_consumed(past.id, trained=feedback_ids, held_out=[])
         runs.finish(past, "rejected", counts={"feedback": len(feedback_ids)},
                     gate_report=rejected_report())
+        tested = runs.start("manual")
+        runs.finish(tested, "rejected", counts={}, gate_report=paired_report())
         session.commit()
 
     page = open_dashboard()
@@ -42,6 +55,13 @@ def test_rounds_show_their_gate_reports_and_start_in_one_click(open_dashboard, s
     # The class that fell past the allowed drop is the one marked.
     expect(chart.locator("rect.bar-dropped")).to_have_count(1)
     expect(chart.locator("text.value-dropped")).to_have_text("60% → 50%")
+    # A paired gate's report: the class its test refused is marked, not the larger point drop.
+    paired = page.locator(f"#runs li.run[data-run='{tested.id}']")
+    marked = paired.locator("svg.gate-svg text.value-dropped")
+    expect(marked).to_have_count(1)
+    expect(marked).to_have_text("60% → 50%")
+    expect(paired).to_contain_text("Smallest loss the gate set can show")
+    expect(paired).to_contain_text("8.0% – 18.0%")
     screenshot(page.locator("#runs").locator(".."), "rounds")
 
     # While another round holds the lock, starting one is refused and the page says so.

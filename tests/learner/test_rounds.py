@@ -20,10 +20,12 @@ from tests.learner.toy_learning import (TOY_LABELS, toy_base_sets, toy_features,
 # What these show does not depend on the database; the round's storage side runs on both.
 sqlite_only = pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)
 
+# The figures every gate report has (personal ones too), and the global gate's paired tests.
 REPORT_KEYS = {"decision", "reason", "scope", "user_id", "old_classes", "new_classes",
                "max_recall_drop", "recall_before", "recall_after", "macro_f1_before",
                "macro_f1_after", "new_feedback_accuracy_before", "new_feedback_accuracy_after",
                "gate_set_size", "new_holdout_size"}
+TEST_KEYS = {"test", "confidence", "alpha", "hypotheses", "paired", "false_alarms"}
 
 
 def _round(world, **overrides):
@@ -46,7 +48,10 @@ def test_a_round_learns_from_feedback_registers_and_activates_a_version(world):
     assert (versions[1].status, versions[2].status, versions[2].parent_version) == (
         "retired", "active", 1)
     assert versions[2].gate_report == outcome.gate_report
-    assert set(outcome.gate_report) == REPORT_KEYS
+    assert set(outcome.gate_report) == REPORT_KEYS | TEST_KEYS
+    paired = outcome.gate_report["paired"]
+    assert set(paired) == {*TOY_LABELS, "new feedback (held out)"}
+    assert paired["new feedback (held out)"]["n"] == outcome.counts["held_out"]
     assert outcome.gate_report["old_classes"] == list(TOY_LABELS)
     assert outcome.counts["trained"] + outcome.counts["held_out"] == len(given)
     assert outcome.counts["held_out"] == outcome.gate_report["new_holdout_size"] > 0
@@ -104,9 +109,9 @@ def test_the_gate_rejects_a_candidate_trained_on_flipped_labels(world):
     assert _versions(world)[1].status == "active"
 
 
-def test_feedback_a_refused_round_gave_back_trains_the_next_round(world):
+def test_feedback_a_refused_round_gave_back_trains_the_next_round(world, tmp_path):
     first = world.feedback(["happy", "sad"] * 4)
-    refused = _round(world, max_recall_drop=-1.0)  # a gate nothing can pass
+    refused = _round(world, base_sets_dir=tmp_path)  # no gate set: nothing can pass
     assert refused.status == "rejected" and refused.counts["given_back"] == 8
 
     later = world.feedback(["happy", "sad"] * 4, seed=5)
@@ -121,9 +126,9 @@ def test_feedback_a_refused_round_gave_back_trains_the_next_round(world):
 
 
 @sqlite_only
-def test_with_one_attempt_a_refused_round_consumes_its_feedback(world):
+def test_with_one_attempt_a_refused_round_consumes_its_feedback(world, tmp_path):
     world.feedback(["happy", "sad"] * 4)
-    refused = _round(world, max_recall_drop=-1.0, max_attempts=1)
+    refused = _round(world, base_sets_dir=tmp_path, max_attempts=1)  # no gate set
     assert refused.status == "rejected" and refused.counts["given_back"] == 0
     with world.session_factory() as session:
         assert {f.consumed_by_run_id for f in session.scalars(select(Feedback))} == {
@@ -137,8 +142,8 @@ def test_the_gate_accepts_an_equal_candidate_and_rejects_a_worse_one(toy_model):
     head.weight.data, head.bias.data = head.weight.data.flip(0), head.bias.data.flip(0)
     bad = EmotionPredictor(swapped)
     gate_set = [Sample(toy_features(label, 50 + k), label, ExemplarRow("base", label, 0.0, 0))
-                for label in TOY_LABELS for k in range(4)]
-    holdout = gate_set[:2] + gate_set[-2:]
+                for label in TOY_LABELS for k in range(12)]
+    holdout = gate_set[:6] + gate_set[-6:]
     gate = RegressionGate(max_recall_drop=0.02)
 
     accepted = gate.judge(good, good, gate_set, holdout)
@@ -146,7 +151,7 @@ def test_the_gate_accepts_an_equal_candidate_and_rejects_a_worse_one(toy_model):
     assert accepted["recall_before"] == accepted["recall_after"] == {"happy": 1.0, "sad": 1.0}
     rejected = gate.judge(good, bad, gate_set, holdout)
     assert rejected["decision"] == "rejected"
-    assert "recall of old class" in rejected["reason"]
+    assert all(rejected["paired"][c]["refused"] for c in TOY_LABELS), rejected["reason"]
     assert rejected["macro_f1_after"] < rejected["macro_f1_before"]
     assert rejected["new_feedback_accuracy_after"] < rejected["new_feedback_accuracy_before"]
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -112,9 +113,33 @@ def test_a_poisoned_round_is_rejected_and_the_active_model_stays(learning_app, k
     report = run["gate_report"]
     assert report["decision"] == "rejected"
     assert report["recall_after"]["happy"] < report["recall_before"]["happy"] - 0.02
+    # Refused on evidence: the paired test of 'happy' on the gate set, Holm-adjusted.
+    happy = report["paired"]["happy"]
+    assert happy["refused"] and happy["adjusted_p_value"] <= report["alpha"] == 0.05
+    assert happy["lost"] >= happy["detectable_loss_clips"]
+    assert "old class 'happy' lost more than" in report["reason"]
     assert [r["status"] for r in runs] == ["rejected", "rejected", "skipped"]
     assert [r["counts"].get("given_back") for r in runs[:2]] == [16, 0]
     assert served == 1 and versions == {1: "active", 2: "rejected", 3: "rejected"}
+
+
+def test_a_round_on_shuffled_labels_is_rejected_and_the_active_model_stays(learning_app, keys):
+    # Every correction names a label drawn at random (seeded), whatever the clip says: a
+    # candidate trained hard on them unlearns what the gate set shows it knew.
+    rng = np.random.default_rng(7)
+    truth = ["happy", "sad"] * 12
+    shuffled = [str(label) for label in rng.permutation(truth)]
+    assert 8 <= sum(a != b for a, b in zip(truth, shuffled)) <= 16
+    with TestClient(learning_app({"strategy": "naive", "steps": 30, "lr": 2e-2})) as client:
+        wait_ready(client)
+        _teach(client, keys.app, shuffled, truth=truth, seed=3)
+        run = _wait_for_run(client, keys.admin, _start_round(client, keys.admin))
+        served = _served_version(client, keys.app)
+
+    report = run["gate_report"]
+    assert run["status"] == "rejected", report
+    assert any(t["refused"] for c, t in report["paired"].items() if c in report["old_classes"])
+    assert served == 1
 
 
 def test_a_second_round_is_refused_while_one_holds_the_lock(client, keys, db):

@@ -1,5 +1,6 @@
 // A round's gate report as a picture: per-class recall on the gate set before (the active model)
-// and after (the candidate), with the lowest recall the gate allowed for each old class.
+// and after (the candidate), with the tolerated loss marked for each old class and the classes
+// the gate's paired test refused in red.
 // Drawn in SVG at the width it is given (redrawn when that changes), so text stays legible from a
 // phone to a desktop.
 import {capitalize, h, percent, s} from "./dom.js";
@@ -21,7 +22,11 @@ export function gateReport(report) {
     ["Macro-F1 on the gate set", pair(report.macro_f1_before, report.macro_f1_after)],
     ["Accuracy on held-out new feedback",
       pair(report.new_feedback_accuracy_before, report.new_feedback_accuracy_after)],
-    ["Largest recall drop allowed", percent(report.max_recall_drop, 1)],
+    report.paired ?
+      ["Recall loss tolerated (tested)", `${percent(report.max_recall_drop, 1)} at ` +
+        `${percent(report.confidence)} confidence`] :
+      ["Largest recall drop allowed", percent(report.max_recall_drop, 1)],
+    ...(report.paired ? [["Smallest loss the gate set can show", detectable(report)]] : []),
     ["Gate set / new held-out clips",
       `${report.gate_set_size ?? "–"} / ${report.new_holdout_size ?? "–"}`],
   ];
@@ -32,6 +37,15 @@ export function gateReport(report) {
       report.reason ? h("span", {}, report.reason) : null),
     gateChart(report),
     h("dl", {class: "kv compact"}, numbers.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
+}
+
+/** The range over old classes of the smallest recall loss (gaining none) the gate refuses. */
+function detectable(report) {
+  const losses = (report.old_classes ?? []).map((c) => report.paired[c]?.detectable_loss)
+    .filter((v) => v !== null && v !== undefined);
+  if (!losses.length) return "–";
+  const [low, high] = [Math.min(...losses), Math.max(...losses)];
+  return low === high ? percent(low, 1) : `${percent(low, 1)} – ${percent(high, 1)}`;
 }
 
 function pair(before, after) {
@@ -51,8 +65,11 @@ export function gateChart(report) {
     host.append(h("p", {class: "empty"}, "No per-class recall in this report."));
     return host;
   }
+  // A class is marked where the gate refused it: by its paired test when the report has one,
+  // else (reports of before the test) where it fell past the allowed drop.
   const rows = classes.map((label) => ({
     label, before: before[label] ?? null, after: after[label] ?? null, old: old.has(label),
+    refused: report.paired ? Boolean(report.paired[label]?.refused) : null,
   }));
   const maxDrop = report.max_recall_drop ?? 0;
   const id = `gate-${++chartCount}`;
@@ -75,7 +92,7 @@ function legend() {
   return h("p", {class: "gate-legend", "aria-hidden": "true"},
     h("span", {class: "key key-before"}), "before (active model)",
     h("span", {class: "key key-after"}), "after (candidate)",
-    h("span", {class: "key key-floor"}), "lowest allowed");
+    h("span", {class: "key key-floor"}), "tolerance");
 }
 
 function drawSvg(rows, maxDrop, width, id) {
@@ -96,8 +113,8 @@ function drawSvg(rows, maxDrop, width, id) {
   }
   rows.forEach((row, i) => {
     const y = TOP + i * ROW + (ROW - 2 * BAR - 3) / 2;
-    const dropped = row.old && row.before !== null && row.after !== null &&
-      row.before - row.after > maxDrop + 1e-9;
+    const dropped = row.refused ?? (row.old && row.before !== null && row.after !== null &&
+      row.before - row.after > maxDrop + 1e-9);
     svg.append(s("text", {x: LABEL - 8, y: y + BAR + 5, class: "label", "text-anchor": "end"},
                  capitalize(row.label)));
     if (row.before !== null) {
