@@ -127,7 +127,8 @@ class FeedbackItem:
 
 class RoundFeedbackRepository:
     """The feedback side of a round: what is new, what judged earlier rounds, and marking what a
-    round took."""
+    round took. Every read sees only counting corrections (storage.repositories.FeedbackRepository):
+    a superseded one is history."""
 
     def __init__(self, session: Session):
         self.session = session
@@ -198,10 +199,13 @@ class RoundFeedbackRepository:
 
     @staticmethod
     def _items():
+        # Only the counting correction of each prediction: a round trains on one label per clip
+        # and prediction, however often (and however differently) an app sent it.
         return (select(Feedback.id, Feedback.label, Feedback.user_id, Clip.id.label("clip_id"),
                        Clip.artifact_path, Clip.sha256)
                 .join(Prediction, Prediction.id == Feedback.prediction_id)
-                .join(Clip, Clip.id == Prediction.clip_id))
+                .join(Clip, Clip.id == Prediction.clip_id)
+                .where(Feedback.superseded_at.is_(None)))
 
     def _rows(self, query) -> list[FeedbackItem]:
         return [FeedbackItem(r.id, r.label, r.user_id, r.clip_id, r.artifact_path, r.sha256)
