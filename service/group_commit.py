@@ -8,9 +8,9 @@ Nothing waits on purpose; a lone request is written at once.
 
 If any write of a batch fails, the batch is rolled back and each write is retried in a
 transaction of its own, so a write that fails fails only its own request; except when the store
-itself failed (locked past the busy timeout, disk full: storage.failures), which fails them all. A request gets its
-result only after the commit holding its write returned: durable before the 2xx, as with a
-commit of its own.
+itself failed (locked past the busy timeout, disk full: storage.failures), which fails them
+all. A request gets its result only after the commit holding its write returned: durable before
+the 2xx, as with a commit of its own.
 """
 import asyncio
 import queue

@@ -42,8 +42,8 @@ class IdempotentRequestRepository:
               stale_after_s: float) -> Claim:
         now = utcnow()
         # Answers older than the window are forgotten (the index on created_at keeps this cheap).
-        self.session.execute(delete(IdempotentRequest)
-                             .where(IdempotentRequest.created_at < now - timedelta(seconds=window_s))
+        expired = IdempotentRequest.created_at < now - timedelta(seconds=window_s)
+        self.session.execute(delete(IdempotentRequest).where(expired)
                              .execution_options(synchronize_session=False))
         connection = self.session.connection()
         # On PostgreSQL a concurrent first request's uncommitted claim makes this wait for it.

@@ -8,7 +8,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +24,10 @@ from tests.service.conftest import files_under
 
 EMOLOOP = str(Path(sys.executable).with_name("emoloop"))
 MiB = 2**20
+# The issue held the lock 30 s against the default 10 s busy timeout; the test's default is 3 s
+# against 0.5 s. The README's figure: EMOLOOP_TEST_LOCK_S=30 EMOLOOP_TEST_BUSY_TIMEOUT_S=10.
+LOCK_S = float(os.environ.get("EMOLOOP_TEST_LOCK_S", "3"))
+BUSY_TIMEOUT_S = os.environ.get("EMOLOOP_TEST_BUSY_TIMEOUT_S", "0.5")
 
 
 class KeepAliveClient:
@@ -54,12 +57,11 @@ class KeepAliveClient:
 
 @pytest.fixture
 def server(settings, seeded, keys, request):
-    """`emoloop serve` on the test's database, with a short busy timeout (the issue held the
-    lock 30 s against the 10 s default; here 3 s against 0.5 s) and a disk floor."""
+    """`emoloop serve` on the test's database, with a short busy timeout and a disk floor."""
     port = free_port()
     env = {**os.environ, "EMOLOOP_DATABASE_URL": settings.database.url,
            "EMOLOOP_DATA_DIR": str(settings.storage.data_dir),
-           "EMOLOOP_LEARNER__ENABLED": "false", "EMOLOOP_DATABASE__BUSY_TIMEOUT_S": "0.5",
+           "EMOLOOP_LEARNER__ENABLED": "false", "EMOLOOP_DATABASE__BUSY_TIMEOUT_S": BUSY_TIMEOUT_S,
            "EMOLOOP_STORAGE__MIN_FREE_BYTES": str(getattr(request, "param", 0))}
     process = subprocess.Popen([EMOLOOP, "serve", "--port", str(port), "--log-level", "warning"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -133,7 +135,7 @@ def test_a_locked_database_answers_503_and_recovers_by_itself(server, settings, 
     accepted, seen = set(), []
     labels = ["angry", "sad", "happy"]
     with _database_locked(settings.database.url):
-        held_until = time.monotonic() + 3.0
+        held_until = time.monotonic() + LOCK_S
         while time.monotonic() < held_until:
             for status, headers, body in (_predict(client, wav_clip),
                                           _correct(client, answer["prediction_id"],
@@ -146,9 +148,14 @@ def test_a_locked_database_answers_503_and_recovers_by_itself(server, settings, 
                     assert headers["retry-after"] == "5" and body["error"] in (
                         "storage_unavailable", "not_ready")
                     assert "lock" in body["detail"]
-    assert seen.count(503) >= 6 and 500 not in seen
+    assert seen.count(503) >= 3 and 500 not in seen
     assert set(seen) <= {503}  # nothing can be written, and /ready says so
+    locked_at = time.monotonic()
     _wait_ready(client)
+    print(f"\nlocked {LOCK_S:.0f} s (busy timeout {BUSY_TIMEOUT_S} s): {len(seen)} requests, "
+          f"{seen.count(503)} answered 503, {seen.count(500)} answered 500, "
+          f"{client.dropped} dropped connections; /ready 200 again "
+          f"{time.monotonic() - locked_at:.1f} s after the lock ended")
     status, _, again = _predict(client, wav_clip)
     assert status == 201
     status, _, fixed = _correct(client, again["prediction_id"], "sad")
@@ -156,6 +163,7 @@ def test_a_locked_database_answers_503_and_recovers_by_itself(server, settings, 
     accepted.add(fixed["feedback_id"])
     assert client.dropped == 0 and len(client.sockets) == 1  # the same connection throughout
     _accepted_are_stored(db, accepted)
+    print(f"accepted corrections stored: {len(accepted)} of {len(accepted)}")
 
 
 def _fill(path: Path, leave_bytes: int) -> None:
