@@ -53,12 +53,6 @@ class ServingStatus:
 
 
 @dataclass(frozen=True)
-class FailedLoad:
-    reason: str
-    file: tuple | None  # the model file's (inode, size, mtime) when it failed; None: missing
-
-
-@dataclass(frozen=True)
 class ServingModel:
     version: int
     predictor: EmotionPredictor
@@ -88,8 +82,9 @@ class InferenceEngine:
         # Held while deciding and making a swap, so a poll that read the old active version
         # cannot swap it back in after an activation in this process swapped the new one.
         self._swap_lock = threading.Lock()
-        # Versions whose file failed, with the file as it was then: tried again once it changes.
-        self._unloadable: dict[int, FailedLoad] = {}
+        # Versions whose file failed, with the file's (inode, size, mtime) then (None: missing):
+        # tried again once it changes.
+        self._unloadable: dict[int, tuple | None] = {}
         self._active_version: int | None = None  # the registry's, as last seen
         self._problem: str | None = None
         # At most one clip per core in decoding and features at a time: more threads than cores
@@ -156,15 +151,14 @@ class InferenceEngine:
             if active.version == current:
                 self._problem = None
                 return current
-            failed = self._unloadable.get(active.version)
             file = self._file_state(active.artifact_path)
-            if failed is not None and failed.file == file:
+            if active.version in self._unloadable and self._unloadable[active.version] == file:
                 return current  # nothing changed since it failed
             try:
                 self._swap(self.load(active.version))
                 self._problem = None
             except ModelLoadError as err:
-                self._unloadable[active.version] = FailedLoad(str(err), file)
+                self._unloadable[active.version] = file
                 MODEL_LOAD_FAILURES.inc()
                 if self._serving is None:
                     self._fall_back(active.version, str(err))
