@@ -100,6 +100,9 @@ def test_a_corrupt_new_version_never_fails_an_answer(client, keys, db, artifacts
         thread.join(30)
     assert statuses and set(statuses) == {201}, statuses
     assert served == {1}
+    print(f"\ncorrupt version {version} activated: {len(statuses)} predictions, "
+          f"{statuses.count(201)} answered by version 1, {len(statuses) - statuses.count(201)} "
+          "failed")
     ready = client.get("/ready").json()
     assert ready["model_version"] == 1
     assert ready["detail"].startswith(f"the active version {version} cannot be loaded")

@@ -32,26 +32,36 @@ BUSY_TIMEOUT_S = os.environ.get("EMOLOOP_TEST_BUSY_TIMEOUT_S", "0.5")
 
 
 class KeepAliveClient:
-    """One HTTP/1.1 connection for every request: a server that closes it shows as an error or
-    as a new socket, and both are counted."""
+    """One HTTP/1.1 connection for every request. A connection the server closes after an
+    answer (`Connection: close`, or gone under the next request) counts as dropped; one it closed
+    after KEEP_ALIVE_S idle (uvicorn's keep-alive timeout) is opened again, as any client does."""
+
+    KEEP_ALIVE_S = 5.0
 
     def __init__(self, port: int, key: str):
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        self.key, self.sockets, self.dropped = key, set(), 0
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.key, self.dropped, self.last_answer = key, 0, time.monotonic()
 
     def send(self, method: str, path: str, **request) -> tuple[int, dict, dict]:
         built = httpx.Request(method, f"http://x{path}", **request)
         headers = {k: v for k, v in built.headers.items() if k.lower() != "host"}
         headers["Authorization"] = f"Bearer {self.key}"
-        try:
-            self.connection.request(method, path, body=built.read() or None, headers=headers)
-            response = self.connection.getresponse()
-            body = response.read()
-        except (http.client.HTTPException, OSError):
+        for attempt in range(2):
+            idle_s = time.monotonic() - self.last_answer
+            try:
+                self.connection.request(method, path, body=built.read() or None,
+                                        headers=headers)
+                response = self.connection.getresponse()
+                body = response.read()
+                break
+            except (http.client.HTTPException, OSError):
+                self.connection.close()
+                if attempt or idle_s < self.KEEP_ALIVE_S:
+                    self.dropped += 1
+                    raise
+        self.last_answer = time.monotonic()
+        if response.will_close:
             self.dropped += 1
-            self.connection.close()
-            raise
-        self.sockets.add(id(self.connection.sock))
         headers = {name.lower(): value for name, value in response.headers.items()}
         return response.status, headers, json.loads(body) if body else {}
 
@@ -181,7 +191,7 @@ def test_a_locked_database_answers_503_and_recovers_by_itself(server, settings, 
         accepted.add(fixed["feedback_id"])
         assert _predict(client, wav_clip)[0] == 201
     dropped = sum(client.dropped for client in clients)
-    assert dropped == 0 and all(len(client.sockets) == 1 for client in clients)
+    assert dropped == 0
     _accepted_are_stored(db, accepted)
     print(f"\nlocked {LOCK_S:.0f} s (busy timeout {BUSY_TIMEOUT_S} s), 4 keep-alive clients: "
           f"{len(seen)} requests while locked, {seen.count(503)} answered 503, "
@@ -248,14 +258,20 @@ def test_a_full_disk_answers_507_and_recovers_when_space_returns(small_disk, ser
     assert 500 not in seen and 507 in seen
 
     filler.unlink()
+    freed_at = time.monotonic()
     _wait_ready(client)
+    recovered_s = time.monotonic() - freed_at
     status, _, again = _predict(client, wav_clip)
     assert status == 201
     status, _, fixed = _correct(client, again["prediction_id"], "angry")
     assert status == 201
     accepted.add(fixed["feedback_id"])
-    assert client.dropped == 0 and len(client.sockets) == 1
+    assert client.dropped == 0
     _accepted_are_stored(db, accepted)
+    print(f"\ndisk full: {len(seen)} requests, {seen.count(507)} answered 507, "
+          f"{seen.count(503)} 503, {seen.count(500)} 500, {client.dropped} dropped connections; "
+          f"/ready 200 again {recovered_s:.1f} s after space returned; accepted corrections "
+          f"stored: {len(accepted)} of {len(accepted)}")
 
 
 @pytest.mark.parametrize("server", [0], indirect=True)
@@ -275,4 +291,4 @@ def test_without_a_floor_a_write_into_a_full_disk_answers_507(small_disk, server
     filler.unlink()
     _wait_ready(client)
     assert _predict(client, new_clip)[0] == 201
-    assert client.dropped == 0 and len(client.sockets) == 1
+    assert client.dropped == 0
