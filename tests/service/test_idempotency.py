@@ -63,6 +63,8 @@ def test_a_round_trains_on_exactly_one_label_per_prediction(learning_client, key
             .where(Feedback.consumed_by_run_id == run["id"])).all()
         left = session.scalar(select(func.count()).select_from(Feedback).where(
             Feedback.consumed_by_run_id.is_(None), Feedback.superseded_at.is_(None)))
+        stored = session.scalar(select(func.count()).select_from(Feedback))
+    assert stored == 3 * len(truth)  # label, wrong, label: the two repeats stored nothing
     assert len(consumed) == len({row.id for row in consumed}) == len(truth)
     assert all(row.superseded_at is None for row in consumed)
     assert sorted(row.label for row in consumed) == sorted(truth)

@@ -94,13 +94,15 @@ def test_a_corrupt_new_version_never_fails_an_answer(client, keys, db, artifacts
             ModelRegistry(session, artifacts).activate(version, reason="test")
             session.commit()
         _wait_for(lambda: client.get("/ready").json().get("active_version") == version)
-        time.sleep(0.5)  # a few more polls: the engine must not keep trying the broken file
+        # Ten more answers (a few more polls): the engine must not keep trying the broken file.
+        noticed = len(statuses)
+        _wait_for(lambda: len(statuses) >= noticed + 10, timeout_s=60)
     finally:
         stop.set()
         thread.join(30)
     assert statuses and set(statuses) == {201}, statuses
     assert served == {1}
-    print(f"\ncorrupt version {version} activated: {len(statuses)} predictions, "
+    print(f"\ncorrupt version {version} activated meanwhile: {len(statuses)} predictions, "
           f"{statuses.count(201)} answered by version 1, {len(statuses) - statuses.count(201)} "
           "failed")
     ready = client.get("/ready").json()
