@@ -71,19 +71,25 @@ class IdempotencyKeys:
         if claim.outcome == "run":
             await self._run(claim.claim_id, _is_json(headers), scope, receive, send)
         else:
-            body_sha256 = await _drain(receive, hashing=_is_json(headers))
-            await _answer_repeat(claim, method, path, body_sha256)(scope, receive, send)
+            digest = hashlib.sha256() if _is_json(headers) else None
+            await _drain(receive, digest)
+            await _answer_repeat(claim, method, path,
+                                 digest.hexdigest() if digest else None)(scope, receive, send)
 
     async def _run(self, claim_id: int, json_body: bool, scope: Scope, receive: Receive,
                    send: Send) -> None:
         digest = hashlib.sha256() if json_body else None
         start: Message | None = None
         body = bytearray()
+        body_read = False
 
         async def hashing_receive() -> Message:
+            nonlocal body_read
             message = await receive()
-            if digest is not None and message["type"] == "http.request":
-                digest.update(message.get("body", b""))
+            if message["type"] == "http.request":
+                if digest is not None:
+                    digest.update(message.get("body", b""))
+                body_read = not message.get("more_body", False)
             return message
 
         async def capturing_send(message: Message) -> None:
@@ -99,6 +105,8 @@ class IdempotencyKeys:
         except BaseException:
             await self._give_back(claim_id)
             raise
+        if not body_read:  # answered before reading it all (a 401): the rest counts too
+            await _drain(receive, digest)
         status = start["status"] if start is not None else 500
         content_type = dict(start["headers"]).get(b"content-type", b"").decode("latin-1") \
             if start is not None else None
@@ -142,14 +150,14 @@ def _is_json(headers: dict[bytes, bytes]) -> bool:
         == b"application/json"
 
 
-async def _drain(receive: Receive, hashing: bool = False) -> str | None:
-    """Read the request body to its end (so the connection stays usable), keeping only a hash."""
-    digest = hashlib.sha256()
+async def _drain(receive: Receive, digest=None) -> None:
+    """Read the request body to its end (so the connection stays usable), adding it to `digest`
+    when one is given and keeping nothing else."""
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
-        digest.update(message.get("body", b""))
+            return
+        if digest is not None:
+            digest.update(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return digest.hexdigest() if hashing else None
+            return
