@@ -48,7 +48,8 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
                              personal_ttl_s=settings.api.model_poll_interval_s)
     writer = GroupCommitWriter(session_factory)
     store_probe = StoreProbe(settings.database.url, settings.storage.data_dir,
-                             settings.storage.min_free_bytes)
+                             settings.storage.min_free_bytes,
+                             busy_timeout_s=settings.database.busy_timeout_s)
     key_verifier = KeyVerifier(read_session_factory)
     # Rounds run in this process too (learner.enabled); a version they activate is served here
     # at once, and by every other process within its poll.
@@ -63,11 +64,13 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
         follower = asyncio.create_task(follow_active_model(
             engine, session_factory, settings.api.model_poll_interval_s,
             freeze_heap_when_ready=freeze_heap_when_ready))
+        store_watch = asyncio.create_task(store_probe.watch())
         learner.start()
         try:
             yield
         finally:
             follower.cancel()
+            store_watch.cancel()
             await run_in_threadpool(learner.stop)
             writer.stop()
             store_probe.close()

@@ -107,6 +107,7 @@ def install_error_handlers(app: FastAPI) -> None:
                           exc_info=err)
             return error_response(500, "internal_error", "the server failed to answer; see its log")
         log.warning("%s %s: %s", request.method, request.url.path, failure.detail)
+        request.app.state.store_probe.failed(failure.detail)  # /ready says so at once
         return error_response(failure.status_code, failure.error, failure.detail, failure.headers)
 
     @app.exception_handler(Exception)

@@ -2,49 +2,67 @@
 
 Three checks, each cheap: the data dir's disk has at least `storage.min_free_bytes` free; a small
 file can be written there and fsynced (a full or read-only disk fails here, whatever the floor);
-and the database takes a write transaction within a short timeout (SQLite: the write lock;
+and the database takes a write transaction within its busy timeout (SQLite: the write lock;
 PostgreSQL: the locks an INSERT into the request tables takes, so a server that is away, read
-only, or a table locked by another session all show). The answer is
-kept for a second, so an orchestrator polling /ready often costs one probe a second.
+only, or a table locked by another session all show).
+
+The app runs `check` in the background every second (`watch`), so /ready only reads the last
+answer and stays fast while a check waits out a lock; a request that meets a store failure says
+so at once (`failed`), and the next check that passes clears it.
 """
+import asyncio
+import logging
 import os
-import threading
-import time
 from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from starlette.concurrency import run_in_threadpool
 
 from storage.db import create_db_engine
 from storage.failures import classify, free_space_problem
 
-PROBE_LOCK_TIMEOUT_S = 0.5  # /ready must answer quickly even while the database is locked
-CACHE_S = 1.0
+log = logging.getLogger("emoloop.service")
+
+CHECK_EVERY_S = 1.0
 _POSTGRES_WRITE_LOCKS = "LOCK TABLE clips, predictions, feedback IN ROW EXCLUSIVE MODE"
 
 
 class StoreProbe:
-    def __init__(self, database_url: str, data_dir: Path, min_free_bytes: int):
+    def __init__(self, database_url: str, data_dir: Path, min_free_bytes: int, *,
+                 busy_timeout_s: float):
         self.data_dir, self.min_free_bytes = Path(data_dir), min_free_bytes
-        # Its own engine: a short lock timeout, and no pool connection the requests wait for.
-        self.db_engine = create_db_engine(database_url, busy_timeout_s=PROBE_LOCK_TIMEOUT_S)
-        self._lock = threading.Lock()
-        self._checked_at, self._problem = float("-inf"), None
+        # Its own engine: no pool connection the requests wait for.
+        self.db_engine = create_db_engine(database_url, busy_timeout_s=busy_timeout_s)
+        self._problem: str | None = None
 
     def problem(self) -> str | None:
-        """Why writes cannot succeed now, or None when they can."""
-        with self._lock:
-            if time.monotonic() - self._checked_at >= CACHE_S:
-                self._problem = self._check()
-                self._checked_at = time.monotonic()
-            return self._problem
+        """Why writes cannot succeed now (as last seen), or None when they can."""
+        return self._problem
+
+    def failed(self, reason: str) -> None:
+        """A request just met a store failure: not ready until a check passes."""
+        self._problem = reason
+
+    def check(self) -> str | None:
+        problem = (free_space_problem(self.data_dir, self.min_free_bytes)
+                   or self._file_problem() or self._database_problem())
+        if problem != self._problem:
+            log.warning("store: %s", problem or "writable again")
+        self._problem = problem
+        return problem
+
+    async def watch(self) -> None:
+        """Check every CHECK_EVERY_S seconds, for as long as the app runs."""
+        while True:
+            try:
+                await run_in_threadpool(self.check)
+            except Exception:  # a check that breaks must not end the watch
+                log.exception("the store check failed")
+            await asyncio.sleep(CHECK_EVERY_S)
 
     def close(self) -> None:
         self.db_engine.dispose()
-
-    def _check(self) -> str | None:
-        return (free_space_problem(self.data_dir, self.min_free_bytes)
-                or self._file_problem() or self._database_problem())
 
     def _file_problem(self) -> str | None:
         path = self.data_dir / f".ready-probe-{os.getpid()}"
@@ -65,7 +83,7 @@ class StoreProbe:
         try:
             with self.db_engine.connect() as connection:
                 # SQLite: the transaction begins with BEGIN IMMEDIATE, the write lock. PostgreSQL:
-                # the locks an INSERT takes on the tables requests write, under lock_timeout.
+                # the locks an INSERT into the request tables takes, under lock_timeout.
                 connection.execute(text(_POSTGRES_WRITE_LOCKS
                                         if connection.dialect.name == "postgresql"
                                         else "SELECT 1"))
