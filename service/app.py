@@ -20,9 +20,11 @@ from service.dashboard import mount_dashboard
 from service.engine import InferenceEngine
 from service.errors import install_error_handlers
 from service.group_commit import GroupCommitWriter
+from service.idempotency import IdempotencyKeys
 from service.metrics import RequestMetrics
 from service.routes import api_router
 from service.scheduler import LearnerService
+from service.store_probe import StoreProbe
 from service.upload_limit import UploadSizeLimit
 from storage.artifacts import ArtifactStore
 from storage.db import create_db_engine, make_read_session_factory, make_session_factory
@@ -45,6 +47,9 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
                              global_cache_size=settings.personal.global_cache_size,
                              personal_ttl_s=settings.api.model_poll_interval_s)
     writer = GroupCommitWriter(session_factory)
+    store_probe = StoreProbe(settings.database.url, settings.storage.data_dir,
+                             settings.storage.min_free_bytes,
+                             busy_timeout_s=settings.database.busy_timeout_s)
     key_verifier = KeyVerifier(read_session_factory)
     # Rounds run in this process too (learner.enabled); a version they activate is served here
     # at once, and by every other process within its poll.
@@ -59,13 +64,16 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
         follower = asyncio.create_task(follow_active_model(
             engine, session_factory, settings.api.model_poll_interval_s,
             freeze_heap_when_ready=freeze_heap_when_ready))
+        store_watch = asyncio.create_task(store_probe.watch())
         learner.start()
         try:
             yield
         finally:
             follower.cancel()
+            store_watch.cancel()
             await run_in_threadpool(learner.stop)
             writer.stop()
+            store_probe.close()
             db_engine.dispose()
 
     app = FastAPI(title="emoloop", version="0.1.0", lifespan=lifespan,
@@ -75,6 +83,7 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     app.state.session_factory = session_factory
     app.state.read_session_factory = read_session_factory
     app.state.writer = writer
+    app.state.store_probe = store_probe
     app.state.key_verifier = key_verifier
     app.state.artifacts = artifacts
     app.state.engine = engine
@@ -83,6 +92,8 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     app.include_router(api_router)
     mount_dashboard(app)  # the web page at `/`
     # The last added runs first: metrics see every request, 413s from the size limit included.
+    app.add_middleware(IdempotencyKeys, writer=writer,
+                       window_s=settings.api.idempotency_window_s)
     app.add_middleware(UploadSizeLimit, max_file_bytes=settings.api.max_upload_bytes)
     app.add_middleware(RequestMetrics)
     return app

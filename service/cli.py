@@ -167,6 +167,62 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from storage.db import create_db_engine, make_session_factory
+    from storage.doctor import (artifact_checksums, database_integrity, dead_round, free_disk,
+                                schema_at_head)
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    url = settings.database.url
+    print(f"emoloop doctor: {_safe_url(url)}, data in {settings.storage.data_dir}")
+    engine = create_db_engine(url, busy_timeout_s=settings.database.busy_timeout_s)
+    try:
+        findings = [database_integrity(engine)]
+        if findings[0].ok:  # the rest reads the database
+            findings.append(schema_at_head(url))
+        if all(f.ok for f in findings):
+            session_factory = make_session_factory(engine)
+            findings += artifact_checksums(session_factory, _artifacts())
+            findings.append(dead_round(session_factory))
+        findings.append(free_disk(settings.storage.data_dir, settings.storage.min_free_bytes))
+    finally:
+        engine.dispose()
+    for finding in findings:
+        print(f"  {'ok  ' if finding.ok else 'FAIL'}  {finding.check:<9} {finding.detail}")
+    problems = sum(not f.ok for f in findings)
+    print(f"{problems} problem(s) found" if problems else "no problems found")
+    return 1 if problems else 0
+
+
+def startup_check(settings) -> str | None:
+    """What `emoloop serve` checks before its workers start: a damaged database stops it (every
+    later write and round would fail, silently until then), so does one behind the migrations;
+    a round whose process is gone is marked failed; a disk below its floor is said. Returns why
+    it must not start, or None."""
+    from storage.db import create_db_engine, make_session_factory
+    from storage.doctor import database_integrity, dead_round, free_disk
+    from storage.migrate import current_revision, head_revision
+
+    url = settings.database.url
+    engine = create_db_engine(url, busy_timeout_s=settings.database.busy_timeout_s)
+    try:
+        integrity = database_integrity(engine)
+        if not integrity.ok:
+            return f"the database is damaged ({integrity.detail}); see `emoloop doctor`"
+        current, head = current_revision(url), head_revision()
+        if current != head:
+            return (f"the database {_safe_url(url)} is at revision {current or 'none'}, not "
+                    f"{head}: run `emoloop migrate` first")
+        for finding in (dead_round(make_session_factory(engine)),
+                        free_disk(settings.storage.data_dir, settings.storage.min_free_bytes)):
+            if not finding.ok or "marked failed" in finding.detail:
+                print(f"emoloop serve: {finding.detail}", file=sys.stderr, flush=True)
+    finally:
+        engine.dispose()
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import shutil
@@ -177,15 +233,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.bootstrap import BundledModelMissing, create_first_keys, register_bundled_model
     from storage.artifacts import ArtifactStore
     from storage.db import create_db_engine, make_session_factory
-    from storage.migrate import current_revision, head_revision
     from storage.settings import get_settings
 
     settings = get_settings()
     url = settings.database.url
-    current, head = current_revision(url), head_revision()
-    if current != head:
-        print(f"emoloop serve: the database {_safe_url(url)} is at revision {current or 'none'}, "
-              f"not {head}: run `emoloop migrate` first", file=sys.stderr)
+    refused = startup_check(settings)
+    if refused is not None:
+        print(f"emoloop serve: {refused}", file=sys.stderr)
         return 2
     # First-run set-up happens here, once, before the workers start.
     engine = create_db_engine(url, busy_timeout_s=settings.database.busy_timeout_s)
@@ -390,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("doctor", help="check the store: database integrity, schema, artifact "
+                       "checksums, free disk, rounds of dead processes; exit 1 on problems")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("migrate", help="bring the database to the newest schema")
     p.set_defaults(func=cmd_migrate)

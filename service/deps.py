@@ -1,5 +1,6 @@
 """Typed dependencies the routes declare, all made once per app in `service.app`: database
-sessions, the group-commit writer, the artifact store, the inference engine, the settings.
+sessions, the group-commit writer, the artifact store, the inference engine, the store probe,
+the settings.
 
 They are `async def` because they do no I/O: FastAPI runs a sync dependency in a worker
 thread, and a thread hop per dependency per request costs more than the dependency itself.
@@ -12,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.engine import InferenceEngine
 from service.group_commit import GroupCommitWriter
+from service.store_probe import StoreProbe
 from storage.artifacts import ArtifactStore
 from storage.settings import Settings
 
@@ -44,6 +46,10 @@ async def get_artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts
 
 
+async def get_store_probe(request: Request) -> StoreProbe:
+    return request.app.state.store_probe
+
+
 async def get_settings_from_app(request: Request) -> Settings:
     return request.app.state.settings
 
@@ -54,4 +60,5 @@ ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_session_fact
 WriterDep = Annotated[GroupCommitWriter, Depends(get_writer)]
 EngineDep = Annotated[InferenceEngine, Depends(get_engine)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
+StoreProbeDep = Annotated[StoreProbe, Depends(get_store_probe)]
 SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]

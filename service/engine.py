@@ -9,6 +9,12 @@ does not load is never swapped in, and the model serving before keeps serving.
 Each worker process has its own engine. A version activated through another process (another
 worker, the CLI, the learner) is noticed by `refresh`, which the app runs every
 `api.model_poll_interval_s` seconds.
+
+An active version whose file is missing or corrupt never stops the answers: the engine keeps
+serving the version it had, or, with none yet (at start), falls back to the newest earlier
+version that loads (the retired ones, most recently active first), logged and counted in
+/metrics. Each poll tries the active version again once its file changed (restored, rewritten),
+and `status` says which version serves and why, for /ready.
 """
 import logging
 import os
@@ -25,7 +31,7 @@ from learner.checkpoint import ModelFileError, model_from_bytes
 from learner.inference import EmotionPredictor, Prediction
 from learner.serving_net import for_serving
 from service.batcher import ModelBatcher
-from service.metrics import ACTIVE_MODEL_VERSION
+from service.metrics import ACTIVE_MODEL_VERSION, MODEL_FALLBACKS, MODEL_LOAD_FAILURES
 from service.personal_models import PersonalModels
 from storage.artifacts import ArtifactError, ArtifactStore
 from storage.registry import ModelRegistry
@@ -35,6 +41,15 @@ log = logging.getLogger("emoloop.engine")
 
 class ModelLoadError(RuntimeError):
     """A version that cannot be served: unknown, its file missing or corrupt, or not a model."""
+
+
+@dataclass(frozen=True)
+class ServingStatus:
+    """What /ready reports: the version serving, the registry's active one, and why they differ
+    (None when they do not)."""
+    version: int | None
+    active_version: int | None
+    problem: str | None
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,11 @@ class InferenceEngine:
         # Held while deciding and making a swap, so a poll that read the old active version
         # cannot swap it back in after an activation in this process swapped the new one.
         self._swap_lock = threading.Lock()
-        self._unloadable: set[int] = set()  # versions whose file failed; logged once, not retried
+        # Versions whose file failed, with the file's (inode, size, mtime) then (None: missing):
+        # tried again once it changes.
+        self._unloadable: dict[int, tuple | None] = {}
+        self._active_version: int | None = None  # the registry's, as last seen
+        self._problem: str | None = None
         # At most one clip per core in decoding and features at a time: more threads than cores
         # only take turns on the GIL and the caches, costing CPU for every clip and finishing
         # none sooner. The model runs outside these slots, on the clips of all waiting requests
@@ -81,6 +100,12 @@ class InferenceEngine:
     def serving(self) -> ServingModel | None:
         """The model new requests use; None until the first one is loaded and warm."""
         return self._serving
+
+    @property
+    def status(self) -> ServingStatus:
+        serving = self._serving
+        return ServingStatus(serving.version if serving else None, self._active_version,
+                             self._problem)
 
     def load(self, version: int) -> ServingModel:
         """Read, verify, build and warm up a version without serving it."""
@@ -112,22 +137,67 @@ class InferenceEngine:
 
     def refresh(self) -> int | None:
         """Serve the registry's active global version if this process does not yet; returns the
-        version served. A version that fails to load is logged once and skipped until another
-        one is activated."""
+        version served. A version that fails to load is logged and counted, the one serving
+        keeps serving (at start: the newest earlier version that loads), and it is tried again
+        on a later poll once its file has changed."""
         with self._swap_lock:
             with self.session_factory() as session:
                 active = ModelRegistry(session, self.artifacts).active_global()
                 session.commit()
             if active is None:
                 return None
+            self._active_version = active.version
             current = self._serving.version if self._serving else None
-            if active.version != current and active.version not in self._unloadable:
-                try:
-                    self._swap(self.load(active.version))
-                except ModelLoadError as err:
-                    self._unloadable.add(active.version)
-                    log.error("%s; still serving version %s", err, current)
+            if active.version == current:
+                self._problem = None
+                return current
+            file = self._file_state(active.artifact_path)
+            if active.version in self._unloadable and self._unloadable[active.version] == file:
+                return current  # nothing changed since it failed
+            try:
+                self._swap(self.load(active.version))
+                self._problem = None
+            except ModelLoadError as err:
+                self._unloadable[active.version] = file
+                MODEL_LOAD_FAILURES.inc()
+                if self._serving is None:
+                    self._fall_back(active.version, str(err))
+                else:
+                    self._problem = (f"the active version {active.version} cannot be loaded "
+                                     f"({err}); still serving version {current}")
+                log.error("%s", self._problem)
             return self._serving.version if self._serving else None
+
+    def _fall_back(self, active_version: int, reason: str) -> None:
+        """With nothing serving yet: serve the newest earlier version that loads."""
+        with self.session_factory() as session:
+            earlier = [row for row in ModelRegistry(session, self.artifacts)
+                       .list_versions(scope="global")
+                       if row.status == "retired" and row.version != active_version]
+            session.commit()
+        # Most recently active first: after a rollback that is not the highest number.
+        earlier.sort(key=lambda row: (row.activated_at is not None, row.activated_at,
+                                      row.version), reverse=True)
+        for row in earlier:
+            try:
+                self._swap(self.load(row.version))
+            except ModelLoadError as err:
+                log.error("%s", err)
+                continue
+            MODEL_FALLBACKS.inc()
+            self._problem = (f"the active version {active_version} cannot be loaded ({reason}); "
+                             f"serving version {row.version}, the newest earlier version that "
+                             "loads")
+            return
+        self._problem = (f"the active version {active_version} cannot be loaded ({reason}), "
+                         "and no earlier version loads either")
+
+    def _file_state(self, relative: str) -> tuple | None:
+        try:
+            stat = self.artifacts.path(relative).stat()
+        except (OSError, ArtifactError):
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
     def predict(self, audio: bytes, user_id: str | None = None) -> Inference:
         """Decode, compute features and predict, on the model serving when called: the user's
@@ -153,7 +223,7 @@ class InferenceEngine:
     def _swap(self, model: ServingModel) -> None:
         previous = self._serving.version if self._serving else None
         self._serving = model  # one reference assignment: atomic for the threads reading it
-        self._unloadable.discard(model.version)
+        self._unloadable.pop(model.version, None)
         ACTIVE_MODEL_VERSION.set(model.version)
         if previous != model.version:
             log.info("serving model version %s (was %s)", model.version, previous)

@@ -6,9 +6,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from learner.audio import AudioError, TooLong
+from storage.failures import classify
 
 log = logging.getLogger("emoloop.service")
 
@@ -46,6 +48,23 @@ def too_large(limit_bytes: int) -> ApiError:
                     f"the upload is larger than the limit of {limit_bytes} bytes")
 
 
+# What a client is told to wait after a store failure: long enough for a lock holder to finish or
+# an operator to react, short enough that recovery is noticed soon.
+RETRY_AFTER_S = 5
+
+
+def storage_failure(err: BaseException) -> ApiError | None:
+    """503 (or 507 for a full disk) with Retry-After for a store that cannot take writes now;
+    None when `err` is not a store failure."""
+    failure = classify(err)
+    if failure is None:
+        return None
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+    if failure.full:
+        return ApiError(507, "insufficient_storage", failure.reason, headers=headers)
+    return ApiError(503, "storage_unavailable", failure.reason, headers=headers)
+
+
 def error_response(status_code: int, error: str, detail: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status_code,
@@ -53,7 +72,8 @@ def error_response(status_code: int, error: str, detail: str,
 
 
 # Documented on every route that can answer with them, so /docs and schemathesis know the shape.
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422)}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 503,
+                                                           507)}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -73,6 +93,22 @@ def install_error_handlers(app: FastAPI) -> None:
         # Starlette's own answers: unknown path (404), wrong method (405), unparsable body (400).
         slug = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "bad_request")
         return error_response(err.status_code, slug, str(err.detail), err.headers)
+
+    # Registered by class, these are answered by Starlette's ExceptionMiddleware, which keeps the
+    # connection open; the catch-all below runs in ServerErrorMiddleware, which re-raises after
+    # answering, and uvicorn then closes the connection under the client's next request.
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(OSError)
+    async def _store_failure(request: Request, err: Exception) -> JSONResponse:
+        failure = storage_failure(err)
+        if failure is None:
+            log.exception("unhandled error on %s %s", request.method, request.url.path,
+                          exc_info=err)
+            return error_response(500, "internal_error", "the server failed to answer; see its log")
+        log.warning("%s %s: %s", request.method, request.url.path, failure.detail)
+        request.app.state.store_probe.failed(failure.detail)  # /ready says so at once
+        return error_response(failure.status_code, failure.error, failure.detail, failure.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:

@@ -7,9 +7,10 @@ commit runs, the next writes queue up, and the thread makes all of them in the n
 Nothing waits on purpose; a lone request is written at once.
 
 If any write of a batch fails, the batch is rolled back and each write is retried in a
-transaction of its own, so a write that fails fails only its own request. A request gets its
-result only after the commit holding its write returned: durable before the 2xx, as with a
-commit of its own.
+transaction of its own, so a write that fails fails only its own request; except when the store
+itself failed (locked past the busy timeout, disk full: storage.failures), which fails them
+all. A request gets its result only after the commit holding its write returned: durable before
+the 2xx, as with a commit of its own.
 """
 import asyncio
 import queue
@@ -19,6 +20,8 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
+
+from storage.failures import classify
 
 T = TypeVar("T")
 _STOP = object()
@@ -73,8 +76,11 @@ class GroupCommitWriter:
         try:
             results = self._commit([work for work, _ in batch])
         except Exception as err:
-            if len(batch) == 1:
-                batch[0][1].set_exception(err)
+            if len(batch) == 1 or classify(err) is not None:
+                # A locked database or a full disk fails every write alike: retrying each alone
+                # would only make each wait out the busy timeout again.
+                for _, future in batch:
+                    future.set_exception(err)
                 return
             # Some write (or the commit) failed: write each alone, so only the failing ones fail.
             # Rerunning is safe: a rolled-back write left nothing behind.

@@ -25,6 +25,13 @@ ACTIVE_MODEL_VERSION = Gauge("emoloop_active_model_version",
                              "The global model version this worker serves",
                              multiprocess_mode="liveall")
 
+MODEL_LOAD_FAILURES = Counter("emoloop_model_load_failures_total",
+                              "Tries to load the active model version that failed (file missing, "
+                              "corrupt, or not a model)")
+MODEL_FALLBACKS = Counter("emoloop_model_fallbacks_total",
+                          "Times a worker started serving an earlier version because the active "
+                          "one would not load")
+
 
 def render_metrics() -> tuple[bytes, str]:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:

@@ -39,7 +39,10 @@ class FeedbackIn(BaseModel):
 
 
 class FeedbackOut(BaseModel):
-    feedback_id: int
+    feedback_id: int = Field(description="The correction that counts for this prediction now")
+    replaced_feedback_id: int | None = Field(
+        None, description="The earlier correction of this prediction that this one replaced "
+                          "(kept as history; only the latest counts)")
 
 
 class LabelsOut(BaseModel):
@@ -82,7 +85,10 @@ class HealthOut(BaseModel):
 
 class ReadyOut(BaseModel):
     status: str
-    model_version: int
+    model_version: int = Field(description="The global version serving")
+    active_version: int | None = Field(description="The registry's active global version")
+    detail: str | None = Field(None, description="Why another version than the active one "
+                                                 "serves; absent when it does not")
 
 
 class RunOut(BaseModel):

@@ -15,11 +15,23 @@ def normalize_url(url: str) -> str:
 
 
 def create_db_engine(url: str, *, busy_timeout_s: float = 10.0) -> Engine:
+    """`busy_timeout_s`: how long a write waits for a lock another transaction holds (SQLite's
+    busy timeout, PostgreSQL's lock_timeout) before it fails."""
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
         return _sqlite_engine(url, busy_timeout_s)
     # pre-ping: a PostgreSQL restart should cost one reconnect, not one failed request.
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # SQLite's busy timeout, here: a write waiting on a lock gives up after it (and the API
+        # answers 503) instead of hanging for as long as another session holds the lock.
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = {int(busy_timeout_s * 1000)}")
+        dbapi_connection.commit()
+
+    return engine
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

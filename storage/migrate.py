@@ -27,6 +27,11 @@ def upgrade_to_head(database_url: str) -> str:
     return head_revision()
 
 
+def upgrade_to(database_url: str, revision: str) -> None:
+    """Bring the database to one revision (tests of a migration start from the one before)."""
+    _run(database_url, lambda config: command.upgrade(config, revision))
+
+
 def downgrade_to_base(database_url: str) -> None:
     """Undo every migration (drops all of emoloop's tables)."""
     _run(database_url, lambda config: command.downgrade(config, "base"))

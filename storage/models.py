@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index,
-                        MetaData, String, Text, TypeDecorator, Uuid, text)
+                        MetaData, String, Text, TypeDecorator, UniqueConstraint, Uuid, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Deterministic constraint names, so migrations can refer to them on both SQLite and PostgreSQL.
@@ -172,9 +172,17 @@ class Prediction(Base):
 
 
 class Feedback(Base):
-    """A label an app sent back for one of its predictions; a confirmation counts too."""
+    """A label an app sent back for one of its predictions; a confirmation counts too. One
+    correction per prediction counts, the latest: a new one supersedes the one before, which stays
+    as history and is never read by the learner."""
 
     __tablename__ = "feedback"
+    __table_args__ = (
+        # The database itself guarantees one counting correction per prediction.
+        Index("uq_feedback_counting", "prediction_id", unique=True,
+              sqlite_where=text("superseded_at IS NULL"),
+              postgresql_where=text("superseded_at IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     prediction_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("predictions.id"), index=True)
@@ -190,6 +198,28 @@ class Feedback(Base):
     held_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # Rounds the gate refused that tried this feedback and gave it back (learner.max_attempts).
     rejections: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    # When a later correction of the same prediction replaced this one; NULL: this one counts.
+    superseded_at: Mapped[datetime | None]
+
+
+class IdempotentRequest(Base):
+    """The first answer to a POST sent with an `Idempotency-Key` header, per caller (the hash of
+    its Authorization header), so that a repeat within `api.idempotency_window_s` is answered
+    the same without doing the work again. `status_code` is NULL while the first one runs."""
+
+    __tablename__ = "idempotent_requests"
+    __table_args__ = (UniqueConstraint("caller_hash", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    caller_hash: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    method: Mapped[str] = mapped_column(String(10))
+    path: Mapped[str] = mapped_column(String(255))
+    body_sha256: Mapped[str | None] = mapped_column(String(64))  # JSON bodies only
+    status_code: Mapped[int | None]
+    content_type: Mapped[str | None] = mapped_column(String(100))
+    response_body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class ReplayExemplar(Base):

@@ -24,7 +24,7 @@ FINISHED_RUN_STATUSES = ("accepted", "rejected", "skipped")
 @dataclass(frozen=True)
 class UserFeedbackSummary:
     user_id: str
-    count: int  # corrected predictions (a prediction corrected twice counts once)
+    count: int  # corrected predictions (only the counting correction of each)
     last_feedback_id: int
 
 
@@ -33,23 +33,22 @@ class PersonalRepository:
         self.session = session
 
     def feedback_for_user(self, user_id: str) -> list[FeedbackItem]:
-        """The user's corrections, oldest first: for each prediction, the latest label the user
-        gave it. Only feedback whose `user_id` is this user: nobody else's ever trains it."""
-        latest = (select(func.max(Feedback.id)).where(Feedback.user_id == user_id)
-                  .group_by(Feedback.prediction_id))
-        return RoundFeedbackRepository(self.session).items_where(Feedback.id.in_(latest))
+        """The user's corrections, oldest first: for each prediction, the one that counts (the
+        latest). Only feedback whose `user_id` is this user: nobody else's ever trains it."""
+        return RoundFeedbackRepository(self.session).items_where(Feedback.user_id == user_id)
 
     def summary(self, user_id: str) -> UserFeedbackSummary:
         row = self.session.execute(
-            select(func.count(func.distinct(Feedback.prediction_id)), func.max(Feedback.id))
-            .where(Feedback.user_id == user_id)).one()
+            select(func.count(), func.max(Feedback.id))
+            .where(Feedback.user_id == user_id, Feedback.superseded_at.is_(None))).one()
         return UserFeedbackSummary(user_id, int(row[0] or 0), int(row[1] or 0))
 
     def summaries(self, min_feedback: int) -> list[UserFeedbackSummary]:
         """Every user with at least `min_feedback` corrections, by user id."""
-        count = func.count(func.distinct(Feedback.prediction_id))
+        count = func.count()
         query = (select(Feedback.user_id, count, func.max(Feedback.id))
-                 .where(Feedback.user_id.is_not(None)).group_by(Feedback.user_id)
+                 .where(Feedback.user_id.is_not(None), Feedback.superseded_at.is_(None))
+                 .group_by(Feedback.user_id)
                  .having(count >= min_feedback).order_by(Feedback.user_id))
         return [UserFeedbackSummary(u, int(n), int(last)) for u, n, last in
                 self.session.execute(query)]

@@ -4,9 +4,10 @@ Each takes the caller's Session. They add and flush (so ids exist and constraint
 here) but never commit: the caller decides what one transaction covers and commits it.
 """
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -20,8 +21,15 @@ _STORE_CLIP = {dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(Clip)
                for dialect in (sqlite, postgresql)}  # both know INSERT ... ON CONFLICT
 _CLIP_ID = select(Clip.id).where(Clip.sha256 == bindparam("sha256"))
 _INSERT_PREDICTION = insert(Prediction)
+# FOR UPDATE (PostgreSQL; SQLite's transactions hold the write lock already): two corrections
+# of one prediction take turns, so each sees the other's row and one counting row remains.
 _PREDICTION_OF_APP = select(Prediction.label, Prediction.user_id).where(
-    Prediction.id == bindparam("prediction_id"), Prediction.api_key_id == bindparam("api_key_id"))
+    Prediction.id == bindparam("prediction_id"),
+    Prediction.api_key_id == bindparam("api_key_id")).with_for_update()
+_COUNTING_FEEDBACK = select(Feedback.id, Feedback.label, Feedback.user_id).where(
+    Feedback.prediction_id == bindparam("prediction_id"), Feedback.superseded_at.is_(None))
+_SUPERSEDE = update(Feedback).where(Feedback.id == bindparam("old_id")).values(
+    superseded_at=bindparam("now"))
 _INSERT_FEEDBACK = insert(Feedback).returning(Feedback.id)
 
 
@@ -86,41 +94,57 @@ class PredictionRepository:
             Prediction.id == prediction_id, Prediction.api_key_id == api_key_id)).one_or_none()
 
 
+@dataclass(frozen=True)
+class RecordedFeedback:
+    feedback_id: int  # the correction that counts now
+    predicted: str  # the label the prediction gave
+    created: bool  # False: a repeat of the counting correction, which stays as it was
+    replaced_id: int | None = None  # the earlier correction this one superseded
+
+
 class FeedbackRepository:
+    """Corrections. One per prediction counts, the latest: a new label (or user) supersedes the
+    counting correction, which stays as history; the same correction sent again changes nothing,
+    so a client that retries cannot weight a clip."""
+
     def __init__(self, session: Session):
         self.session = session
 
     def add(self, prediction: Prediction, label: str, user_id: str | None = None) -> Feedback:
         """Record the right label for a prediction (a confirmation too). The app is the one that
         made the prediction; the user defaults to the prediction's."""
-        feedback = Feedback(prediction_id=prediction.id, api_key_id=prediction.api_key_id,
-                            user_id=user_id if user_id is not None else prediction.user_id,
-                            label=label)
-        self.session.add(feedback)
-        self.session.flush()
-        return feedback
+        self.session.flush()  # a prediction added to this session must be visible below
+        recorded = self.add_for_app(prediction.id, prediction.api_key_id, label, user_id)
+        return self.session.get(Feedback, recorded.feedback_id)
 
     def add_for_app(self, prediction_id: uuid.UUID, api_key_id: int, label: str,
-                    user_id: str | None = None) -> tuple[int, str] | None:
-        """`add` for the API's hot path: record feedback on one of this app's predictions and
-        return (feedback id, the label that was predicted), or None when this app made no such
-        prediction. Two Core statements and no ORM objects: a third of the CPU of loading the
-        prediction (probabilities and all) and flushing a Feedback."""
+                    user_id: str | None = None) -> RecordedFeedback | None:
+        """Record feedback on one of this app's predictions, or None when this app made no such
+        prediction. Core statements and no ORM objects on this hot path: a third of the CPU of
+        loading the prediction (probabilities and all) and flushing a Feedback."""
         connection = self.session.connection()
         row = connection.execute(_PREDICTION_OF_APP, {"prediction_id": prediction_id,
                                                       "api_key_id": api_key_id}).one_or_none()
         if row is None:
             return None
+        user_id = user_id if user_id is not None else row.user_id
+        counting = connection.execute(_COUNTING_FEEDBACK,
+                                      {"prediction_id": prediction_id}).one_or_none()
+        if counting is not None and (counting.label, counting.user_id) == (label, user_id):
+            return RecordedFeedback(counting.id, row.label, created=False)
+        if counting is not None:
+            connection.execute(_SUPERSEDE, {"old_id": counting.id, "now": utcnow()})
         feedback_id = connection.execute(_INSERT_FEEDBACK, {
             "prediction_id": prediction_id, "api_key_id": api_key_id, "label": label,
-            "user_id": user_id if user_id is not None else row.user_id}).scalar_one()
-        return feedback_id, row.label
+            "user_id": user_id}).scalar_one()
+        return RecordedFeedback(feedback_id, row.label, created=True,
+                                replaced_id=counting.id if counting is not None else None)
 
     def count_unconsumed(self, user_id: str | None = None, *, untried: bool = False) -> int:
-        """Feedback no learning round has used yet; only this user's when user_id is given;
+        """Counting feedback no learning round has used yet; only this user's when user_id is given;
         with `untried`, only feedback no refused round gave back either."""
         query = select(func.count()).select_from(Feedback).where(
-            Feedback.consumed_by_run_id.is_(None))
+            Feedback.consumed_by_run_id.is_(None), Feedback.superseded_at.is_(None))
         if user_id is not None:
             query = query.where(Feedback.user_id == user_id)
         if untried:

@@ -6,6 +6,8 @@ method says so: taking the lock must be visible to other processes at once. Givi
 happens in the caller's transaction, so that a round's final status and the free lock are seen
 together (a client that sees the round end can start the next one at once).
 """
+import os
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,22 +22,70 @@ from storage.models import (Clip, Feedback, LearnerLock, Prediction, ReplayExemp
 RUN_STATUSES = ("running", "accepted", "rejected", "skipped", "failed")
 
 
+def holder_is_gone(holder: str | None) -> bool:
+    """Whether this process can prove a lock holder (`host:pid:attempt`, learner.rounds) dead:
+    it ran on this host and its pid is no longer alive. Another host's holder, or a live pid,
+    cannot be proven gone (a pid reused since only delays the proof until the lease ends)."""
+    host, _, rest = (holder or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
 class LearnerLockRepository:
     """The single `learner_lock` row. Taking it is one conditional UPDATE (free, or expired), so
     across any number of processes and either database exactly one caller gets it; a holder that
-    died stops blocking others once its lease expires."""
+    died stops blocking others once its lease expires, or at once where a process on its host
+    sees its pid gone."""
 
     def __init__(self, session: Session):
         self.session = session
 
     def acquire(self, holder: str, ttl_s: float) -> bool:
-        """Take the lock for `ttl_s` seconds; False if someone else holds an unexpired lease.
-        Commits, so the other processes see it at once."""
+        """Take the lock for `ttl_s` seconds; False if someone else holds an unexpired lease of
+        a holder not provably gone. Commits, so the other processes see it at once."""
         now = utcnow()
         result = self.session.execute(
             update(LearnerLock)
             .where(LearnerLock.id == 1,
                    or_(LearnerLock.holder.is_(None), LearnerLock.expires_at < now))
+            .values(holder=holder, acquired_at=now, expires_at=now + timedelta(seconds=ttl_s))
+            .execution_options(synchronize_session=False))
+        self.session.commit()
+        if result.rowcount == 1:
+            return True
+        current, _ = self.holder()
+        self.session.commit()
+        return holder_is_gone(current) and self._take_from(current, holder, ttl_s)
+
+    def free_if_holder_gone(self) -> str | None:
+        """Free the lock of a holder provably gone (storage.runs.holder_is_gone) and mark its
+        runs failed; returns that holder, or None. Commits."""
+        current, _ = self.holder()
+        self.session.commit()
+        if not holder_is_gone(current):
+            return None
+        mine = f"{socket.gethostname()}:{os.getpid()}:reaper"
+        if not self._take_from(current, mine, ttl_s=60.0):
+            return None
+        TrainingRunRepository(self.session).fail_interrupted()
+        self.release(mine)
+        self.session.commit()
+        return current
+
+    def _take_from(self, dead: str, holder: str, ttl_s: float) -> bool:
+        # Conditional on the dead holder still being there: of several processes that saw it
+        # gone, one takes the lock.
+        now = utcnow()
+        result = self.session.execute(
+            update(LearnerLock).where(LearnerLock.id == 1, LearnerLock.holder == dead)
             .values(holder=holder, acquired_at=now, expires_at=now + timedelta(seconds=ttl_s))
             .execution_options(synchronize_session=False))
         self.session.commit()
@@ -127,7 +177,8 @@ class FeedbackItem:
 
 class RoundFeedbackRepository:
     """The feedback side of a round: what is new, what judged earlier rounds, and marking what a
-    round took."""
+    round took. Every read sees only counting corrections (storage.repositories.FeedbackRepository):
+    a superseded one is history."""
 
     def __init__(self, session: Session):
         self.session = session
@@ -198,10 +249,13 @@ class RoundFeedbackRepository:
 
     @staticmethod
     def _items():
+        # Only the counting correction of each prediction: a round trains on one label per clip
+        # and prediction, however often (and however differently) an app sent it.
         return (select(Feedback.id, Feedback.label, Feedback.user_id, Clip.id.label("clip_id"),
                        Clip.artifact_path, Clip.sha256)
                 .join(Prediction, Prediction.id == Feedback.prediction_id)
-                .join(Clip, Clip.id == Prediction.clip_id))
+                .join(Clip, Clip.id == Prediction.clip_id)
+                .where(Feedback.superseded_at.is_(None)))
 
     def _rows(self, query) -> list[FeedbackItem]:
         return [FeedbackItem(r.id, r.label, r.user_id, r.clip_id, r.artifact_path, r.sha256)

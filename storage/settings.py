@@ -29,13 +29,19 @@ class Section(BaseModel):
 
 class DatabaseSettings(Section):
     url: str | None = None  # None: SQLite file `emoloop.db` in the data dir
-    busy_timeout_s: float = 10.0  # how long a SQLite writer waits for the write lock
+    # How long a write waits for a lock (SQLite: the write lock; PostgreSQL: lock_timeout) before
+    # it fails, and the API answers 503 with Retry-After.
+    busy_timeout_s: float = 10.0
 
 
 class StorageSettings(Section):
     data_dir: Path = Path("data")
     # Files no row refers to (left by a crash) are deleted once this old (storage/sweep.py).
     sweep_after_s: float = Field(3600.0, ge=0.0)
+    # Below this much free space on the data dir's disk new clips are refused (507) before
+    # anything is written, and /ready says not ready: what is left keeps the database, the
+    # learner's model files and corrections writable. 0 turns the check off.
+    min_free_bytes: int = Field(512 * 1024 * 1024, ge=0)
 
     @property
     def artifacts_dir(self) -> Path:
@@ -50,6 +56,8 @@ class ApiSettings(Section):
     max_audio_seconds: float = 30.0
     # Workers in other processes notice a newly activated model by polling the DB this often.
     model_poll_interval_s: float = 1.0
+    # A POST repeated with the same Idempotency-Key this long after the first gets its answer.
+    idempotency_window_s: float = Field(24 * 3600.0, gt=0.0)
 
 
 class LearnerSettings(Section):

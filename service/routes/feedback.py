@@ -1,8 +1,10 @@
 """POST /v1/predictions/{id}/feedback: the right label for a prediction (a confirmation too),
-durable before the 201."""
+durable before the 201. One correction per prediction counts, the latest: a different label
+replaces the one before (201, which says which it replaced); the same correction again changes
+nothing (200, the same feedback id), so retries are safe."""
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from sqlalchemy.orm import Session
 
 from learner.labels import canonical_label, feedback_labels
@@ -11,15 +13,17 @@ from service.deps import EngineDep, SettingsDep, WriterDep
 from service.errors import ERROR_RESPONSES, ApiError, not_found
 from service.metrics import FEEDBACK
 from service.schemas import FeedbackIn, FeedbackOut
-from storage.repositories import FeedbackRepository
+from storage.repositories import FeedbackRepository, RecordedFeedback
 
 router = APIRouter(prefix="/v1/predictions", tags=["feedback"], responses=ERROR_RESPONSES)
 
 
-@router.post("/{prediction_id}/feedback", status_code=201, response_model=FeedbackOut)
+@router.post("/{prediction_id}/feedback", status_code=201, response_model=FeedbackOut,
+             responses={200: {"model": FeedbackOut,
+                              "description": "The counting correction already says this"}})
 async def create_feedback(prediction_id: uuid.UUID, body: FeedbackIn, caller: CurrentKey,
-                          writer: WriterDep, settings: SettingsDep,
-                          engine: EngineDep) -> FeedbackOut:
+                          writer: WriterDep, settings: SettingsDep, engine: EngineDep,
+                          response: Response) -> FeedbackOut:
     try:
         label = canonical_label(body.label)
     except ValueError as err:
@@ -31,7 +35,7 @@ async def create_feedback(prediction_id: uuid.UUID, body: FeedbackIn, caller: Cu
         raise ApiError(422, "unknown_label", f"feedback may not name {label!r} here; allowed: "
                                              f"{', '.join(allowed)}")
 
-    def insert(session: Session) -> tuple[int, str] | None:
+    def insert(session: Session) -> RecordedFeedback | None:
         # Only the app that made the prediction may correct it; to others it does not exist.
         return FeedbackRepository(session).add_for_app(prediction_id, caller.key_id, label,
                                                        body.user_id)
@@ -40,6 +44,8 @@ async def create_feedback(prediction_id: uuid.UUID, body: FeedbackIn, caller: Cu
     written = await writer.write(insert)
     if written is None:
         raise not_found("prediction")
-    feedback_id, predicted = written
-    FEEDBACK.labels(label, str(label == predicted).lower()).inc()
-    return FeedbackOut(feedback_id=feedback_id)
+    if not written.created:
+        response.status_code = 200  # a repeat: nothing new was stored
+    else:
+        FEEDBACK.labels(label, str(label == written.predicted).lower()).inc()
+    return FeedbackOut(feedback_id=written.feedback_id, replaced_feedback_id=written.replaced_id)

@@ -14,10 +14,12 @@ from service.auth import CurrentKey
 from service.deps import (ArtifactsDep, EngineDep, ReadSessionDep, ReadSessionsDep,
                           SettingsDep, WriterDep)
 from service.engine import Inference, InferenceEngine, ModelLoadError
-from service.errors import ERROR_RESPONSES, ApiError, audio_error, not_found, too_large
+from service.errors import (ERROR_RESPONSES, RETRY_AFTER_S, ApiError, audio_error, not_found,
+                            too_large)
 from service.metrics import PREDICTIONS
 from service.schemas import USER_ID_PATTERN, PredictionDetail, PredictionOut
 from storage.artifacts import ArtifactStore
+from storage.failures import free_space_problem
 from storage.models import Prediction
 from storage.repositories import ClipRepository, PredictionRepository
 
@@ -36,6 +38,11 @@ async def create_prediction(
     user_id: Annotated[str | None, Form(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
                                         description="The app's id for the speaker")] = None,
 ) -> PredictionOut:
+    # Refused before anything is written, so what space is left keeps corrections writable.
+    no_room = free_space_problem(settings.storage.data_dir, settings.storage.min_free_bytes)
+    if no_room is not None:
+        raise ApiError(507, "insufficient_storage", no_room,
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
     limit = settings.api.max_upload_bytes
     audio = await file.read(limit + 1)
     if len(audio) > limit:

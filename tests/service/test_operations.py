@@ -31,7 +31,8 @@ def test_ready_only_after_the_model_is_warm(app, keys, wav_clip, monkeypatch):
         finally:
             release.set()
         wait_ready(client)
-        assert client.get("/ready").json() == {"status": "ready", "model_version": 1}
+        assert client.get("/ready").json() == {"status": "ready", "model_version": 1,
+                                               "active_version": 1}
 
 
 def test_metrics_expose_requests_predictions_feedback_and_version(client, keys, wav_clip):
