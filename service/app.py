@@ -21,6 +21,7 @@ from service.engine import InferenceEngine
 from service.errors import install_error_handlers
 from service.group_commit import GroupCommitWriter
 from service.metrics import RequestMetrics
+from service.recording_jobs import RecordingJobs
 from service.routes import api_router
 from service.scheduler import LearnerService
 from service.upload_limit import UploadSizeLimit
@@ -48,6 +49,7 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     key_verifier = KeyVerifier(read_session_factory)
     # Rounds run in this process too (learner.enabled); a version they activate is served here
     # at once, and by every other process within its poll.
+    recording_jobs = RecordingJobs(session_factory, artifacts, engine, settings)
     learner = LearnerService(session_factory, artifacts, settings.learner,
                              on_activated=engine.activate, personal=settings.personal,
                              on_personal_activated=engine.personal.forget,
@@ -60,10 +62,12 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
             engine, session_factory, settings.api.model_poll_interval_s,
             freeze_heap_when_ready=freeze_heap_when_ready))
         learner.start()
+        recording_jobs.start()
         try:
             yield
         finally:
             follower.cancel()
+            await run_in_threadpool(recording_jobs.stop)
             await run_in_threadpool(learner.stop)
             writer.stop()
             db_engine.dispose()
@@ -79,11 +83,13 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     app.state.artifacts = artifacts
     app.state.engine = engine
     app.state.learner = learner
+    app.state.recording_jobs = recording_jobs
     install_error_handlers(app)
     app.include_router(api_router)
     mount_dashboard(app)  # the web page at `/`
     # The last added runs first: metrics see every request, 413s from the size limit included.
-    app.add_middleware(UploadSizeLimit, max_file_bytes=settings.api.max_upload_bytes)
+    app.add_middleware(UploadSizeLimit, max_file_bytes=settings.api.max_upload_bytes,
+                       streamed_paths={"/v1/recordings": settings.api.max_recording_bytes})
     app.add_middleware(RequestMetrics)
     return app
 

@@ -133,3 +133,44 @@ class UserForgottenOut(BaseModel):
     deleted: dict[str, int] = Field(description="Rows removed per table; clips_kept_shared "
                                                 "counts clips another user also sent")
 
+
+
+class RecordingWindowOut(BaseModel):
+    start: float = Field(description="Seconds from the recording's start")
+    end: float
+    probabilities: dict[str, float] | None = Field(
+        description="The model's answer for this window; null when the window has no speech")
+    raw: str = Field(description="The most probable label, or `silence`")
+    smoothed: str = Field(description="The HMM's answer from this window and the ones before "
+                                      "it only (what a live view would have shown)")
+
+
+class RecordingSegmentOut(BaseModel):
+    start: float
+    end: float
+    emotion: str = Field(description="A label, or `silence`")
+    confidence: float | None = Field(description="Mean probability of `emotion` over the "
+                                                 "segment's windows; null for silence")
+
+
+class RecordingError(BaseModel):
+    error: str
+    detail: str
+
+
+class RecordingOut(BaseModel):
+    recording_id: uuid.UUID
+    status: str = Field(description="running, done or failed")
+    progress: float = Field(description="Share of the file analysed, 0 to 1")
+    user_id: str | None
+    model_version: int | None
+    personal: bool
+    duration_s: float | None
+    window_s: float
+    hop_s: float
+    windows: list[RecordingWindowOut] | None = Field(description="Once done")
+    segments: list[RecordingSegmentOut] | None = Field(
+        description="Once done: the most likely sequence over the whole recording (Viterbi)")
+    error: RecordingError | None = Field(description="Why a failed job failed")
+    processing_ms: float | None
+    created_at: datetime
