@@ -112,6 +112,57 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """A long recording's emotion over time, as POST /v1/recordings answers it."""
+    import csv
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from learner.audio import AudioError
+    from learner.audio_chunks import AudioChunks
+    from learner.checkpoint import load_default_model, load_model
+    from learner.inference import EmotionPredictor
+    from learner.timeline import analyse_recording
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    predictor = EmotionPredictor(load_model(args.model) if args.model else load_default_model())
+    try:
+        chunks = AudioChunks(args.file, max_seconds=settings.api.max_recording_seconds)
+        with tqdm(total=100, unit="%", file=sys.stderr, disable=args.quiet,
+                  bar_format="{l_bar}{bar}| {elapsed}<{remaining}") as bar:
+            def advance() -> None:
+                bar.update(round(100 * chunks.fraction_read) - bar.n)
+            timeline = analyse_recording(chunks, predictor, settings.timeline, on_batch=advance)
+            bar.update(100 - bar.n)
+    except AudioError as err:
+        print(f"{args.file}: error: {err}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"file": str(args.file), "error": err.code, "detail": str(err)}))
+        return 1
+    if args.json:
+        print(json.dumps({"file": str(args.file), "duration_s": timeline.duration_s,
+                          "windows": [asdict(w) for w in timeline.windows],
+                          "segments": [asdict(s) for s in timeline.segments]}))
+    elif args.csv:  # one row per window
+        out = csv.writer(sys.stdout)
+        out.writerow(["start", "end", "raw", "smoothed", *timeline.labels])
+        for w in timeline.windows:
+            probs = [f"{w.probabilities[k]:.4f}" if w.probabilities else "" for k in timeline.labels]
+            out.writerow([w.start, w.end, w.raw, w.smoothed, *probs])
+    else:
+        print(f"{args.file}: {timeline.duration_s:.1f} s, {len(timeline.windows)} windows")
+        for s in timeline.segments:
+            confidence = f"  ({s.confidence:.2f})" if s.confidence is not None else ""
+            print(f"{_clock(s.start)} - {_clock(s.end)}  {s.emotion}{confidence}")
+    return 0
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "serve":
         from service.bench.serve import run_serve_bench
@@ -338,6 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path)
     p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("analyze", help="a long recording's emotion over time: segments, or "
+                       "every window with --json / --csv")
+    p.add_argument("file", type=Path)
+    p.add_argument("--model", type=Path, help="a model file (default: the bundled model)")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="windows and segments as JSON")
+    output.add_argument("--csv", action="store_true", help="one row per window")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("bench", help="benchmarks that print medians")
     p.add_argument("what", choices=["latency", "serve", "personalization", "continual"])

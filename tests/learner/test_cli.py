@@ -134,3 +134,22 @@ def test_encoder_import_writes_the_kept_blocks_and_prints_path_sha256_and_size(
     assert str(out) in printed and sha256_bytes(out.read_bytes()) in printed
     assert f"{out.stat().st_size:,} bytes" in printed
     assert weights.load_encoder(out, sha256_bytes(out.read_bytes())).config.n_blocks == 2
+
+
+def test_analyze_prints_segments_json_and_csv_with_a_progress_bar(tmp_path):
+    wave = np.concatenate([voiced_clip(8.0, 16_000, seed=1), np.zeros(5 * 16_000, np.float32),
+                           voiced_clip(6.0, 16_000, seed=2)])
+    sf.write(tmp_path / "talk.flac", wave, 16_000)
+    result = emoloop("analyze", str(tmp_path / "talk.flac"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["duration_s"] == 19.0 and len(report["windows"]) == 17
+    assert report["segments"][0]["start"] == 0 and report["segments"][-1]["end"] == 19.0
+    assert "silence" in [s["emotion"] for s in report["segments"]]
+    assert "100%" in result.stderr  # the progress bar, on stderr
+    rows = emoloop("analyze", str(tmp_path / "talk.flac"), "--csv", "--quiet").stdout.splitlines()
+    assert rows[0].startswith("start,end,raw,smoothed,neutral") and len(rows) == 18
+    assert "silence" in emoloop("analyze", str(tmp_path / "talk.flac")).stdout
+    (tmp_path / "notes.txt").write_text("not audio")
+    bad = emoloop("analyze", str(tmp_path / "notes.txt"), "--json")
+    assert bad.returncode == 1 and json.loads(bad.stdout)["error"] == "unreadable_audio"
