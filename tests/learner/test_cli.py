@@ -136,20 +136,27 @@ def test_encoder_import_writes_the_kept_blocks_and_prints_path_sha256_and_size(
     assert weights.load_encoder(out, sha256_bytes(out.read_bytes())).config.n_blocks == 2
 
 
-def test_analyze_prints_segments_json_and_csv_with_a_progress_bar(tmp_path):
+def test_analyze_prints_segments_json_and_csv_with_a_progress_bar(tmp_path, capsys):
     wave = np.concatenate([voiced_clip(8.0, 16_000, seed=1), np.zeros(5 * 16_000, np.float32),
                            voiced_clip(6.0, 16_000, seed=2)])
-    sf.write(tmp_path / "talk.flac", wave, 16_000)
-    result = emoloop("analyze", str(tmp_path / "talk.flac"), "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    talk = str(tmp_path / "talk.flac")
+    sf.write(talk, wave, 16_000)
+
+    def analyze(*args: str) -> tuple[int, str, str]:
+        code = cli.main(["analyze", *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = analyze(talk, "--json")
+    assert code == 0
+    report = json.loads(out)
     assert report["duration_s"] == 19.0 and len(report["windows"]) == 17
     assert report["segments"][0]["start"] == 0 and report["segments"][-1]["end"] == 19.0
     assert "silence" in [s["emotion"] for s in report["segments"]]
-    assert "100%" in result.stderr  # the progress bar, on stderr
-    rows = emoloop("analyze", str(tmp_path / "talk.flac"), "--csv", "--quiet").stdout.splitlines()
+    assert "100%" in err  # the progress bar, on stderr
+    rows = analyze(talk, "--csv", "--quiet")[1].splitlines()
     assert rows[0].startswith("start,end,raw,smoothed,neutral") and len(rows) == 18
-    assert "silence" in emoloop("analyze", str(tmp_path / "talk.flac")).stdout
+    assert "silence" in analyze(talk)[1]
     (tmp_path / "notes.txt").write_text("not audio")
-    bad = emoloop("analyze", str(tmp_path / "notes.txt"), "--json")
-    assert bad.returncode == 1 and json.loads(bad.stdout)["error"] == "unreadable_audio"
+    code, out, _ = analyze(str(tmp_path / "notes.txt"), "--json")
+    assert code == 1 and json.loads(out)["error"] == "unreadable_audio"
