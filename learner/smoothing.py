@@ -13,11 +13,14 @@ emotion.
   with `VAD_MISS` too.
 - Transitions: sticky. Every state stays with probability `self_transition` and moves to each
   other state with an equal share of the rest. With a hop of h seconds a state is expected to
-  last h / (1 - self_transition) seconds: 0.9 and a 1 s hop say "emotions last about 10 s",
-  which is what one needs to outvote a single odd window (one window's evidence must be about
-  (n - 1) * 0.9 / 0.1 = 63 times stronger for the others to flip the state at once) while a run
-  of two or three windows of a new emotion still moves it. The value is a setting
-  (`smoothing.self_transition`), chosen on the validation speakers by `emoloop bench stream`.
+  last h / (1 - self_transition) seconds: 0.8 and a 1 s hop say "an emotion lasts about 5 s",
+  so one odd window must be about 0.8 / (0.2 / 8) = 32 times likelier under another state to
+  flip the state on its own, while two or three windows of a new emotion move it. The value is
+  a setting (`timeline.self_transition`), chosen on the validation speakers with
+  `emoloop bench stream --speakers validation` (README, "Emotion over time"): among 0.5-0.98,
+  0.8 gave the most accurate segments and found the most changes short of cutting everywhere.
+  A value estimated from data instead would learn how long acted corpus runs last, not how long
+  people stay in an emotion, so it is set, not fitted.
 - `ForwardFilter`: causal filtering for live use, one window at a time; its answer for window t
   uses windows 0..t only.
 - `viterbi`: the most likely state path of a finished recording, from which segments are cut.

@@ -186,8 +186,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.data or REPO_ROOT.parent / "shared" / "data", rounds=args.rounds,
             strategies=args.strategies.split(",") if args.strategies else None,
             timing_corrections=args.timing_corrections, threads=args.threads)
+    if args.what == "stream":
+        from service.bench.stream import run_stream_bench
+
+        report = run_stream_bench(args.data or REPO_ROOT.parent / "shared" / "data",
+                                  speakers=args.speakers, recordings=args.recordings,
+                                  runs=args.runs_per_recording, cost_runs=args.cost_runs)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, default=str))
     else:
         for line in report["lines"]:
             print(line)
@@ -401,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("bench", help="benchmarks that print medians")
-    p.add_argument("what", choices=["latency", "serve", "personalization", "continual"])
+    p.add_argument("what", choices=["latency", "serve", "personalization", "continual",
+                                    "stream"])
     p.add_argument("--model", type=Path)
     p.add_argument("--runs", type=int, default=200, help="timed runs after warm-up")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
@@ -420,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continual: corrections in the timed round (0: skip it)")
     p.add_argument("--threads", type=int, default=1,
                    help="continual: torch threads (1, as in a service worker)")
+    p.add_argument("--speakers", choices=["test", "validation"], default="test",
+                   help="stream: whose clips make the recordings (validation: the speakers "
+                   "the smoothing was tuned on)")
+    p.add_argument("--recordings", type=int, default=2, help="stream: recordings per speaker")
+    p.add_argument("--runs-per-recording", type=int, default=8,
+                   help="stream: runs of one emotion in a recording")
+    p.add_argument("--cost-runs", type=int, default=3,
+                   help="stream: fresh processes timed on the 10- and 1-minute files (0: skip)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
