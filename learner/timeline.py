@@ -163,3 +163,63 @@ class _Windows:
     @staticmethod
     def _window(start: int, samples: np.ndarray) -> tuple[float, float, np.ndarray]:
         return start / SAMPLE_RATE, (start + len(samples)) / SAMPLE_RATE, samples
+
+
+class LiveTimeline:
+    """A live stream's windows as they complete: `push` 16 kHz audio, get back the windows
+    that ended in it, each with its raw and causally smoothed answer. Keeps the last
+    `keep_s` seconds of audio, so a window can still be cut out (`window_audio`) to store it
+    when someone corrects it."""
+
+    def __init__(self, predictor: EmotionPredictor, settings: TimelineSettings, keep_s: float,
+                 *, priors: np.ndarray | None = None):
+        self.predictor = predictor
+        self.settings = settings
+        self.filter = ForwardFilter(EmotionHmm.sticky(predictor.labels,
+                                                      settings.self_transition, priors))
+        self.size = int(settings.window_s * SAMPLE_RATE)
+        self.hop = int(settings.hop_s * SAMPLE_RATE)
+        self.keep = max(int(keep_s * SAMPLE_RATE), self.size)
+        self.audio = np.zeros(0, np.float32)
+        self.audio_start = 0  # the sample number of audio[0]
+        self.received = 0  # samples pushed so far
+        self.windows: dict[int, Window] = {}  # by index, as long as their audio is kept
+        self.next_index = 0  # the next window to answer
+
+    def push(self, samples: np.ndarray) -> list[tuple[int, Window]]:
+        self.audio = np.concatenate([self.audio, samples])
+        self.received += len(samples)
+        due = []
+        while (start := self.next_index * self.hop) + self.size <= self.received:
+            due.append((self.next_index, start))
+            self.next_index += 1
+        waves = [self.audio[s - self.audio_start:s - self.audio_start + self.size]
+                 for _, s in due]
+        pending = [(s / SAMPLE_RATE, (s + self.size) / SAMPLE_RATE,
+                    w if is_speech(w, self.settings) else None) for (_, s), w in zip(due, waves)]
+        out = []
+        for (index, _), (start, end, _), probs in zip(due, pending,
+                                                       _classify(self.predictor, pending)):
+            raw = SILENCE if probs is None else self.predictor.labels[int(np.argmax(probs))]
+            window = Window(start, end, None if probs is None else dict(
+                zip(self.predictor.labels, map(float, probs))), raw, self.filter.label(probs))
+            self.windows[index] = window
+            out.append((index, window))
+        self._forget_old()
+        return out
+
+    def window_audio(self, index: int) -> np.ndarray | None:
+        """A window's samples while they are kept; None once they are gone (or never were)."""
+        window = self.windows.get(index)
+        if window is None:
+            return None
+        start = int(round(window.start * SAMPLE_RATE)) - self.audio_start
+        return self.audio[start:start + self.size].copy() if start >= 0 else None
+
+    def _forget_old(self) -> None:
+        drop = max(0, len(self.audio) - self.keep)
+        if drop:
+            self.audio, self.audio_start = self.audio[drop:], self.audio_start + drop
+        first_kept = self.audio_start / SAMPLE_RATE
+        for index in [i for i, w in self.windows.items() if w.start < first_kept]:
+            del self.windows[index]

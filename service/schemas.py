@@ -174,3 +174,22 @@ class RecordingOut(BaseModel):
     error: RecordingError | None = Field(description="Why a failed job failed")
     processing_ms: float | None
     created_at: datetime
+
+
+class StreamIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sample_rate: int = Field(ge=8000, le=48000, description="Of the 16-bit mono PCM the socket "
+                                                            "will send")
+    user_id: str | None = UserId
+
+
+class StreamOut(BaseModel):
+    token: str = Field(description="Send `{\"token\": ...}` as the socket's first message; "
+                                   "good once, until `expires_at`")
+    expires_at: datetime
+    socket_path: str = Field(description="The WebSocket to open: /v1/stream")
+    sample_rate: int
+    max_chunk_bytes: int
+    window_s: float
+    hop_s: float

@@ -273,3 +273,19 @@ class Recording(Base):
     processing_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StreamToken(Base):
+    """A live stream's ticket (POST /v1/streams): the socket presents it once, before it expires.
+    Only its sha256 is stored, like an API key's."""
+
+    __tablename__ = "stream_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    sample_rate: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]

@@ -53,6 +53,12 @@ class ApiSettings(Section):
     max_recording_seconds: float = 1800.0
     max_recording_bytes: int = 200 * 1024 * 1024
     recording_wait_s: float = Field(3.0, ge=0.0)
+    # Live streams (POST /v1/streams, then WebSocket /v1/stream).
+    stream_token_ttl_s: float = Field(30.0, gt=0.0)  # a token unused this long is refused
+    stream_max_chunk_bytes: int = Field(64 * 1024, gt=0)  # one audio message at most
+    stream_idle_timeout_s: float = Field(10.0, gt=0.0)  # no message this long closes the stream
+    stream_max_ahead_s: float = Field(2.0, ge=0.0)  # audio beyond real time a client may send
+    stream_keep_seconds: float = Field(300.0, gt=0.0)  # recent audio kept for corrections
     # Workers in other processes notice a newly activated model by polling the DB this often.
     model_poll_interval_s: float = 1.0
 

@@ -1,4 +1,5 @@
-"""recordings: long recordings' emotion over time (POST /v1/recordings), and their jobs.
+"""recordings: long recordings' emotion over time (POST /v1/recordings), and their jobs;
+stream_tokens: single-use tickets for live streams (POST /v1/streams, WebSocket /v1/stream).
 
 Revision ID: 0006
 Revises: 0004
@@ -50,6 +51,24 @@ def upgrade() -> None:
     op.create_index(op.f("ix_recordings_user_id"), "recordings", ["user_id"])
     op.create_index(op.f("ix_recordings_clip_id"), "recordings", ["clip_id"])
 
+    op.create_table(
+        "stream_tokens",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("token_hash", sa.String(64), nullable=False),
+        sa.Column("api_key_id", sa.Integer(), nullable=False),
+        sa.Column("user_id", sa.String(128), nullable=True),
+        sa.Column("sample_rate", sa.Integer(), nullable=False),
+        timestamp("created_at"),
+        timestamp("expires_at"),
+        sa.Column("used_at", sa.DateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(["api_key_id"], ["api_keys.id"],
+                                name=op.f("fk_stream_tokens_api_key_id_api_keys")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_stream_tokens")),
+        sa.UniqueConstraint("token_hash", name=op.f("uq_stream_tokens_token_hash")),
+    )
+    op.create_index(op.f("ix_stream_tokens_api_key_id"), "stream_tokens", ["api_key_id"])
+
 
 def downgrade() -> None:
+    op.drop_table("stream_tokens")
     op.drop_table("recordings")

@@ -2,12 +2,13 @@
 from fastapi import APIRouter
 
 from service.routes import (admin, feedback, health, models, predictions, recordings, runs,
-                            users)
+                            streams, users)
 
 api_router = APIRouter()
 api_router.include_router(predictions.router)
 api_router.include_router(feedback.router)
 api_router.include_router(recordings.router)
+api_router.include_router(streams.router)
 api_router.include_router(models.router)
 api_router.include_router(admin.router)
 api_router.include_router(runs.router)

@@ -107,3 +107,21 @@ def test_segments_meet_half_way_between_window_centres():
     segs = segments(windows, ["happy"] * 3 + ["sad"] * 3, duration_s=8.0)
     assert [(s.start, s.end, s.emotion) for s in segs] == [(0, 4.0, "happy"), (4.0, 8.0, "sad")]
     assert segs[0].confidence == pytest.approx(0.7) and segs[1].confidence == pytest.approx(0.3)
+
+
+def test_a_live_stream_answers_each_window_as_it_completes_like_the_whole_recording(predictor):
+    from learner.timeline import LiveTimeline
+    wave = np.concatenate([voiced_clip(6.0, seed=4), np.zeros(4 * SAMPLE_RATE, np.float32),
+                           voiced_clip(4.0, seed=5)])  # 14 s
+    live = LiveTimeline(predictor, TimelineSettings(), keep_s=5.0)
+    answered = []
+    for chunk in chunks_of(wave, 0.25):  # a browser's quarter-second chunks
+        answered += live.push(chunk)
+    whole = analyse_recording([wave], predictor)
+    assert [i for i, _ in answered] == list(range(12))  # window k ends at k + 3 s
+    assert [(w.start, w.raw, w.smoothed) for _, w in answered] == \
+           [(w.start, w.raw, w.smoothed) for w in whole.windows[:12]]
+    # Only the last 5 s of audio stay: recent windows can be cut out, older ones are gone.
+    assert len(live.audio) == 5 * SAMPLE_RATE
+    np.testing.assert_array_equal(live.window_audio(11), wave[11 * SAMPLE_RATE:14 * SAMPLE_RATE])
+    assert live.window_audio(5) is None and live.window_audio(99) is None
