@@ -116,3 +116,18 @@ class AudioChunks:
                     yield out.to_ndarray().T, out.sample_rate
             except av.FFmpegError as err:
                 raise UnreadableAudio(f"the audio stream is damaged ({err})") from err
+
+
+def read_span(path: str | os.PathLike, start_s: float, end_s: float, *,
+              max_seconds: float) -> np.ndarray:
+    """The 16 kHz samples between start_s and end_s of a long file, decoded a piece at a time
+    (only the span is kept)."""
+    first, last = int(start_s * SAMPLE_RATE), int(end_s * SAMPLE_RATE)
+    kept, position = [], 0
+    for chunk in AudioChunks(path, max_seconds=max_seconds):
+        if position + len(chunk) > first and position < last:
+            kept.append(chunk[max(0, first - position):last - position])
+        position += len(chunk)
+        if position >= last:
+            break
+    return np.concatenate(kept) if kept else np.zeros(0, np.float32)

@@ -19,23 +19,20 @@ closing one affects no other. The model work runs in a worker thread; while it d
 is not read, so a client that sends too much waits on TCP (backpressure) or trips the rate check.
 """
 import asyncio
-import io
 import json
 import logging
 import time
 
 import numpy as np
-import soundfile as sf
 import soxr
 from fastapi import WebSocket, WebSocketDisconnect
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from learner.audio import SAMPLE_RATE
 from learner.labels import canonical_label, feedback_labels
 from learner.timeline import LiveTimeline
 from service.engine import ModelLoadError, ServingModel
-from storage.repositories import ClipRepository, FeedbackRepository, PredictionRepository
+from service.window_feedback import CorrectedPart, store_correction
 from storage.stream_tokens import StreamTicket, StreamTokenRepository
 
 log = logging.getLogger("emoloop.streams")
@@ -156,33 +153,12 @@ class LiveStream:
                                                 f"{self.settings.api.stream_keep_seconds:g} s")
         if window.probabilities is None:
             return _error(index, "silence", f"window {index} has no speech to correct")
-        prediction_id, feedback_id = await run_in_threadpool(self._store, window, audio, label)
+        part = CorrectedPart(self.ticket.api_key_id, self.ticket.user_id, self.model.version,
+                             self.model.personal, window.probabilities)
+        prediction_id, feedback_id = await run_in_threadpool(
+            store_correction, self.session_factory, self.artifacts, part, audio, label)
         return {"type": "corrected", "index": index, "prediction_id": str(prediction_id),
                 "feedback_id": feedback_id}
-
-    def _store(self, window, audio: np.ndarray, label: str):
-        """The window as a clip, its prediction and the feedback, as POST /v1/predictions and
-        its feedback would have stored them: the file first, then the rows in one
-        transaction."""
-        buffer = io.BytesIO()
-        sf.write(buffer, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-        data = buffer.getvalue()
-        sha256, path = self.artifacts.put_clip(data, ".wav")
-        with self.session_factory() as session:
-            clip_id = ClipRepository(session).store(
-                sha256=sha256, duration_s=len(audio) / SAMPLE_RATE, sample_rate=SAMPLE_RATE,
-                artifact_path=path, size_bytes=len(data))
-            prediction = PredictionRepository(session).create(
-                api_key_id=self.ticket.api_key_id, clip_id=clip_id,
-                model_version=self.model.version, label=window.raw,
-                confidence=window.probabilities[window.raw],
-                # Answered on the stream, not by a request: there is no request latency.
-                probabilities=window.probabilities, latency_ms=0.0,
-                user_id=self.ticket.user_id, personal=self.model.personal)
-            feedback_id, _ = FeedbackRepository(session).add_for_app(
-                prediction.id, self.ticket.api_key_id, label, self.ticket.user_id)
-            session.commit()
-        return prediction.id, feedback_id
 
 
 def _json(text: str | None) -> dict:

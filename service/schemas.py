@@ -151,6 +151,9 @@ class RecordingSegmentOut(BaseModel):
     emotion: str = Field(description="A label, or `silence`")
     confidence: float | None = Field(description="Mean probability of `emotion` over the "
                                                  "segment's windows; null for silence")
+    prediction_id: uuid.UUID | None = Field(
+        default=None, description="Once the segment was corrected: the prediction its clip "
+                                  "was stored with")
 
 
 class RecordingError(BaseModel):
@@ -193,3 +196,10 @@ class StreamOut(BaseModel):
     max_chunk_bytes: int
     window_s: float
     hop_s: float
+
+
+class SegmentFeedbackOut(BaseModel):
+    prediction_id: uuid.UUID = Field(description="The prediction the segment's clip was "
+                                                 "stored with (the same for every correction "
+                                                 "of this segment)")
+    feedback_id: int

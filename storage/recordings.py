@@ -49,6 +49,16 @@ class RecordingRepository:
         self.session.execute(update(Recording).where(Recording.id == recording_id).values(
             status="failed", error=error, updated_at=utcnow()))
 
+    def set_segment_prediction(self, recording_id: uuid.UUID, index: int,
+                               prediction_id: uuid.UUID) -> None:
+        """Remember the prediction a segment's correction made, so the next correction of the
+        segment is feedback on it rather than a second copy of the clip."""
+        row = self.session.get(Recording, recording_id)
+        segments = [dict(s) for s in row.segments]
+        segments[index]["prediction_id"] = str(prediction_id)
+        row.segments = segments  # a new list: JSON columns notice assignment, not mutation
+        self.session.flush()
+
     def report_progress(self, recording_id: uuid.UUID, progress: float) -> None:
         self.session.execute(update(Recording).where(
             Recording.id == recording_id, Recording.status == "running").values(

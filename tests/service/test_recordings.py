@@ -159,3 +159,40 @@ def test_forgetting_a_user_removes_their_recordings(make_client, keys, db, artif
     assert client.get(f"/v1/recordings/{theirs['recording_id']}",
                       headers=bearer(keys.app)).status_code == 200
     assert row_counts(db)["clips"] == 1 and len(files_under(artifacts.root / "clips")) == 1
+
+
+def test_a_segment_is_corrected_in_one_call_and_stored_like_a_prediction(make_client, keys, db,
+                                                                        artifacts):
+    client = make_client()
+    body = post(client, keys.app, recording(("voice", 10), ("pause", 6), ("voice", 8)),
+                user_id="erin").json()
+    segments = body["segments"]
+    speech = next(i for i, s in enumerate(segments) if s["emotion"] != "silence")
+    silence = next(i for i, s in enumerate(segments) if s["emotion"] == "silence")
+    path = f"/v1/recordings/{body['recording_id']}/segments"
+    assert row_counts(db)["predictions"] == 0
+    first = client.post(f"{path}/{speech}/feedback", json={"label": "angry"},
+                        headers=bearer(keys.app))
+    assert first.status_code == 201, first.text
+    prediction = client.get(f"/v1/predictions/{first.json()['prediction_id']}",
+                            headers=bearer(keys.app)).json()
+    assert prediction["emotion"] == segments[speech]["emotion"]
+    assert prediction["user_id"] == "erin" and prediction["model_version"] == 1
+    # Again: more feedback on the same prediction, no second clip.
+    again = client.post(f"{path}/{speech}/feedback", json={"label": "sad"},
+                        headers=bearer(keys.app))
+    assert again.status_code == 201
+    assert again.json()["prediction_id"] == first.json()["prediction_id"]
+    counts = row_counts(db)
+    assert (counts["clips"], counts["predictions"], counts["feedback"]) == (2, 1, 2)
+    read = client.get(f"/v1/recordings/{body['recording_id']}", headers=bearer(keys.app)).json()
+    assert read["segments"][speech]["prediction_id"] == first.json()["prediction_id"]
+    # Silence, an unknown segment, an unknown label, another app: refused, nothing stored.
+    for index, label, key, status in ((silence, "sad", keys.app, 422),
+                                      (99, "sad", keys.app, 404),
+                                      (speech, "bored-ish", keys.app, 422),
+                                      (speech, "sad", keys.other_app, 404)):
+        response = client.post(f"{path}/{index}/feedback", json={"label": label},
+                               headers=bearer(key))
+        assert response.status_code == status, response.text
+    assert row_counts(db)["feedback"] == 2
