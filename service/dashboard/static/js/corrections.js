@@ -18,7 +18,8 @@ export function initCorrectionsCounter() {
   show();
 }
 
-function counted(feedbackId) {
+/** Count a correction the service acknowledged some other way (a live stream's). */
+export function counted(feedbackId) {
   sessionStorage.setItem(STORAGE, String(count() + 1));
   show();
   return feedbackId;
