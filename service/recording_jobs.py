@@ -68,6 +68,10 @@ def receive_upload(source: BinaryIO, artifacts: ArtifactStore, extension_of) -> 
     return Upload(path, digest.hexdigest(), size, extension_of(first))
 
 
+class Stopping(Exception):
+    """The process is shutting down: a running job ends at its next batch."""
+
+
 class RecordingJob:
     def __init__(self, jobs: "RecordingJobs", upload: Upload, api_key_id: int,
                  user_id: str | None):
@@ -108,6 +112,9 @@ class RecordingJob:
                                          on_batch=lambda: self._report(chunks.fraction_read))
         except AudioError as err:
             self._end(error=audio_error(err))
+        except Stopping:
+            self._end(error=ApiError(503, "interrupted", "the server stopped while analysing "
+                                                         "this recording; send it again"))
         except ModelLoadError:
             self._end(error=ApiError(503, "not_ready", "the model is still loading; retry"))
         except Exception:
@@ -118,6 +125,8 @@ class RecordingJob:
             self._end(answer=(model, timeline, (time.perf_counter() - start) * 1000))
 
     def _report(self, fraction: float) -> None:
+        if self.jobs.stopping.is_set():
+            raise Stopping
         self.progress = round(min(fraction, 0.99), 3)
         now = time.monotonic()
         if self._detached and now - self._last_report >= PROGRESS_EVERY_S:
@@ -184,7 +193,7 @@ class RecordingJobs:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recording")
         self._jobs: dict[uuid.UUID, RecordingJob] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self.stopping = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, daemon=True,
                                            name="recording-heartbeat")
 
@@ -192,8 +201,10 @@ class RecordingJobs:
         self._heartbeat.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self.executor.shutdown(wait=True, cancel_futures=False)
+        """End the running job at its next batch and drop the queued ones: their rows read
+        `failed` once stale, their uploads go with the sweep."""
+        self.stopping.set()
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, upload: Upload, api_key_id: int, user_id: str | None) -> RecordingJob:
         job = RecordingJob(self, upload, api_key_id, user_id)
@@ -221,7 +232,7 @@ class RecordingJobs:
             session.commit()
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self.stopping.wait(HEARTBEAT_S):
             with self._lock:
                 waiting = [job for job in self._jobs.values() if job._detached]
             for job in waiting:
