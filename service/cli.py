@@ -191,7 +191,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         report = run_stream_bench(args.data or REPO_ROOT.parent / "shared" / "data",
                                   speakers=args.speakers, recordings=args.recordings,
-                                  runs=args.runs_per_recording, cost_runs=args.cost_runs)
+                                  runs=args.runs_per_recording, cost_runs=args.cost_runs,
+                                  streams=[int(n) for n in args.streams.split(",") if n.strip()],
+                                  stream_seconds=args.stream_seconds, workers=args.workers)
     if args.json:
         print(json.dumps(report, default=str))
     else:
@@ -435,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream: runs of one emotion in a recording")
     p.add_argument("--cost-runs", type=int, default=3,
                    help="stream: fresh processes timed on the 10- and 1-minute files (0: skip)")
+    p.add_argument("--streams", default="", help="stream: concurrent real-time streams to try "
+                   "against emoloop serve, comma-separated and rising (e.g. 4,8,16; empty: skip)")
+    p.add_argument("--stream-seconds", type=float, default=20.0,
+                   help="stream: how long each stream sends audio")
+    p.add_argument("--workers", type=int, default=2, help="stream: emoloop serve --workers")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

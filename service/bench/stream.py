@@ -15,6 +15,9 @@ everywhere would find every change). Label changes per minute: raw windows, filt
 and segments, beside the true rate. The model's posteriors are computed once per recording;
 the HMM is then rerun for a few self-transition values (the sweep the setting was chosen on).
 
+Capacity (`--streams 4,8,16`): concurrent real-time streams against `emoloop serve` on loopback
+(service/bench/stream_capacity.py).
+
 Cost. A 10-minute recording (clips of the test speakers, joined, written as 48 kHz 16-bit WAV
 like a recorder's file) is analysed from the file with one torch thread, as a service worker
 does, in a fresh process each run; the median wall time against the target of 1/20 of the
@@ -42,7 +45,8 @@ SEED = 15
 
 
 def run_stream_bench(data_dir: Path, *, speakers: str = "test", recordings: int = 2,
-                     runs: int = 8, cost_runs: int = 3) -> dict:
+                     runs: int = 8, cost_runs: int = 3, streams: list[int] | None = None,
+                     stream_seconds: float = 20.0, workers: int = 2) -> dict:
     from learner.checkpoint import load_default_model
     from learner.inference import EmotionPredictor, limit_threads
     from storage.settings import get_settings
@@ -59,6 +63,7 @@ def run_stream_bench(data_dir: Path, *, speakers: str = "test", recordings: int 
               "accuracy": {str(p): _score(made, predictor.labels, p) for p in
                            sorted(set(SWEEP) | {settings.self_transition})},
               "cost": _cost(Path(data_dir), cost_runs) if cost_runs else None,
+              "streams": _capacity(streams, stream_seconds, workers) if streams else None,
               "targets": TARGETS}
     report["lines"] = _lines(report)
     return report
@@ -212,6 +217,12 @@ def _cost(data_dir: Path, runs: int) -> dict:
     return out
 
 
+def _capacity(levels: list[int], seconds: float, workers: int) -> dict:
+    from service.bench.stream_capacity import run_capacity
+
+    return run_capacity(levels, seconds=seconds, workers=workers)
+
+
 def _model_sees_no_change(recording: dict, change_s: float, labels: tuple[str, ...]) -> bool:
     pairs = list(zip(recording["windows"], recording["observations"]))
     before = [o for w, o in pairs if w.end <= change_s and o is not None][-3:]
@@ -254,4 +265,15 @@ def _lines(report: dict) -> list[str]:
                      f"{c['seconds_per_audio_second']:.4f} of its duration (target <= "
                      f"{TARGETS['seconds_per_audio_second']:.3f}); peak RSS {c['peak_rss_mb']} MB "
                      f"({c['loaded_rss_mb']} MB with the model loaded, before the recording)")
+    if report["streams"]:
+        capacity = report["streams"]
+        for n, level in capacity["levels"].items():
+            lines.append(f"streams {n:>3}: {level['answers']} answers, p50 {level['p50_ms']} ms, "
+                         f"p99 {level['p99_ms']} ms after the hop, {level['dropped']} dropped, "
+                         f"load average {level['load_average']}: "
+                         f"{'holds' if level['holds'] else 'does not hold'}")
+        lines.append(f"capacity: {capacity['capacity']} concurrent real-time streams "
+                     f"(p99 <= {capacity['max_p99_ms']:.0f} ms, 0 dropped), emoloop serve "
+                     f"--workers {capacity['workers']}, bundled model, clients on the same "
+                     f"machine")
     return lines
