@@ -10,7 +10,7 @@ from storage.models import Base
 
 TABLES = {"clips", "predictions", "feedback", "model_versions", "model_version_counter",
           "training_runs", "replay_exemplars", "api_keys", "audit_log", "learner_lock",
-          "recordings"}
+          "recordings", "stream_tokens"}
 
 
 def test_upgrade_from_empty_makes_the_schema_the_models_describe(empty_database_url):
