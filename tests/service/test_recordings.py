@@ -27,6 +27,9 @@ def make_client(settings, seeded, keys):
     clients = []
 
     def make(**api) -> TestClient:
+        # Answered at once unless a test asks for a job: on a busy machine analysing a
+        # recording can take longer than the default wait.
+        api = {"recording_wait_s": 60.0, **api}
         app = create_app(settings.model_copy(update={
             "api": settings.api.model_copy(update=api)}))
         client = TestClient(app).__enter__()
