@@ -62,7 +62,8 @@ class LiveStream:
         try:
             self.ticket = await self._redeem(await self._receive())
             try:
-                self.model = self.engine.model_for(self.ticket.user_id)
+                self.model = self.engine.model_for(
+                    self.ticket.user_id if self.settings.personal.enabled else None)
             except ModelLoadError:
                 raise StreamClosed(TRY_LATER, "the model is still loading; retry shortly") \
                     from None

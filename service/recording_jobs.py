@@ -105,7 +105,9 @@ class RecordingJob:
     def run(self) -> None:
         start = time.perf_counter()
         try:
-            model = self.jobs.engine.model_for(self.user_id)
+            # With personal models off, every user gets the global model.
+            personal = self.user_id if self.jobs.settings.personal.enabled else None
+            model = self.jobs.engine.model_for(personal)
             chunks = AudioChunks(self.upload.path,
                                  max_seconds=self.jobs.settings.api.max_recording_seconds)
             timeline = analyse_recording(chunks, model.predictor, self.jobs.settings.timeline,
