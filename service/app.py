@@ -47,9 +47,9 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
                              personal_ttl_s=settings.api.model_poll_interval_s)
     writer = GroupCommitWriter(session_factory)
     key_verifier = KeyVerifier(read_session_factory)
+    recording_jobs = RecordingJobs(session_factory, artifacts, engine, settings)
     # Rounds run in this process too (learner.enabled); a version they activate is served here
     # at once, and by every other process within its poll.
-    recording_jobs = RecordingJobs(session_factory, artifacts, engine, settings)
     learner = LearnerService(session_factory, artifacts, settings.learner,
                              on_activated=engine.activate, personal=settings.personal,
                              on_personal_activated=engine.personal.forget,
