@@ -60,6 +60,7 @@ def run_stream_bench(data_dir: Path, *, speakers: str = "test", recordings: int 
               "changes": sum(len(r["changes"]) for r in made),
               "windows": sum(len(r["observations"]) for r in made),
               "self_transition": settings.self_transition,
+              "window_s": settings.window_s, "hop_s": settings.hop_s,
               "accuracy": {str(p): _score(made, predictor.labels, p) for p in
                            sorted(set(SWEEP) | {settings.self_transition})},
               "cost": _cost(Path(data_dir), cost_runs) if cost_runs else None,
@@ -235,7 +236,8 @@ def _model_sees_no_change(recording: dict, change_s: float, labels: tuple[str, .
 def _lines(report: dict) -> list[str]:
     lines = [f"emoloop bench stream: {report['recordings']} recordings of "
              f"{report['speakers']} speakers, {report['audio_minutes']} min, "
-             f"{report['windows']} windows (3 s, hop 1 s), {report['changes']} true changes",
+             f"{report['windows']} windows ({report['window_s']:g} s, hop {report['hop_s']:g} s), "
+             f"{report['changes']} true changes",
              f"{'self-transition':>16} {'raw acc':>8} {'filtered':>9} {'segments':>9} "
              f"{'within 1.5 s':>13} {'spurious':>9} {'changes/min raw':>16} "
              f"{'filtered':>9} {'segments':>9} {'true':>6}"]
