@@ -22,6 +22,7 @@ from service.errors import install_error_handlers
 from service.group_commit import GroupCommitWriter
 from service.idempotency import IdempotencyKeys
 from service.metrics import RequestMetrics
+from service.recording_jobs import RecordingJobs
 from service.routes import api_router
 from service.scheduler import LearnerService
 from service.store_probe import StoreProbe
@@ -51,6 +52,7 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
                              settings.storage.min_free_bytes,
                              busy_timeout_s=settings.database.busy_timeout_s)
     key_verifier = KeyVerifier(read_session_factory)
+    recording_jobs = RecordingJobs(session_factory, artifacts, engine, settings)
     # Rounds run in this process too (learner.enabled); a version they activate is served here
     # at once, and by every other process within its poll.
     learner = LearnerService(session_factory, artifacts, settings.learner,
@@ -66,11 +68,13 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
             freeze_heap_when_ready=freeze_heap_when_ready))
         store_watch = asyncio.create_task(store_probe.watch())
         learner.start()
+        recording_jobs.start()
         try:
             yield
         finally:
             follower.cancel()
             store_watch.cancel()
+            await run_in_threadpool(recording_jobs.stop)
             await run_in_threadpool(learner.stop)
             writer.stop()
             store_probe.close()
@@ -88,13 +92,15 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     app.state.artifacts = artifacts
     app.state.engine = engine
     app.state.learner = learner
+    app.state.recording_jobs = recording_jobs
     install_error_handlers(app)
     app.include_router(api_router)
     mount_dashboard(app)  # the web page at `/`
     # The last added runs first: metrics see every request, 413s from the size limit included.
     app.add_middleware(IdempotencyKeys, writer=writer,
                        window_s=settings.api.idempotency_window_s)
-    app.add_middleware(UploadSizeLimit, max_file_bytes=settings.api.max_upload_bytes)
+    app.add_middleware(UploadSizeLimit, max_file_bytes=settings.api.max_upload_bytes,
+                       streamed_paths={"/v1/recordings": settings.api.max_recording_bytes})
     app.add_middleware(RequestMetrics)
     return app
 

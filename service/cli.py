@@ -67,13 +67,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except CorpusError as err:
         print(f"emoloop evaluate: {err}", file=sys.stderr)
         return 2
-    if args.what == "gate":
-        from service.bench.gate import run_gate_bench
-
-        report = run_gate_bench(args.data or REPO_ROOT.parent / "shared" / "data",
-                                should_pass=args.should_pass, must_fail=args.must_fail,
-                                corrections=args.corrections, threads=args.threads,
-                                kinds=args.kinds.split(",") if args.kinds else None)
     if args.json:
         print(json.dumps(report))
     else:
@@ -119,6 +112,57 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """A long recording's emotion over time, as POST /v1/recordings answers it."""
+    import csv
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from learner.audio import AudioError
+    from learner.audio_chunks import AudioChunks
+    from learner.checkpoint import load_default_model, load_model
+    from learner.inference import EmotionPredictor
+    from learner.timeline import analyse_recording
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    predictor = EmotionPredictor(load_model(args.model) if args.model else load_default_model())
+    try:
+        chunks = AudioChunks(args.file, max_seconds=settings.api.max_recording_seconds)
+        with tqdm(total=100, unit="%", file=sys.stderr, disable=args.quiet,
+                  bar_format="{l_bar}{bar}| {elapsed}<{remaining}") as bar:
+            def advance() -> None:
+                bar.update(round(100 * chunks.fraction_read) - bar.n)
+            timeline = analyse_recording(chunks, predictor, settings.timeline, on_batch=advance)
+            bar.update(100 - bar.n)
+    except AudioError as err:
+        print(f"{args.file}: error: {err}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"file": str(args.file), "error": err.code, "detail": str(err)}))
+        return 1
+    if args.json:
+        print(json.dumps({"file": str(args.file), "duration_s": timeline.duration_s,
+                          "windows": [asdict(w) for w in timeline.windows],
+                          "segments": [asdict(s) for s in timeline.segments]}))
+    elif args.csv:  # one row per window
+        out = csv.writer(sys.stdout)
+        out.writerow(["start", "end", "raw", "smoothed", *timeline.labels])
+        for w in timeline.windows:
+            probs = [f"{w.probabilities[k]:.4f}" if w.probabilities else "" for k in timeline.labels]
+            out.writerow([w.start, w.end, w.raw, w.smoothed, *probs])
+    else:
+        print(f"{args.file}: {timeline.duration_s:.1f} s, {len(timeline.windows)} windows")
+        for s in timeline.segments:
+            confidence = f"  ({s.confidence:.2f})" if s.confidence is not None else ""
+            print(f"{_clock(s.start)} - {_clock(s.end)}  {s.emotion}{confidence}")
+    return 0
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "serve":
         from service.bench.serve import run_serve_bench
@@ -149,8 +193,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 should_pass=args.should_pass, must_fail=args.must_fail,
                                 corrections=args.corrections, threads=args.threads,
                                 kinds=args.kinds.split(",") if args.kinds else None)
+    if args.what == "stream":
+        from service.bench.stream import run_stream_bench
+
+        report = run_stream_bench(args.data or REPO_ROOT.parent / "shared" / "data",
+                                  speakers=args.speakers, recordings=args.recordings,
+                                  runs=args.runs_per_recording, cost_runs=args.cost_runs,
+                                  streams=[int(n) for n in args.streams.split(",") if n.strip()],
+                                  stream_seconds=args.stream_seconds, workers=args.workers)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, default=str))
     else:
         for line in report["lines"]:
             print(line)
@@ -407,8 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("analyze", help="a long recording's emotion over time: segments, or "
+                       "every window with --json / --csv")
+    p.add_argument("file", type=Path)
+    p.add_argument("--model", type=Path, help="a model file (default: the bundled model)")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="windows and segments as JSON")
+    output.add_argument("--csv", action="store_true", help="one row per window")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_analyze)
+
     p = sub.add_parser("bench", help="benchmarks that print medians")
-    p.add_argument("what", choices=["latency", "serve", "personalization", "continual", "gate"])
+    p.add_argument("what", choices=["latency", "serve", "personalization", "continual", "gate",
+                                    "stream"])
     p.add_argument("--model", type=Path)
     p.add_argument("--runs", type=int, default=200, help="timed runs after warm-up")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
@@ -434,6 +497,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrections", type=int, default=100, help="gate: corrections a round")
     p.add_argument("--kinds", help="gate: comma-separated kinds of round (default: all of "
                    "confirm, newcomers, one-label, shuffled, naive-high-lr)")
+    p.add_argument("--speakers", choices=["test", "validation"], default="test",
+                   help="stream: whose clips make the recordings (validation: the speakers "
+                   "the smoothing was tuned on)")
+    p.add_argument("--recordings", type=int, default=2, help="stream: recordings per speaker")
+    p.add_argument("--runs-per-recording", type=int, default=8,
+                   help="stream: runs of one emotion in a recording")
+    p.add_argument("--cost-runs", type=int, default=3,
+                   help="stream: fresh processes timed on the 10- and 1-minute files (0: skip)")
+    p.add_argument("--streams", default="", help="stream: concurrent real-time streams to try "
+                   "against emoloop serve, comma-separated and rising (e.g. 4,8,16; empty: skip)")
+    p.add_argument("--stream-seconds", type=float, default=20.0,
+                   help="stream: how long each stream sends audio")
+    p.add_argument("--workers", type=int, default=2, help="stream: emoloop serve --workers")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -203,22 +203,26 @@ class InferenceEngine:
         """Decode, compute features and predict, on the model serving when called: the user's
         active personal version if they have one, else the global one. Raises AudioError for a
         clip we refuse. CPU-bound: call it from a worker thread."""
-        model = self._serving
-        if model is None:
-            raise ModelLoadError("no model is loaded yet")
         start = time.perf_counter()
         # The model first: the features are that model's own (a personal version may sit on a
         # global version of another kind than the one serving).
-        personal = self.personal.model_for(user_id, model.version, model.predictor) \
-            if user_id is not None else None
-        if personal is not None:
-            model = ServingModel(*personal, personal=True)
+        model = self.model_for(user_id)
         with self.cpu_slots:
             wave = decode_audio(audio, max_seconds=self.max_audio_seconds)
             features = model.predictor.model.features(wave)
         prediction = model.predictor.predict_logits(
             self.batcher.logits(model.predictor, features))
         return Inference(model, wave, prediction, (time.perf_counter() - start) * 1000)
+
+    def model_for(self, user_id: str | None) -> ServingModel:
+        """The model that answers this user now: their active personal version, else the global
+        one. Raises ModelLoadError before the first model is loaded."""
+        model = self._serving
+        if model is None:
+            raise ModelLoadError("no model is loaded yet")
+        personal = self.personal.model_for(user_id, model.version, model.predictor) \
+            if user_id is not None else None
+        return ServingModel(*personal, personal=True) if personal is not None else model
 
     def _swap(self, model: ServingModel) -> None:
         previous = self._serving.version if self._serving else None

@@ -139,3 +139,73 @@ class UserForgottenOut(BaseModel):
     deleted: dict[str, int] = Field(description="Rows removed per table; clips_kept_shared "
                                                 "counts clips another user also sent")
 
+
+
+class RecordingWindowOut(BaseModel):
+    start: float = Field(description="Seconds from the recording's start")
+    end: float
+    probabilities: dict[str, float] | None = Field(
+        description="The model's answer for this window; null when the window has no speech")
+    raw: str = Field(description="The most probable label, or `silence`")
+    smoothed: str = Field(description="The HMM's answer from this window and the ones before "
+                                      "it only (what a live view would have shown)")
+
+
+class RecordingSegmentOut(BaseModel):
+    start: float
+    end: float
+    emotion: str = Field(description="A label, or `silence`")
+    confidence: float | None = Field(description="Mean probability of `emotion` over the "
+                                                 "segment's windows; null for silence")
+    prediction_id: uuid.UUID | None = Field(
+        default=None, description="Once the segment was corrected: the prediction its clip "
+                                  "was stored with")
+
+
+class RecordingError(BaseModel):
+    error: str
+    detail: str
+
+
+class RecordingOut(BaseModel):
+    recording_id: uuid.UUID
+    status: str = Field(description="running, done or failed")
+    progress: float = Field(description="Share of the file analysed, 0 to 1")
+    user_id: str | None
+    model_version: int | None
+    personal: bool
+    duration_s: float | None
+    window_s: float
+    hop_s: float
+    windows: list[RecordingWindowOut] | None = Field(description="Once done")
+    segments: list[RecordingSegmentOut] | None = Field(
+        description="Once done: the most likely sequence over the whole recording (Viterbi)")
+    error: RecordingError | None = Field(description="Why a failed job failed")
+    processing_ms: float | None
+    created_at: datetime
+
+
+class StreamIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sample_rate: int = Field(ge=8000, le=48000, description="Of the 16-bit mono PCM the socket "
+                                                            "will send")
+    user_id: str | None = UserId
+
+
+class StreamOut(BaseModel):
+    token: str = Field(description="Send `{\"token\": ...}` as the socket's first message; "
+                                   "good once, until `expires_at`")
+    expires_at: datetime
+    socket_path: str = Field(description="The WebSocket to open: /v1/stream")
+    sample_rate: int
+    max_chunk_bytes: int
+    window_s: float
+    hop_s: float
+
+
+class SegmentFeedbackOut(BaseModel):
+    prediction_id: uuid.UUID = Field(description="The prediction the segment's clip was "
+                                                 "stored with (the same for every correction "
+                                                 "of this segment)")
+    feedback_id: int

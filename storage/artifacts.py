@@ -6,6 +6,7 @@ Paths handed out and recorded in SQL are relative to the root (`clips/ab/ab12...
 """
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from storage.files import sha256_bytes, write_atomic
@@ -35,6 +36,33 @@ class ArtifactStore:
         except FileNotFoundError:
             write_atomic(path, data)
         return digest, relative
+
+    def incoming_file(self, suffix: str = ".upload") -> Path:
+        """A new empty file for an upload being received (long recordings are not held in
+        memory). It lies on the store's file system, so `move_clip_in` is one rename; the caller
+        deletes it if it is not moved in, and a crash's leftover goes with the sweep."""
+        folder = self.root / "incoming"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    def move_clip_in(self, source: Path, sha256: str, extension: str = ".bin") -> str:
+        """`put_clip` for a file already written (an `incoming_file`, whose sha256 the caller
+        computed while writing it): fsynced and renamed into place, or dropped when the same
+        bytes are stored already. Returns the relative path."""
+        extension = extension.lower() if _EXTENSION.match(extension.lower()) else ".bin"
+        relative = f"clips/{sha256[:2]}/{sha256}{extension}"
+        path = self.path(relative)
+        try:
+            os.utime(path)  # stored before: keep that file, fresh for the sweep
+            Path(source).unlink(missing_ok=True)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(source, path)
+        return relative
 
     def put_model(self, version: int, data: bytes) -> tuple[str, str]:
         """Write a model file atomically; returns (sha256, relative path)."""

@@ -6,9 +6,10 @@ What goes:
 - feedback given for the user (`feedback.user_id`), wherever it points;
 - replay exemplars taken from that feedback or from the user's clips;
 - the user's personal versions (rows and model files) and personal rounds;
-- each clip those predictions used, unless a prediction that stays still uses it: clips are
-  stored once per content (sha256), so when someone else sent the very same bytes, the clip is
-  theirs too and stays, with their prediction.
+- the user's long recordings (`recordings.user_id`), with their windows and segments;
+- each clip those predictions and recordings used, unless a prediction or recording that stays
+  still uses it: clips are stored once per content (sha256), so when someone else sent the very
+  same bytes, the clip is theirs too and stays, with their prediction.
 
 What stays: global model versions that learnt from the user's corrections before (a trained
 network cannot unlearn single examples; no later round sees the data again), and an audit entry
@@ -24,7 +25,8 @@ from sqlalchemy.orm import Session
 
 from storage.artifacts import ArtifactStore
 from storage.files import sha256_bytes
-from storage.models import Clip, Feedback, ModelVersion, Prediction, ReplayExemplar, TrainingRun
+from storage.models import (Clip, Feedback, ModelVersion, Prediction, Recording, ReplayExemplar,
+                            TrainingRun)
 from storage.repositories import AuditLog
 
 
@@ -41,12 +43,15 @@ def forget_user(session: Session, user_id: str, *, actor_key_id: int | None = No
                                                   Feedback.prediction_id.in_(user_predictions)))
     clip_ids = set(session.scalars(select(Prediction.clip_id)
                                    .where(Prediction.user_id == user_id)))
+    clip_ids |= set(session.scalars(select(Recording.clip_id).where(
+        Recording.user_id == user_id, Recording.clip_id.is_not(None))))
     counts = {
         "replay_exemplars": _delete(session, delete(ReplayExemplar).where(or_(
             ReplayExemplar.feedback_id.in_(user_feedback),
             ReplayExemplar.clip_id.in_(clip_ids)))),
         "feedback": _delete(session, delete(Feedback).where(Feedback.id.in_(user_feedback))),
         "predictions": _delete(session, delete(Prediction).where(Prediction.user_id == user_id)),
+        "recordings": _delete(session, delete(Recording).where(Recording.user_id == user_id)),
     }
     # Read only now: on PostgreSQL, deleting the feedback waited for a personal round that was
     # committing a version for this user, so that version is seen here and goes too.
@@ -59,9 +64,12 @@ def forget_user(session: Session, user_id: str, *, actor_key_id: int | None = No
     counts["model_versions"] = _delete(session, delete(ModelVersion).where(
         ModelVersion.version.in_(version_numbers)))
 
-    # Exemplars on these clips went above, so only another user's prediction can still use one.
+    # Exemplars on these clips went above, so only another user's prediction or recording can
+    # still use one.
     still_used = set(session.scalars(select(Prediction.clip_id)
                                      .where(Prediction.clip_id.in_(clip_ids))))
+    still_used |= set(session.scalars(select(Recording.clip_id)
+                                      .where(Recording.clip_id.in_(clip_ids))))
     gone = sorted(clip_ids - still_used)
     clips = list(session.scalars(select(Clip).where(Clip.id.in_(gone))))
     counts["clips"] = _delete(session, delete(Clip).where(Clip.id.in_(gone)))

@@ -271,3 +271,51 @@ class LearnerLock(Base):
     holder: Mapped[str | None] = mapped_column(String(100))
     acquired_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
+
+
+RECORDING_STATUSES = ("running", "done", "failed")
+
+
+class Recording(Base):
+    """A long recording's emotion over time (POST /v1/recordings): its windows and segments.
+
+    A recording answered at once is inserted `done`; one that became a job is inserted
+    `running` and updated with its progress (`updated_at` is its heartbeat) until `done` or
+    `failed`. A failed job keeps only its error: no clip, no windows."""
+
+    __tablename__ = "recordings"
+    __table_args__ = (CheckConstraint("status IN ('running', 'done', 'failed')", name="status"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)  # the app
+    user_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    clip_id: Mapped[int | None] = mapped_column(ForeignKey("clips.id"), index=True)
+    model_version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.version"))
+    personal: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    status: Mapped[str] = mapped_column(String(10))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    window_s: Mapped[float] = mapped_column(Float)
+    hop_s: Mapped[float] = mapped_column(Float)
+    windows: Mapped[list[Any] | None] = mapped_column(JSON)
+    segments: Mapped[list[Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None]  # {error, detail} of a failed job
+    processing_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StreamToken(Base):
+    """A live stream's ticket (POST /v1/streams): the socket presents it once, before it expires.
+    Only its sha256 is stored, like an API key's."""
+
+    __tablename__ = "stream_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    sample_rate: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]

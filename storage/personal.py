@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Feedback, Prediction, TrainingRun
+from storage.models import Feedback, Prediction, Recording, TrainingRun
 from storage.runs import FeedbackItem, RoundFeedbackRepository
 
 # A personal round in these states has looked at the user's data; "failed" ones (a crash, an
@@ -76,10 +76,12 @@ class PersonalRepository:
         return sorted(due, key=lambda s: s.last_feedback_id)
 
     def app_knows_user(self, api_key_id: int, user_id: str) -> bool:
-        """Whether this app has made a prediction for this user: what lets an app see or
-        delete a user."""
+        """Whether this app has made a prediction, or sent a recording, for this user: what
+        lets an app see or delete a user."""
         return bool(self.session.scalar(select(exists().where(
-            Prediction.api_key_id == api_key_id, Prediction.user_id == user_id))))
+            Prediction.api_key_id == api_key_id, Prediction.user_id == user_id)))) or \
+            bool(self.session.scalar(select(exists().where(
+                Recording.api_key_id == api_key_id, Recording.user_id == user_id))))
 
 
 def is_up_to_date(run: TrainingRun, summary: UserFeedbackSummary, global_version: int) -> bool:

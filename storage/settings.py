@@ -54,10 +54,34 @@ class ApiSettings(Section):
     workers: int = 1
     max_upload_bytes: int = 10 * 1024 * 1024
     max_audio_seconds: float = 30.0
+    # Long recordings (POST /v1/recordings): their own limits, and how long the request waits
+    # for the answer before it becomes a job (202, then GET /v1/recordings/{id}).
+    max_recording_seconds: float = 1800.0
+    max_recording_bytes: int = 200 * 1024 * 1024
+    recording_wait_s: float = Field(3.0, ge=0.0)
+    # Live streams (POST /v1/streams, then WebSocket /v1/stream).
+    stream_token_ttl_s: float = Field(30.0, gt=0.0)  # a token unused this long is refused
+    stream_max_chunk_bytes: int = Field(64 * 1024, gt=0)  # one audio message at most
+    stream_idle_timeout_s: float = Field(10.0, gt=0.0)  # no message this long closes the stream
+    stream_max_ahead_s: float = Field(2.0, ge=0.0)  # audio beyond real time a client may send
+    stream_keep_seconds: float = Field(300.0, gt=0.0)  # recent audio kept for corrections
     # Workers in other processes notice a newly activated model by polling the DB this often.
     model_poll_interval_s: float = 1.0
     # A POST repeated with the same Idempotency-Key this long after the first gets its answer.
     idempotency_window_s: float = Field(24 * 3600.0, gt=0.0)
+
+
+class TimelineSettings(Section):
+    """Long recordings (and streams) as overlapping windows, smoothed by an HMM
+    (learner/timeline.py, learner/smoothing.py)."""
+    window_s: float = Field(3.0, gt=0.25)
+    hop_s: float = Field(1.0, gt=0.0)
+    # The HMM's chance of keeping its state from one window to the next: expected dwell time
+    # hop_s / (1 - self_transition); learner/smoothing.py says why this value.
+    self_transition: float = Field(0.8, gt=0.0, lt=1.0)
+    speech_db: float = -50.0  # a 25 ms frame louder than this (dBFS RMS) counts as speech
+    min_speech_s: float = Field(0.25, ge=0.0)  # a window with less speech is a silence window
+    batch_size: int = Field(32, ge=1)  # windows the model sees at once
 
 
 class LearnerSettings(Section):
@@ -125,6 +149,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    timeline: TimelineSettings = Field(default_factory=TimelineSettings)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     personal: PersonalSettings = Field(default_factory=PersonalSettings)
 

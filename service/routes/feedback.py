@@ -10,22 +10,20 @@ from sqlalchemy.orm import Session
 from learner.labels import canonical_label, feedback_labels
 from service.auth import CurrentKey
 from service.deps import EngineDep, SettingsDep, WriterDep
+from service.engine import InferenceEngine
 from service.errors import ERROR_RESPONSES, ApiError, not_found
 from service.metrics import FEEDBACK
 from service.schemas import FeedbackIn, FeedbackOut
 from storage.repositories import FeedbackRepository, RecordedFeedback
+from storage.settings import Settings
 
 router = APIRouter(prefix="/v1/predictions", tags=["feedback"], responses=ERROR_RESPONSES)
 
 
-@router.post("/{prediction_id}/feedback", status_code=201, response_model=FeedbackOut,
-             responses={200: {"model": FeedbackOut,
-                              "description": "The counting correction already says this"}})
-async def create_feedback(prediction_id: uuid.UUID, body: FeedbackIn, caller: CurrentKey,
-                          writer: WriterDep, settings: SettingsDep, engine: EngineDep,
-                          response: Response) -> FeedbackOut:
+def checked_label(text: str, settings: Settings, engine: InferenceEngine) -> str:
+    """The canonical label feedback names, if feedback may name it here; else a 422."""
     try:
-        label = canonical_label(body.label)
+        label = canonical_label(text)
     except ValueError as err:
         raise ApiError(422, "unknown_label", str(err)) from None
     serving = engine.serving
@@ -34,6 +32,16 @@ async def create_feedback(prediction_id: uuid.UUID, body: FeedbackIn, caller: Cu
     if label not in allowed:
         raise ApiError(422, "unknown_label", f"feedback may not name {label!r} here; allowed: "
                                              f"{', '.join(allowed)}")
+    return label
+
+
+@router.post("/{prediction_id}/feedback", status_code=201, response_model=FeedbackOut,
+             responses={200: {"model": FeedbackOut,
+                              "description": "The counting correction already says this"}})
+async def create_feedback(prediction_id: uuid.UUID, body: FeedbackIn, caller: CurrentKey,
+                          writer: WriterDep, settings: SettingsDep, engine: EngineDep,
+                          response: Response) -> FeedbackOut:
+    label = checked_label(body.label, settings, engine)
 
     def insert(session: Session) -> RecordedFeedback | None:
         # Only the app that made the prediction may correct it; to others it does not exist.

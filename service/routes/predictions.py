@@ -98,7 +98,7 @@ def _predict_and_keep_clip(engine: InferenceEngine, artifacts: ArtifactStore, au
     # Decode and validate before anything is stored: a refused clip leaves no file and no row.
     inference = engine.predict(audio, user_id)
     # The file goes first (atomic, content-addressed); a row never points at a missing file.
-    return inference, StoredClip(*artifacts.put_clip(audio, _extension(audio)))
+    return inference, StoredClip(*artifacts.put_clip(audio, clip_extension(audio)))
 
 
 def _delete_if_unreferenced(read_sessions: sessionmaker[Session], artifacts: ArtifactStore,
@@ -127,7 +127,7 @@ _MAGIC = ((b"RIFF", ".wav"), (b"fLaC", ".flac"), (b"OggS", ".ogg"), (b"ID3", ".m
           (b"\xff\xfb", ".mp3"), (b"\xff\xf3", ".mp3"), (b"\x1a\x45\xdf\xa3", ".webm"))
 
 
-def _extension(audio: bytes) -> str:
+def clip_extension(audio: bytes) -> str:
     if audio[4:8] == b"ftyp":
         return ".m4a"
     return next((ext for magic, ext in _MAGIC if audio.startswith(magic)), ".bin")

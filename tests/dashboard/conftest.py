@@ -100,7 +100,9 @@ def server_process(chromium, tmp_path_factory) -> Iterator[tuple[Server, subproc
         session.commit()
     port = free_port()
     env = {**os.environ, "EMOLOOP_DATABASE_URL": url, "EMOLOOP_DATA_DIR": str(data_dir),
-           "EMOLOOP_API__MODEL_POLL_INTERVAL_S": "0.2", "EMOLOOP_LEARNER__ENABLED": "false"}
+           "EMOLOOP_API__MODEL_POLL_INTERVAL_S": "0.2", "EMOLOOP_LEARNER__ENABLED": "false",
+           # Every recording becomes a job, so the page's polling and progress are exercised.
+           "EMOLOOP_API__RECORDING_WAIT_S": "0"}
     # The log goes to a file, not a pipe nobody reads (a full pipe would stall the server).
     log_path = data_dir / "serve.log"
     with log_path.open("w") as log:

@@ -134,3 +134,29 @@ def test_encoder_import_writes_the_kept_blocks_and_prints_path_sha256_and_size(
     assert str(out) in printed and sha256_bytes(out.read_bytes()) in printed
     assert f"{out.stat().st_size:,} bytes" in printed
     assert weights.load_encoder(out, sha256_bytes(out.read_bytes())).config.n_blocks == 2
+
+
+def test_analyze_prints_segments_json_and_csv_with_a_progress_bar(tmp_path, capsys):
+    wave = np.concatenate([voiced_clip(8.0, 16_000, seed=1), np.zeros(5 * 16_000, np.float32),
+                           voiced_clip(6.0, 16_000, seed=2)])
+    talk = str(tmp_path / "talk.flac")
+    sf.write(talk, wave, 16_000)
+
+    def analyze(*args: str) -> tuple[int, str, str]:
+        code = cli.main(["analyze", *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = analyze(talk, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["duration_s"] == 19.0 and len(report["windows"]) == 17
+    assert report["segments"][0]["start"] == 0 and report["segments"][-1]["end"] == 19.0
+    assert "silence" in [s["emotion"] for s in report["segments"]]
+    assert "100%" in err  # the progress bar, on stderr
+    rows = analyze(talk, "--csv", "--quiet")[1].splitlines()
+    assert rows[0].startswith("start,end,raw,smoothed,neutral") and len(rows) == 18
+    assert "silence" in analyze(talk)[1]
+    (tmp_path / "notes.txt").write_text("not audio")
+    code, out, _ = analyze(str(tmp_path / "notes.txt"), "--json")
+    assert code == 1 and json.loads(out)["error"] == "unreadable_audio"

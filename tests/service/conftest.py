@@ -128,11 +128,11 @@ def files_under(root: Path) -> list[Path]:
 def row_counts(db) -> dict[str, int]:
     from sqlalchemy import func, select
 
-    from storage.models import AuditEntry, Clip, Feedback, Prediction
+    from storage.models import AuditEntry, Clip, Feedback, Prediction, Recording
 
     with db() as session:
         return {model.__tablename__: session.scalar(select(func.count()).select_from(model))
-                for model in (Clip, Prediction, Feedback, AuditEntry)}
+                for model in (Clip, Prediction, Feedback, AuditEntry, Recording)}
 
 
 def predict(client: TestClient, key: str, audio: bytes, **data) -> dict:

@@ -9,7 +9,8 @@ from storage.migrate import current_revision, downgrade_to_base, head_revision, 
 from storage.models import Base
 
 TABLES = {"clips", "predictions", "feedback", "model_versions", "model_version_counter",
-          "training_runs", "replay_exemplars", "api_keys", "audit_log", "learner_lock"}
+          "training_runs", "replay_exemplars", "api_keys", "audit_log", "learner_lock",
+          "recordings", "stream_tokens"}
 
 
 def test_upgrade_from_empty_makes_the_schema_the_models_describe(empty_database_url):

@@ -49,6 +49,24 @@ export function predict(blob, fileName, userId) {
   return api("/v1/predictions", {method: "POST", form});
 }
 
+/** Send a long recording: POST /v1/recordings answers 201 (done) or 202 (a job to poll). */
+export function sendRecording(file, userId) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  if (userId) form.append("user_id", userId);
+  return api("/v1/recordings", {method: "POST", form});
+}
+
+export function getRecording(recordingId) {
+  return api(`/v1/recordings/${encodeURIComponent(recordingId)}`);
+}
+
+export function sendSegmentFeedback(recordingId, index, label, userId) {
+  const json = userId ? {label, user_id: userId} : {label};
+  const path = `/v1/recordings/${encodeURIComponent(recordingId)}/segments/${index}/feedback`;
+  return api(path, {method: "POST", json});
+}
+
 export function sendFeedback(predictionId, label, userId) {
   const json = userId ? {label, user_id: userId} : {label};
   const path = `/v1/predictions/${encodeURIComponent(predictionId)}/feedback`;

@@ -1,15 +1,15 @@
-// The live view: record, send a window every second, and show the current emotion, a timeline
-// of the session and the share of time per emotion.
-import {predict} from "./api.js";
+// The live view: stream the microphone to the service and show, every second, the window's
+// own answer and the smoothed one, as two timelines, with the share of time per emotion. The
+// service stores nothing of a stream unless a window is corrected.
 import {$, capitalize, h, percent, replaceChildren} from "./dom.js";
 import {NO_SPEECH, colourOf, swatch} from "./emotions.js";
+import {counted} from "./corrections.js";
 import {userId} from "./keys.js";
-import {HOP_SECONDS, Microphone, Windower, level} from "./microphone.js";
+import {Microphone, level} from "./microphone.js";
 import {ResultView} from "./result.js";
-import {encodeWav} from "./wav.js";
+import {EmotionStream} from "./stream.js";
 
-const MAX_IN_FLIGHT = 2; // a slow service gets fewer windows rather than a growing queue
-const QUIET = new Set(["silent_audio", "audio_too_short", "empty_audio"]);
+const SILENCE = "silence";
 
 export function initLive() {
   const view = new LiveView();
@@ -18,18 +18,22 @@ export function initLive() {
   return view;
 }
 
+function shown(label) {
+  return label === SILENCE ? NO_SPEECH : label;
+}
+
 class LiveView {
   constructor() {
     this.button = $("#live-toggle");
     this.state = $("#live-state");
     this.levelBar = $("#live-level");
-    this.result = new ResultView($("#live-result"));
+    this.result = new ResultView($("#live-result"), {
+      correct: (prediction, label) => this.correct(prediction, label),
+    });
     this.microphone = null;
+    this.stream = null;
     this.entries = []; // one per window that came back, in window order
     this.pinned = null; // a window the user picked on the timeline, shown instead of the latest
-    this.inFlight = 0;
-    this.skipped = 0;
-    this.windowIndex = 0;
   }
 
   toggle() {
@@ -39,30 +43,37 @@ class LiveView {
   async start() {
     this.setRecording(true, "Starting the microphone…");
     const microphone = new Microphone();
+    const stream = new EmotionStream({
+      onWindow: (window) => this.add(window),
+      onClose: (reason) => this.stop(`Stream closed: ${reason}`),
+    });
     this.microphone = microphone;
-    let windower;
+    this.stream = stream;
+    let sending = false;
     try {
       const rate = await microphone.start((block) => {
-        if (!windower || this.microphone !== microphone) return;
+        if (this.microphone !== microphone) return;
         this.levelBar.style.width = `${(level(block) * 100).toFixed(0)}%`;
-        const window = windower.push(block);
-        if (window) this.send(window);
+        if (sending) stream.send(block);
       });
-      windower = new Windower(rate);
+      this.ready = await stream.open(rate, userId());
       this.sessionOffset = this.entries.length ? this.entries.at(-1).end : 0;
       this.startedAt = performance.now();
+      sending = true;
       this.say("Recording: speak now");
     } catch (err) {
+      stream.close();
       await microphone.stop();
-      this.microphone = null;
+      this.microphone = this.stream = null;
       this.setRecording(false, `Could not record: ${err.message}`);
     }
   }
 
-  async stop() {
+  async stop(message = "Stopped") {
     const microphone = this.microphone;
     this.microphone = null;
-    this.setRecording(false, "Stopped");
+    this.stream?.close();
+    this.setRecording(false, message);
     this.levelBar.style.width = "0";
     await microphone?.stop();
   }
@@ -74,33 +85,31 @@ class LiveView {
     $("#live-clock").textContent = "";
   }
 
-  async send({samples, rate, start, end}) {
-    if (this.inFlight >= MAX_IN_FLIGHT) {
-      this.skipped += 1;
-      return;
-    }
-    const index = this.windowIndex++;
+  /** A window from the stream; `delay_ms` is how long after its last sample the answer came. */
+  add(window) {
     const offset = this.sessionOffset;
-    // For the statistics each window stands for the newest second of audio it added.
-    const entry = {index, start: offset + start, end: offset + end,
-                   seconds: Math.min(HOP_SECONDS, end)};
-    this.inFlight += 1;
-    try {
-      entry.prediction = await predict(encodeWav(samples, rate), `live-${index}.wav`, userId());
-      entry.label = entry.prediction.emotion;
-      this.tick("Recording");
-    } catch (err) {
-      if (!QUIET.has(err.error)) {
-        this.say(`Window not classified: ${err.message}`);
-        if (err.status === 401 || err.status === 403) await this.stop();
-        return;
-      }
-      entry.label = NO_SPEECH; // silence is part of the session, not an error
-      this.tick("Recording (too quiet: speak up)");
-    } finally {
-      this.inFlight -= 1;
+    const entry = {...window, stream: this.stream, start: offset + window.start,
+                   end: offset + window.end, seconds: this.ready.hop_s,
+                   delay_ms: performance.now() - this.startedAt - window.end * 1000};
+    if (window.probabilities) {
+      entry.prediction = {
+        prediction_id: `window-${offset}-${window.index}`, emotion: window.raw,
+        confidence: window.probabilities[window.raw], probabilities: window.probabilities,
+        model_version: this.ready.model_version, latency_ms: Math.max(0, entry.delay_ms)};
     }
-    this.add(entry);
+    this.entries.push(entry);
+    if (!this.pinned && entry.prediction) this.result.show(entry.prediction, caption(entry));
+    this.tick(entry.prediction ? "Recording" : "Recording (too quiet: speak up)");
+    this.renderTimeline();
+    this.renderStats();
+  }
+
+  async correct(prediction, label) {
+    const entry = this.entries.find((e) => e.prediction === prediction);
+    if (entry.stream !== this.stream || !this.microphone) {
+      throw new Error("that window's stream has ended; its audio is gone");
+    }
+    return counted(await entry.stream.correct(entry.index, label));
   }
 
   /** The state line is a live region: change it only when the state changes, so a screen
@@ -113,18 +122,7 @@ class LiveView {
     if (!this.microphone) return;
     this.say(text);
     const seconds = Math.floor((performance.now() - this.startedAt) / 1000);
-    const clock = `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}`;
-    $("#live-clock").textContent = clock;
-  }
-
-  add(entry) {
-    this.entries.push(entry);
-    this.entries.sort((a, b) => a.index - b.index);
-    if (!this.pinned && entry.prediction && entry === this.latestWithPrediction()) {
-      this.result.show(entry.prediction, windowCaption(entry));
-    }
-    this.renderTimeline();
-    this.renderStats();
+    $("#live-clock").textContent = `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}`;
   }
 
   latestWithPrediction() {
@@ -133,14 +131,13 @@ class LiveView {
 
   pin(entry) {
     this.pinned = entry === this.latestWithPrediction() ? null : entry;
-    this.result.show(entry.prediction, windowCaption(entry) + (this.pinned ? " (picked)" : ""));
+    this.result.show(entry.prediction, caption(entry) + (this.pinned ? " (picked)" : ""));
     this.renderTimeline();
   }
 
   clearSession() {
     this.entries = [];
     this.pinned = null;
-    this.skipped = 0;
     this.result.clear("Results appear here while you speak.");
     this.renderTimeline();
     this.renderStats();
@@ -155,25 +152,37 @@ class LiveView {
     // Redrawn every second while recording: keep keyboard focus on the timeline if it was there.
     const hadFocus = host.querySelector(".timeline")?.contains(document.activeElement);
     const selected = this.pinned ?? this.latestWithPrediction();
-    const segments = this.entries.map((entry) => {
-      const text = `${seconds(entry.start)}–${seconds(entry.end)}: ${entry.label}` +
+    const raw = this.entries.map((entry) => {
+      const text = `${seconds(entry.start)}–${seconds(entry.end)}: ${shown(entry.raw)}` +
         (entry.prediction ? ` ${percent(entry.prediction.confidence)}` : "");
-      const attrs = {class: "segment", title: text, style: {background: colourOf(entry.label)}};
+      const attrs = {class: "segment", title: text,
+                     style: {background: colourOf(shown(entry.raw))}};
       if (!entry.prediction) return h("li", {}, h("span", {...attrs, "aria-label": text}));
       // One tab stop for the whole timeline; the arrow keys move between windows.
       return h("li", {}, h("button", {
         ...attrs, type: "button", "aria-label": text, "aria-pressed": String(entry === selected),
-        tabindex: entry === selected ? "0" : "-1", dataset: {index: entry.index},
+        tabindex: entry === selected ? "0" : "-1", dataset: {index: this.entries.indexOf(entry)},
         onclick: () => this.pin(entry), onkeydown: (event) => this.moveSelection(event, entry),
       }));
+    });
+    const smoothed = this.entries.map((entry) => {
+      const text = `${seconds(entry.start)}–${seconds(entry.end)}: ${shown(entry.smoothed)}`;
+      return h("li", {}, h("span", {class: "segment smoothed", title: text, "aria-label": text,
+                                    dataset: {label: entry.smoothed},
+                                    style: {background: colourOf(shown(entry.smoothed))}}));
     });
     const last = this.entries.at(-1);
     replaceChildren(host,
       this.pinned ? h("p", {class: "pin-note"},
-        `Showing the window at ${windowCaption(this.pinned)}. `,
+        `Showing the window at ${caption(this.pinned)}. `,
         h("button", {type: "button", class: "btn btn-small", onclick: () => this.followLive()},
           "Back to live")) : null,
-      h("ol", {class: "timeline", "aria-labelledby": "timeline-title"}, segments),
+      h("p", {class: "timeline-label", id: "timeline-raw-title"}, "Each window"),
+      h("ol", {class: "timeline raw", "aria-labelledby": "timeline-raw-title"}, raw),
+      h("p", {class: "timeline-label", id: "timeline-smoothed-title"},
+        "Smoothed (from the windows so far)"),
+      h("ol", {class: "timeline smoothed", "aria-labelledby": "timeline-smoothed-title"},
+        smoothed),
       h("div", {class: "timeline-axis", "aria-hidden": "true"},
         h("span", {}, seconds(this.entries[0].start)), h("span", {}, seconds(last.end))));
     if (hadFocus) host.querySelector(".timeline [tabindex='0']")?.focus();
@@ -187,31 +196,31 @@ class LiveView {
     if (to === undefined || !clickable[to]) return;
     event.preventDefault();
     this.pin(clickable[to]);
-    $(`#live-timeline button[data-index="${clickable[to].index}"]`)?.focus();
+    $(`#live-timeline button[data-index="${this.entries.indexOf(clickable[to])}"]`)?.focus();
   }
 
   followLive() {
     this.pinned = null;
     const latest = this.latestWithPrediction();
-    if (latest) this.result.show(latest.prediction, windowCaption(latest));
+    if (latest) this.result.show(latest.prediction, caption(latest));
     this.renderTimeline();
     $("#live-toggle").focus();
   }
 
   renderStats() {
     const host = $("#live-stats");
-    const spoken = this.entries.filter((e) => e.prediction);
+    const spoken = this.entries.filter((e) => e.smoothed !== SILENCE);
     if (!spoken.length) {
       replaceChildren(host, h("p", {class: "empty"}, "Statistics appear after the first result."));
       return;
     }
-    // Each window stands for the newest second it added: the share of time, not of windows.
+    // The smoothed answer of each window, standing for the hop it added: a share of time.
     const time = new Map();
-    for (const entry of spoken) time.set(entry.label, (time.get(entry.label) ?? 0) + entry.seconds);
+    for (const e of spoken) time.set(e.smoothed, (time.get(e.smoothed) ?? 0) + e.seconds);
     const total = [...time.values()].reduce((a, b) => a + b, 0);
     const rows = [...time.entries()].sort((a, b) => b[1] - a[1]);
-    const quiet = this.entries.filter((e) => !e.prediction).reduce((a, e) => a + e.seconds, 0);
-    const latency = spoken.map((e) => e.prediction.latency_ms).sort((a, b) => a - b);
+    const quiet = (this.entries.length - spoken.length) * (this.ready?.hop_s ?? 1);
+    const delays = this.entries.map((e) => e.delay_ms).sort((a, b) => a - b);
     replaceChildren(host,
       h("div", {class: "stack", "aria-hidden": "true"}, rows.map(([label, t]) =>
         h("span", {style: {width: `${(100 * t) / total}%`, background: colourOf(label)},
@@ -224,8 +233,8 @@ class LiveView {
       h("p", {class: "stat-summary"},
         `${seconds(total)} of speech in ${spoken.length} window${spoken.length === 1 ? "" : "s"}`,
         quiet ? `, ${seconds(quiet)} too quiet` : "",
-        `; median server time ${Math.round(latency[latency.length >> 1])} ms`,
-        this.skipped ? `; ${this.skipped} windows skipped while the service was busy` : "", "."));
+        `; median answer ${Math.max(0, Math.round(delays[delays.length >> 1]))} ms after the hop`,
+        "."));
   }
 }
 
@@ -233,6 +242,6 @@ function seconds(value) {
   return `${value.toFixed(value < 10 && value % 1 ? 1 : 0)} s`;
 }
 
-function windowCaption(entry) {
+function caption(entry) {
   return `${seconds(entry.start)}–${seconds(entry.end)}`;
 }

@@ -5,11 +5,12 @@ import {initCorrectionsCounter} from "./corrections.js";
 import {initKeysDialog, keys} from "./keys.js";
 import {initLive} from "./live.js";
 import {initModels} from "./models.js";
+import {initRecordings} from "./recordings.js";
 import {followServing} from "./serving.js";
 import {initUpload} from "./upload.js";
 import {initUsers} from "./users.js";
 
-const VIEWS = ["live", "upload", "models", "users"];
+const VIEWS = ["live", "upload", "recordings", "models", "users"];
 
 function currentView() {
   const name = location.hash.slice(1);
@@ -20,6 +21,7 @@ function start() {
   const loaders = {models: initModels(), users: initUsers()};
   initLive();
   initUpload();
+  initRecordings();
   initCorrectionsCounter();
 
   function show() {

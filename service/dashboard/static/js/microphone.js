@@ -1,8 +1,4 @@
-// The microphone as raw samples, and the overlapping windows the live view sends.
-
-export const WINDOW_SECONDS = 3; // what each request holds, once that much was recorded
-export const HOP_SECONDS = 1; // how often one is sent
-export const FIRST_WINDOW_SECONDS = 1; // the first goes out after a second, not after three
+// The microphone as raw samples, for the live view's stream.
 
 const WORKLET_URL = "/dashboard/js/capture-worklet.js";
 const MODEL_RATE = 16000;
@@ -54,47 +50,6 @@ export class Microphone {
     if (this.node?.port) this.node.port.onmessage = null;
     await this.context?.close().catch(() => {});
     this.stream = this.context = this.node = null;
-  }
-}
-
-/** Keeps the last WINDOW_SECONDS of samples; every HOP_SECONDS of new audio, hands out a copy. */
-export class Windower {
-  constructor(sampleRate) {
-    this.rate = sampleRate;
-    this.ring = new Float32Array(Math.round(WINDOW_SECONDS * sampleRate));
-    this.hop = Math.round(HOP_SECONDS * sampleRate);
-    this.total = 0; // samples seen since the start
-    this.nextAt = Math.round(FIRST_WINDOW_SECONDS * sampleRate);
-  }
-
-  /** Add a block; returns a window {samples, start, end} (seconds) when one is due, else null. */
-  push(block) {
-    const size = this.ring.length;
-    for (let offset = 0; offset < block.length;) {
-      const at = this.total % size;
-      const n = Math.min(block.length - offset, size - at);
-      this.ring.set(block.subarray(offset, offset + n), at);
-      this.total += n;
-      offset += n;
-    }
-    if (this.total < this.nextAt) return null;
-    while (this.nextAt <= this.total) this.nextAt += this.hop;
-    return {samples: this.latest(), rate: this.rate,
-            start: Math.max(0, this.total - size) / this.rate, end: this.total / this.rate};
-  }
-
-  latest() {
-    const size = this.ring.length;
-    const length = Math.min(this.total, size);
-    const out = new Float32Array(length);
-    const end = this.total % size;
-    if (length < size || end === 0) {
-      out.set(this.ring.subarray(end === 0 ? size - length : end - length, end || size));
-    } else {
-      out.set(this.ring.subarray(end), 0);
-      out.set(this.ring.subarray(0, end), size - end);
-    }
-    return out;
   }
 }
 

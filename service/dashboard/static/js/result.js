@@ -7,8 +7,11 @@ import {capitalize, h, percent, replaceChildren} from "./dom.js";
 import {colourOf, swatch} from "./emotions.js";
 
 export class ResultView {
-  constructor(host) {
+  /** `correct(prediction, label)` sends a correction and resolves to its feedback id; by
+   * default, POST /v1/predictions/{id}/feedback. */
+  constructor(host, {correct} = {}) {
     this.host = host;
+    this.send = correct ?? ((prediction, label) => sendCorrection(prediction.prediction_id, label));
     this.prediction = null;
     this.barLabels = "";
     // A persistent live region: screen readers hear each new emotion once, not the whole card.
@@ -107,7 +110,7 @@ export class ResultView {
     this.status.className = "feedback-status";
     this.status.textContent = `Sending ${label}…`;
     try {
-      const feedbackId = await sendCorrection(prediction.prediction_id, label);
+      const feedbackId = await this.send(prediction, label);
       if (this.prediction === prediction) {
         for (const b of this.buttons) b.setAttribute("aria-pressed", String(b === button));
       }
