@@ -161,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.bootstrap import BundledModelMissing, create_first_keys, register_bundled_model
-    from storage.artifacts import ArtifactStore
+    from storage.artifacts import open_artifact_store
     from storage.db import create_db_engine, make_session_factory
     from storage.migrate import current_revision, head_revision
     from storage.settings import get_settings
@@ -177,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = create_db_engine(url, busy_timeout_s=settings.database.busy_timeout_s)
     try:
         session_factory = make_session_factory(engine)
-        register_bundled_model(session_factory, ArtifactStore(settings.storage.artifacts_dir))
+        register_bundled_model(session_factory, open_artifact_store(settings, engine))
         first_keys = create_first_keys(session_factory)
     except BundledModelMissing as err:
         print(f"emoloop serve: {err}", file=sys.stderr)
@@ -281,13 +281,26 @@ def cmd_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _session_factory():
-    from storage.db import create_db_engine, make_session_factory
-    from storage.settings import get_settings
+def _engine():
+    """The database engine the settings name, made once per command."""
+    global _ENGINE
+    if _ENGINE is None:
+        from storage.db import create_db_engine
+        from storage.settings import get_settings
 
-    settings = get_settings()
-    return make_session_factory(create_db_engine(
-        settings.database.url, busy_timeout_s=settings.database.busy_timeout_s))
+        settings = get_settings()
+        _ENGINE = create_db_engine(settings.database.url,
+                                   busy_timeout_s=settings.database.busy_timeout_s)
+    return _ENGINE
+
+
+_ENGINE = None
+
+
+def _session_factory():
+    from storage.db import make_session_factory
+
+    return make_session_factory(_engine())
 
 
 def _session():
@@ -295,10 +308,10 @@ def _session():
 
 
 def _artifacts():
-    from storage.artifacts import ArtifactStore
+    from storage.artifacts import open_artifact_store
     from storage.settings import get_settings
 
-    return ArtifactStore(get_settings().storage.artifacts_dir)
+    return open_artifact_store(get_settings(), _engine())
 
 
 def _safe_url(url: str) -> str:
@@ -412,8 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _ENGINE
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    finally:
+        if _ENGINE is not None:
+            _ENGINE.dispose()
+            _ENGINE = None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from learner.inference import limit_threads, pad_batch
 from learner.model import EmotionNet, ModelConfig
 from service.bench.clips import to_wav, voiced_clip
 from storage.api_keys import ApiKeyRepository
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, LocalArtifactStore
 from storage.files import sha256_bytes
 from storage.models import Feedback
 from storage.registry import ModelRegistry
@@ -146,7 +146,7 @@ class LearnerWorld:
 
 def make_world(session_factory, folder: Path, model: bytes, base_sets: Path) -> LearnerWorld:
     """A world whose active version 1 is `model`, learning with `base_sets` (of its kind)."""
-    artifacts = ArtifactStore(folder / "artifacts")
+    artifacts = LocalArtifactStore(folder / "artifacts")
     register_active(session_factory, artifacts, model)
     with session_factory() as session:
         key, _ = ApiKeyRepository(session).create("app", "app")
