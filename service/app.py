@@ -54,7 +54,8 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     learner = LearnerService(session_factory, artifacts, settings.learner,
                              on_activated=engine.activate, personal=settings.personal,
                              on_personal_activated=engine.personal.forget,
-                             sweep_after_s=settings.storage.sweep_after_s)
+                             sweep_after_s=settings.storage.sweep_after_s,
+                             retention=settings.storage.retention)
 
     # PostgreSQL pushes version changes (an activation, a rollback) to this process at once;
     # the poll below stays as the fallback, and is the only way on SQLite.

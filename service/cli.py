@@ -262,6 +262,50 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_storage(args: argparse.Namespace) -> int:
+    from storage.settings import get_settings
+
+    if args.action == "stats":
+        from storage.usage import storage_usage
+
+        usage = storage_usage(_session_factory(), _artifacts())
+        print(json.dumps(usage) if args.json else _usage_lines(usage))
+        return 0
+    from storage.retention import prune
+
+    retention = get_settings().storage.retention
+    report = prune(_session_factory(), _artifacts(), retention, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return 0
+    would = "would remove" if args.dry_run else "removed"
+    print(f"{would}: {report.predictions} prediction(s) without feedback and {report.clips} "
+          f"clip(s) with them; the bytes of {report.clip_bytes_removed} more clip(s); "
+          f"{report.rejected_versions} rejected version(s) with {report.replay_exemplars} "
+          f"replay exemplar(s); the details of {report.run_details} finished run(s)")
+    print(f"{'would free' if args.dry_run else 'freed'} {report.freed_bytes:,} artifact bytes "
+          f"in {report.seconds:.2f} s")
+    if not any(v is not None for v in retention.model_dump().values()):
+        print("(storage.retention sets no ages: everything is kept)")
+    return 0
+
+
+def _usage_lines(usage: dict) -> str:
+    store = usage["artifact_store"]
+    versions = ", ".join(f"{n} {status}" for status, n in sorted(usage["model_versions"].items()))
+    return "\n".join([
+        f"predictions       {usage['predictions']:>12,}  ({usage['predictions_with_feedback']:,} "
+        f"with feedback)",
+        f"feedback          {usage['feedback']:>12,}  ({usage['feedback_pending']:,} pending)",
+        f"clips             {usage['clips']:>12,}  ({usage['clip_bytes']:,} bytes; "
+        f"{usage['clips_bytes_removed']:,} removed by retention)",
+        f"model versions    {sum(usage['model_versions'].values()):>12,}  ({versions})",
+        f"replay exemplars  {usage['replay_exemplars']:>12,}",
+        f"training runs     {usage['training_runs']:>12,}",
+        f"artifact store    {store['artifacts']:>12,}  ({store['kind']}, {store['bytes']:,} bytes)",
+        f"database          {usage['database_bytes']:>12,} bytes"])
+
+
 def cmd_encoder(args: argparse.Namespace) -> int:
     from learner.speech_encoder.ct2_file import CT2FormatError
     from learner.speech_encoder.weights import EncoderFileError, import_encoder_file
@@ -407,6 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--older-than-s", type=float,
                    help="only files this old (default: storage.sweep_after_s, 3600)")
     p.set_defaults(func=cmd_artifacts)
+
+    p = sub.add_parser("storage", help="what is stored: its size, and retention")
+    storage = p.add_subparsers(dest="action", required=True)
+    s = storage.add_parser("stats", help="rows and artifacts stored, and their size")
+    s.add_argument("--json", action="store_true")
+    s = storage.add_parser("prune", help="apply storage.retention now (the learner's scheduled "
+                                         "check does too)")
+    s.add_argument("--dry-run", action="store_true", help="only count what would go")
+    s.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_storage)
 
     p = sub.add_parser("encoder", help="the frozen speech encoder's weights")
     encoder = p.add_subparsers(dest="action", required=True)

@@ -62,7 +62,8 @@ def serve(args: argparse.Namespace) -> int:
     register_bundled_model(make_session_factory(engine), artifacts)  # as `emoloop serve` does
     service = LearnerService(make_session_factory(engine), artifacts, learner_settings,
                              personal=settings.personal,
-                             sweep_after_s=settings.storage.sweep_after_s)
+                             sweep_after_s=settings.storage.sweep_after_s,
+                             retention=settings.storage.retention)
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())

@@ -118,6 +118,10 @@ class ArtifactStore(ABC):
         `older_than_s` ago; returns what went (paths or sha256s)."""
 
     @abstractmethod
+    def size_of(self, ref: ArtifactRef) -> int | None:
+        """The stored size in bytes, or None when it is not stored."""
+
+    @abstractmethod
     def stats(self) -> StoreStats:
         """How many artifacts the store holds and their size."""
 
@@ -187,6 +191,12 @@ class LocalArtifactStore(ArtifactStore):
                 removed += self._remove_if_unreferenced(session_factory, batch, cutoff)
                 batch = []
         return removed + self._remove_if_unreferenced(session_factory, batch, cutoff)
+
+    def size_of(self, ref: ArtifactRef) -> int | None:
+        try:
+            return self.path(ref.path).stat().st_size
+        except (FileNotFoundError, ArtifactError):
+            return None
 
     def stats(self) -> StoreStats:
         count = size = 0

@@ -36,9 +36,10 @@ _INSERT_CHUNKS = insert(ArtifactChunk)
 
 
 def referenced(sha256_column) -> object:
-    """True where a clip or a version not deleted still refers to these bytes."""
+    """True where a clip whose bytes retention did not remove, or a version not deleted, still
+    refers to these bytes."""
     live = ModelVersion.status != "deleted"
-    return or_(exists().where(Clip.sha256 == sha256_column),
+    return or_(exists().where(Clip.sha256 == sha256_column, Clip.removed_at.is_(None)),
                exists().where(ModelVersion.sha256 == sha256_column, live),
                exists().where(ModelVersion.state_sha256 == sha256_column, live))
 
@@ -117,6 +118,13 @@ class DatabaseArtifactStore(ArtifactStore):
             gone = self._remove_locked(session, old)
             session.commit()
         return gone
+
+    def size_of(self, ref: ArtifactRef) -> int | None:
+        with self.read_session_factory() as session:
+            size = session.scalar(select(ArtifactBlob.size_bytes)
+                                  .where(ArtifactBlob.sha256 == ref.sha256))
+            session.commit()
+        return size
 
     def stats(self) -> StoreStats:
         with self.read_session_factory() as session:

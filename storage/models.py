@@ -69,6 +69,9 @@ class Clip(Base):
     artifact_path: Mapped[str] = mapped_column(String(255))  # relative to the artifact root
     size_bytes: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when retention removed the bytes (storage.retention): the predictions that used the
+    # clip stay, but nothing can learn from it any more. Storing the same bytes again clears it.
+    removed_at: Mapped[datetime | None]
 
 
 class ApiKey(Base):

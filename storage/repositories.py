@@ -6,7 +6,7 @@ here) but never commit: the caller decides what one transaction covers and commi
 import uuid
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -18,7 +18,7 @@ from storage.models import AuditEntry, Clip, Feedback, Prediction, utcnow
 _STORE_CLIP = {dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(Clip)
                .on_conflict_do_nothing(index_elements=[Clip.sha256]).returning(Clip.id)
                for dialect in (sqlite, postgresql)}  # both know INSERT ... ON CONFLICT
-_CLIP_ID = select(Clip.id).where(Clip.sha256 == bindparam("sha256"))
+_CLIP_ID = select(Clip.id, Clip.removed_at).where(Clip.sha256 == bindparam("sha256"))
 _INSERT_PREDICTION = insert(Prediction)
 _PREDICTION_OF_APP = select(Prediction.label, Prediction.user_id).where(
     Prediction.id == bindparam("prediction_id"), Prediction.api_key_id == bindparam("api_key_id"))
@@ -46,7 +46,10 @@ class ClipRepository:
             "sha256": sha256, "duration_s": duration_s, "sample_rate": sample_rate,
             "artifact_path": artifact_path, "size_bytes": size_bytes}).scalar_one_or_none()
         if clip_id is None:  # stored before, perhaps by a request that raced this one
-            clip_id = connection.execute(_CLIP_ID, {"sha256": sha256}).scalar_one()
+            clip_id, removed_at = connection.execute(_CLIP_ID, {"sha256": sha256}).one()
+            if removed_at is not None:  # retention removed the bytes; the caller stored them anew
+                connection.execute(update(Clip).where(Clip.id == clip_id).values(
+                    removed_at=None, artifact_path=artifact_path))
         return clip_id
 
     def get(self, clip_id: int) -> Clip | None:

@@ -1,6 +1,9 @@
-"""The database artifact store (storage.db_artifacts): artifact_blobs, one row per distinct
-content named by its sha256, and artifact_chunks holding its bytes in pieces. Only used when
-`storage.artifacts: database`; the local folder stays the default.
+"""Storage past one machine, and bounded.
+
+- artifact_blobs, artifact_chunks: the database artifact store (storage.db_artifacts), one row
+  per distinct content named by its sha256, its bytes in pieces. Only used when
+  `storage.artifacts: database`; the local folder stays the default.
+- clips.removed_at: when retention (storage.retention) removed a clip's bytes.
 
 Revision ID: 0007
 Revises: 0004
@@ -34,9 +37,13 @@ def upgrade() -> None:
                                 name=op.f("fk_artifact_chunks_sha256_artifact_blobs")),
         sa.PrimaryKeyConstraint("sha256", "seq", name=op.f("pk_artifact_chunks")),
     )
+    with op.batch_alter_table("clips") as batch:
+        batch.add_column(sa.Column("removed_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("clips") as batch:
+        batch.drop_column("removed_at")
     op.drop_table("artifact_chunks")
     op.drop_index(op.f("ix_artifact_blobs_touched_at"), table_name="artifact_blobs")
     op.drop_table("artifact_blobs")
