@@ -128,6 +128,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         report = run_personalization_bench(args.data or REPO_ROOT.parent / "shared" / "data",
                                            versions=args.versions)
+    if args.what == "prune":
+        from service.bench.prune import run_prune_bench
+
+        report = run_prune_bench(args.predictions, database_url=args.database_url,
+                                 artifacts=args.artifacts)
     if args.what == "continual":
         from service.bench.continual import run_continual_bench
 
@@ -397,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks that print medians")
-    p.add_argument("what", choices=["latency", "serve", "personalization", "continual"])
+    p.add_argument("what", choices=["latency", "serve", "personalization", "continual", "prune"])
     p.add_argument("--model", type=Path)
     p.add_argument("--runs", type=int, default=200, help="timed runs after warm-up")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
@@ -416,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continual: corrections in the timed round (0: skip it)")
     p.add_argument("--threads", type=int, default=1,
                    help="continual: torch threads (1, as in a service worker)")
+    p.add_argument("--predictions", type=int, default=100_000,
+                   help="prune: predictions the bench stores before pruning")
+    p.add_argument("--database-url", help="prune: an empty PostgreSQL database to use (default: "
+                   "a SQLite file in a temporary folder)")
+    p.add_argument("--artifacts", choices=["local", "database"], default="local",
+                   help="prune: the artifact store")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -13,7 +13,7 @@ from service.app import create_app
 from storage.artifacts import open_artifact_store
 from storage.db import create_db_engine
 from storage.files import sha256_bytes
-from storage.models import ArtifactChunk, Clip, Prediction
+from storage.models import ArtifactBlob, ArtifactChunk, Clip, Prediction
 from storage.registry import ModelRegistry
 from tests.service.conftest import bearer, files_under, predict, wait_ready
 
@@ -70,11 +70,15 @@ def test_clips_and_models_live_in_the_database_only(db_settings, db, db_artifact
         correction = client.post(f"/v1/predictions/{answer['prediction_id']}/feedback",
                                  json={"label": "sad"}, headers=bearer(keys.app))
         assert correction.status_code == 201
+        refused = client.post("/v1/predictions", headers=bearer(keys.app),
+                              files={"file": ("notes.txt", b"not audio at all", "text/plain")})
+        assert refused.status_code == 422
     assert again["model_version"] == answer["model_version"] == 1
     with db() as session:
         clip = session.get(Clip, session.get(Prediction,
                                              uuid.UUID(answer["prediction_id"])).clip_id)
-        assert session.query(Clip).count() == 1  # stored once
+        assert session.query(Clip).count() == 1  # stored once; nothing of the refused upload
+        assert session.query(ArtifactBlob).count() == 2  # the model and the clip
     assert db_artifacts.read_checked(clip.artifact_path, clip.sha256) == wav_clip
     assert files_under(db_settings.storage.data_dir) == []  # no file on this machine
 

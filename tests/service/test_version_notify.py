@@ -5,6 +5,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from learner.labels import DEFAULT_LABELS
 from service.app import create_app
@@ -12,6 +13,7 @@ from storage.artifacts import open_artifact_store
 from storage.db import create_db_engine
 from storage.files import sha256_bytes
 from storage.registry import ModelRegistry
+from storage.version_events import CHANNEL
 from tests.service.conftest import bearer, predict, wait_ready
 
 pytestmark = pytest.mark.postgres
@@ -68,3 +70,36 @@ def test_activation_and_rollback_reach_the_other_node_within_a_second(
                       json={"reason": "rollback"}).status_code == 200
         assert served_within(a, 1, limit_s=1.0) < 1.0
         assert predict(a, keys.app, wav_clip)["model_version"] == 1
+
+
+def test_a_listener_whose_connection_drops_reconnects_and_catches_up(
+        settings, db, keys, random_model, tmp_path):
+    node = node_settings(settings, tmp_path / "a")
+    engine = create_db_engine(settings.database.url)
+    try:
+        store = open_artifact_store(node, engine)
+        with db() as session:
+            registry = ModelRegistry(session, store)
+            registry.bootstrap_default(random_model, sha256_bytes(random_model),
+                                       labels=list(DEFAULT_LABELS))
+            registry.register(random_model[:-4] + b"\x00\x00\x00\x00",
+                              labels=list(DEFAULT_LABELS), parent_version=1)
+            session.commit()
+        with TestClient(create_app(node)) as client:
+            wait_ready(client)
+            listener = client.app.state.version_listener
+            assert listener.listening.wait(5)
+            with db() as session:  # the server ends the listener's connection (a failover)
+                session.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                     "WHERE query = :listen"), {"listen": f"LISTEN {CHANNEL}"})
+                session.commit()
+            deadline = time.monotonic() + 5
+            while listener.listening.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with db() as session:  # activated while the listener is away: the notice is lost
+                ModelRegistry(session, store).activate(2, reason="during the failover")
+                session.commit()
+            assert listener.listening.wait(5)  # back, and it re-read the active version
+            assert served_within(client, 2, limit_s=2.0) < 2.0
+    finally:
+        engine.dispose()
