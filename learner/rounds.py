@@ -338,7 +338,8 @@ class LearningRound:
             # load_version: the file as stored, its checksum, and that it loads.
             return settle_candidate(session, registry, row, report, run_id=self.run_id,
                                     counts=counts,
-                                    check_file=lambda: load_version(self.artifacts, row),
+                                    check_file=lambda: load_version(self.artifacts, row,
+                                                                    session),
                                     reason=f"learning round {self.run_id}: {report['reason']}")
 
     def _write_state(self, session: Session, row: ModelVersion, state: EwcState) -> None:
@@ -403,10 +404,12 @@ def record_failure(session_factory: sessionmaker[Session], run_id: int, err: Exc
 # ----------------------------------------------------------------------------------------------
 # Reading what rounds learn from. Plain functions, shared with personal rounds.
 
-def load_version(artifacts: ArtifactStore, row: ModelVersion) -> LoadedModel:
-    """A version's model from the artifact store, its sha256 checked. Raises ModelFileError."""
+def load_version(artifacts: ArtifactStore, row: ModelVersion,
+                 session: Session | None = None) -> LoadedModel:
+    """A version's model from the artifact store, its sha256 checked. Raises ModelFileError.
+    `session`: read in that transaction (a candidate not committed yet)."""
     try:
-        data = artifacts.read_model(row.artifact_path, row.sha256)
+        data = artifacts.read_model(row.artifact_path, row.sha256, session)
     except ArtifactError as err:
         raise ModelFileError(str(err)) from err
     return model_from_bytes(data, expected_sha256=row.sha256)

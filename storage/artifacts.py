@@ -86,12 +86,16 @@ class ArtifactStore(ABC):
         """Store what the learner carries from a version to the next round (EWC state)."""
         return self._put_named(f"models/{int(version)}.ewc.safetensors", data, session)
 
-    def read_model(self, relative: str, expected_sha256: str) -> bytes:
+    def read_model(self, relative: str, expected_sha256: str,
+                   session: Session | None = None) -> bytes:
         """The model file's bytes, checked against the sha256 recorded when it was written."""
-        return self.read_checked(relative, expected_sha256)
+        return self.read_checked(relative, expected_sha256, session)
 
-    def read_checked(self, relative: str, expected_sha256: str) -> bytes:
-        data = self._read(relative, expected_sha256)
+    def read_checked(self, relative: str, expected_sha256: str,
+                     session: Session | None = None) -> bytes:
+        """The bytes, checked. `session`: read in that transaction (the database store then
+        sees what it wrote before committing)."""
+        data = self._read(relative, expected_sha256, session)
         digest = sha256_bytes(data)
         if digest != expected_sha256:
             CORRUPT_ARTIFACTS.labels(self.name).inc()
@@ -131,7 +135,7 @@ class ArtifactStore(ABC):
                content_named: bool) -> None: ...
 
     @abstractmethod
-    def _read(self, relative: str, expected_sha256: str) -> bytes:
+    def _read(self, relative: str, expected_sha256: str, session: Session | None) -> bytes:
         """The stored bytes, unchecked; ArtifactError when there are none."""
 
     def _put_named(self, relative: str, data: bytes, session: Session | None) -> tuple[str, str]:
@@ -165,7 +169,7 @@ class LocalArtifactStore(ArtifactStore):
         # bytes there, before the number was handed out again. Overwrite them.
         write_atomic(path, data)
 
-    def _read(self, relative: str, expected_sha256: str) -> bytes:
+    def _read(self, relative: str, expected_sha256: str, session: Session | None) -> bytes:
         try:
             return self.path(relative).read_bytes()
         except OSError as err:

@@ -22,11 +22,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreStats
-from storage.db import make_read_session_factory, make_session_factory
+from storage.db import make_read_session_factory, make_session_factory, one_of
 from storage.models import ArtifactBlob, ArtifactChunk, Clip, ModelVersion, utcnow
 
 CHUNK_BYTES = 512 * 1024
-_BATCH = 500  # blobs removed per statement (bounded IN lists)
+STREAM_FROM_BYTES = 4 * CHUNK_BYTES
+_BATCH = 5000  # blobs removed per statement
 
 _INSERT_BLOB = {dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(ArtifactBlob)
                 .on_conflict_do_nothing(index_elements=[ArtifactBlob.sha256])
@@ -84,20 +85,26 @@ class DatabaseArtifactStore(ArtifactStore):
             # Removed between our INSERT and UPDATE: insert again.
         raise ArtifactError(f"could not store artifact {digest}: removed concurrently each time")
 
-    def _read(self, relative: str, expected_sha256: str) -> bytes:
-        with self.read_session_factory() as session:
-            size = session.scalar(select(ArtifactBlob.size_bytes)
-                                  .where(ArtifactBlob.sha256 == expected_sha256))
-            if size is None:
-                raise ArtifactError(f"cannot read artifact {relative}: not in the database")
-            # Chunk by chunk from the server (yield_per streams on PostgreSQL), not one result.
-            pieces = session.scalars(select(ArtifactChunk.data)
-                                     .where(ArtifactChunk.sha256 == expected_sha256)
-                                     .order_by(ArtifactChunk.seq)
-                                     .execution_options(yield_per=4))
-            data = b"".join(pieces)
-            session.commit()
+    def _read(self, relative: str, expected_sha256: str, session: Session | None) -> bytes:
+        if session is not None:  # the caller's transaction: it may have written these bytes
+            return self._read_in(session, relative, expected_sha256)
+        with self.read_session_factory() as own:
+            data = self._read_in(own, relative, expected_sha256)
+            own.commit()
         return data
+
+    def _read_in(self, session: Session, relative: str, expected_sha256: str) -> bytes:
+        size = session.scalar(select(ArtifactBlob.size_bytes)
+                              .where(ArtifactBlob.sha256 == expected_sha256))
+        if size is None:
+            raise ArtifactError(f"cannot read artifact {relative}: not in the database")
+        query = (select(ArtifactChunk.data).where(ArtifactChunk.sha256 == expected_sha256)
+                 .order_by(ArtifactChunk.seq))
+        if size > STREAM_FROM_BYTES:
+            # Chunk by chunk from the server (a server-side cursor on PostgreSQL), not one
+            # result holding them all. Small ones (clips) in one round trip.
+            query = query.execution_options(yield_per=4)
+        return b"".join(session.scalars(query))
 
     def remove(self, refs: Iterable[ArtifactRef]) -> int:
         digests = sorted({ref.sha256 for ref in refs})
@@ -105,8 +112,8 @@ class DatabaseArtifactStore(ArtifactStore):
         with self.session_factory() as session:
             for start in range(0, len(digests), _BATCH):
                 batch = digests[start:start + _BATCH]
-                removed += len(self._remove_locked(session, select(ArtifactBlob.sha256)
-                                                   .where(ArtifactBlob.sha256.in_(batch))))
+                removed += len(self._remove_locked(session, select(ArtifactBlob.sha256).where(
+                    one_of(session, ArtifactBlob.sha256, batch))))
             session.commit()
         return removed
 
@@ -142,9 +149,11 @@ class DatabaseArtifactStore(ArtifactStore):
         for start in range(0, len(locked), _BATCH):
             batch = locked[start:start + _BATCH]
             dead += session.scalars(select(ArtifactBlob.sha256).where(
-                ArtifactBlob.sha256.in_(batch), ~referenced(ArtifactBlob.sha256)))
+                one_of(session, ArtifactBlob.sha256, batch), ~referenced(ArtifactBlob.sha256)))
         for start in range(0, len(dead), _BATCH):
             batch = dead[start:start + _BATCH]
-            session.execute(delete(ArtifactChunk).where(ArtifactChunk.sha256.in_(batch)))
-            session.execute(delete(ArtifactBlob).where(ArtifactBlob.sha256.in_(batch)))
+            session.execute(delete(ArtifactChunk).where(one_of(session, ArtifactChunk.sha256,
+                                                               batch)))
+            session.execute(delete(ArtifactBlob).where(one_of(session, ArtifactBlob.sha256,
+                                                              batch)))
         return dead

@@ -21,13 +21,14 @@ leaves unreferenced artifacts for the sweep, never a row without its bytes.
 """
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import Select, Text, cast, delete, exists, func, null, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.db import one_of
 from storage.models import (Clip, Feedback, ModelVersion, Prediction, ReplayExemplar,
                             TrainingRun, utcnow)
 from storage.settings import RetentionSettings
@@ -49,12 +50,9 @@ class PruneReport:
     run_details: int = 0
     freed_bytes: int = 0  # artifact bytes the store no longer holds (or would not)
     seconds: float = 0.0
-    counts: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        report = asdict(self)
-        report.pop("counts")
-        return report
+        return asdict(self)
 
 
 def prune(session_factory: sessionmaker[Session], artifacts: ArtifactStore,
@@ -110,21 +108,24 @@ def _prune_predictions(session_factory, artifacts, old, report: PruneReport) -> 
             session.rollback()
         report.clips, report.freed_bytes = count, report.freed_bytes + int(size)
         return
-    def recheck(batch: list) -> Select:
-        return select(Prediction.id).where(Prediction.id.in_(batch), ~_has_feedback(Prediction.id))
+
+    def recheck(session: Session, batch: list) -> Select:
+        return select(Prediction.id).where(one_of(session, Prediction.id, batch),
+                                           ~_has_feedback(Prediction.id))
 
     for ids in _batches(session_factory, select(Prediction.id).where(old), Prediction.id):
         with session_factory() as session:
             ids = _lock_and_recheck(session, ids, Prediction.id, recheck)
-            clip_ids = set(session.scalars(select(Prediction.clip_id)
-                                           .where(Prediction.id.in_(ids))))
-            session.execute(delete(Prediction).where(Prediction.id.in_(ids))
+            clip_ids = list(session.scalars(select(Prediction.clip_id).distinct()
+                                            .where(one_of(session, Prediction.id, ids))))
+            session.execute(delete(Prediction).where(one_of(session, Prediction.id, ids))
                             .execution_options(synchronize_session=False))
             gone = list(session.execute(select(Clip.id, Clip.artifact_path, Clip.sha256,
                                                Clip.size_bytes, Clip.removed_at).where(
-                Clip.id.in_(clip_ids), ~exists().where(Prediction.clip_id == Clip.id),
+                one_of(session, Clip.id, clip_ids),
+                ~exists().where(Prediction.clip_id == Clip.id),
                 ~exists().where(ReplayExemplar.clip_id == Clip.id))))
-            session.execute(delete(Clip).where(Clip.id.in_([c.id for c in gone]))
+            session.execute(delete(Clip).where(one_of(session, Clip.id, [c.id for c in gone]))
                             .execution_options(synchronize_session=False))
             session.commit()
         report.predictions += len(ids)
@@ -156,8 +157,8 @@ def _lock_and_recheck(session: Session, ids: list, key, recheck) -> list:
     """Lock the rows (PostgreSQL; on SQLite the writer holds the whole database), then check
     them again in a new statement, which sees whatever committed while we waited: feedback that
     arrived meanwhile keeps its prediction."""
-    session.execute(select(key).where(key.in_(ids)).with_for_update())
-    return list(session.scalars(recheck(ids)))
+    session.execute(select(key).where(one_of(session, key, ids)).with_for_update())
+    return list(session.scalars(recheck(session, ids)))
 
 
 # --- the bytes of clips only unanswered predictions use ---------------------------------------
@@ -183,15 +184,17 @@ def _prune_clip_bytes(session_factory, artifacts, cutoff: datetime, unanswered_o
             session.rollback()
         report.clip_bytes_removed, report.freed_bytes = count, report.freed_bytes + int(size)
         return
-    def recheck(batch: list) -> Select:
-        return select(Clip.id).where(Clip.id.in_(batch), *conditions)
+
+    def recheck(session: Session, batch: list) -> Select:
+        return select(Clip.id).where(one_of(session, Clip.id, batch), *conditions)
 
     for ids in _batches(session_factory, select(Clip.id).where(*conditions), Clip.id):
         with session_factory() as session:
             ids = _lock_and_recheck(session, ids, Clip.id, recheck)
             clips = list(session.execute(select(Clip.artifact_path, Clip.sha256, Clip.size_bytes)
-                                         .where(Clip.id.in_(ids))))
-            session.execute(update(Clip).where(Clip.id.in_(ids)).values(removed_at=utcnow())
+                                         .where(one_of(session, Clip.id, ids))))
+            session.execute(update(Clip).where(one_of(session, Clip.id, ids))
+                            .values(removed_at=utcnow())
                             .execution_options(synchronize_session=False))
             session.commit()
         artifacts.remove([ArtifactRef(c.artifact_path, c.sha256) for c in clips])

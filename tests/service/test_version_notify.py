@@ -99,7 +99,7 @@ def test_a_listener_whose_connection_drops_reconnects_and_catches_up(
             with db() as session:  # activated while the listener is away: the notice is lost
                 ModelRegistry(session, store).activate(2, reason="during the failover")
                 session.commit()
-            assert listener.listening.wait(5)  # back, and it re-read the active version
-            assert served_within(client, 2, limit_s=2.0) < 2.0
+            assert listener.listening.wait(5)  # back: it re-reads the active version at once
+            assert served_within(client, 2, limit_s=5.0) < 5.0  # not at the poll, 60 s away
     finally:
         engine.dispose()
