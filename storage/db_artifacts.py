@@ -26,7 +26,6 @@ from storage.db import make_read_session_factory, make_session_factory, one_of
 from storage.models import ArtifactBlob, ArtifactChunk, Clip, ModelVersion, utcnow
 
 CHUNK_BYTES = 512 * 1024
-STREAM_FROM_BYTES = 4 * CHUNK_BYTES
 _BATCH = 5000  # blobs removed per statement
 
 _INSERT_BLOB = {dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(ArtifactBlob)
@@ -94,17 +93,24 @@ class DatabaseArtifactStore(ArtifactStore):
         return data
 
     def _read_in(self, session: Session, relative: str, expected_sha256: str) -> bytes:
-        size = session.scalar(select(ArtifactBlob.size_bytes)
-                              .where(ArtifactBlob.sha256 == expected_sha256))
-        if size is None:
+        # One round trip for the size and the first chunk: all of a clip.
+        first_chunk = (select(ArtifactChunk.data)
+                       .where(ArtifactChunk.sha256 == ArtifactBlob.sha256, ArtifactChunk.seq == 0)
+                       .scalar_subquery())
+        row = session.execute(select(ArtifactBlob.size_bytes, first_chunk)
+                              .where(ArtifactBlob.sha256 == expected_sha256)).one_or_none()
+        if row is None:
             raise ArtifactError(f"cannot read artifact {relative}: not in the database")
-        query = (select(ArtifactChunk.data).where(ArtifactChunk.sha256 == expected_sha256)
-                 .order_by(ArtifactChunk.seq))
-        if size > STREAM_FROM_BYTES:
-            # Chunk by chunk from the server (a server-side cursor on PostgreSQL), not one
-            # result holding them all. Small ones (clips) in one round trip.
-            query = query.execution_options(yield_per=4)
-        return b"".join(session.scalars(query))
+        size, first = row
+        if size <= CHUNK_BYTES:
+            return first or b""
+        # The rest chunk by chunk from the server (a server-side cursor on PostgreSQL), not one
+        # result holding them all.
+        rest = session.scalars(select(ArtifactChunk.data)
+                               .where(ArtifactChunk.sha256 == expected_sha256,
+                                      ArtifactChunk.seq > 0)
+                               .order_by(ArtifactChunk.seq).execution_options(yield_per=4))
+        return b"".join([first or b"", *rest])
 
     def remove(self, refs: Iterable[ArtifactRef]) -> int:
         digests = sorted({ref.sha256 for ref in refs})
