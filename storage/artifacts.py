@@ -242,8 +242,10 @@ class LocalArtifactStore(ArtifactStore):
         relative = {p.relative_to(self.root).as_posix(): p for p in paths}
         names = list(relative)
         with session_factory() as session:
-            referenced = set(session.scalars(select(Clip.artifact_path)
-                                             .where(Clip.artifact_path.in_(names))))
+            # A clip whose bytes retention removed no longer needs its file (should one be left
+            # by a crash after the commit); the same bytes sent again make the file young.
+            referenced = set(session.scalars(select(Clip.artifact_path).where(
+                Clip.artifact_path.in_(names), Clip.removed_at.is_(None))))
             referenced |= set(session.scalars(select(ModelVersion.artifact_path)
                                               .where(ModelVersion.artifact_path.in_(names))))
             referenced |= set(session.scalars(select(ModelVersion.state_path)
