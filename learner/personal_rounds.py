@@ -298,7 +298,7 @@ class PersonalRound:
             return settle_candidate(
                 session, registry, row, report, run_id=self.run_id, counts=counts,
                 check_file=lambda: personal_head_from_bytes(
-                    self.artifacts.read_model(row.artifact_path, row.sha256),
+                    self.artifacts.read_model(row.artifact_path, row.sha256, session),
                     expected_sha256=row.sha256),
                 reason=f"personal round {self.run_id}: {report['reason']}")
 

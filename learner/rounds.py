@@ -39,7 +39,6 @@ from learner.inference import EmotionPredictor
 from learner.labels import feedback_labels
 from learner.replay import BufferedSample, Sample, base_exemplars, exemplar_row, split_holdout
 from storage.artifacts import ArtifactError, ArtifactStore
-from storage.files import sha256_bytes, write_atomic
 from storage.models import ModelVersion
 from storage.registry import ModelRegistry
 from storage.runs import (ExemplarRow, FeedbackItem, LearnerLockRepository,
@@ -315,10 +314,11 @@ class LearningRound:
                          "gate_macro_f1": report["macro_f1_after"],
                          "new_feedback_accuracy": report["new_feedback_accuracy_after"]})
             if candidate.ewc is not None:
-                self._write_state(row, candidate.ewc)
+                self._write_state(session, row, candidate.ewc)
             parent = registry.get(active.version)
             if bootstrapped is not None and parent.state_path is None:
-                self._write_state(parent, bootstrapped)  # the next round from it reuses this
+                # The next round from the parent reuses this.
+                self._write_state(session, parent, bootstrapped)
             ReplayExemplarRepository(session).save(row.version,
                                                    [exemplar_row(b) for b in candidate.buffer])
             feedback = RoundFeedbackRepository(session)
@@ -338,14 +338,13 @@ class LearningRound:
             # load_version: the file as stored, its checksum, and that it loads.
             return settle_candidate(session, registry, row, report, run_id=self.run_id,
                                     counts=counts,
-                                    check_file=lambda: load_version(self.artifacts, row),
+                                    check_file=lambda: load_version(self.artifacts, row,
+                                                                    session),
                                     reason=f"learning round {self.run_id}: {report['reason']}")
 
-    def _write_state(self, row: ModelVersion, state: EwcState) -> None:
-        data = state.to_bytes()
-        relative = f"models/{row.version}.ewc.safetensors"
-        write_atomic(self.artifacts.path(relative), data)
-        row.state_path, row.state_sha256 = relative, sha256_bytes(data)
+    def _write_state(self, session: Session, row: ModelVersion, state: EwcState) -> None:
+        row.state_sha256, row.state_path = self.artifacts.put_state(row.version, state.to_bytes(),
+                                                                    session)
 
     def _finish_skipped(self, counts: dict, reason: str,
                         consumed: Sequence[FeedbackItem] = ()) -> RoundOutcome:
@@ -405,10 +404,12 @@ def record_failure(session_factory: sessionmaker[Session], run_id: int, err: Exc
 # ----------------------------------------------------------------------------------------------
 # Reading what rounds learn from. Plain functions, shared with personal rounds.
 
-def load_version(artifacts: ArtifactStore, row: ModelVersion) -> LoadedModel:
-    """A version's model from the artifact store, its sha256 checked. Raises ModelFileError."""
+def load_version(artifacts: ArtifactStore, row: ModelVersion,
+                 session: Session | None = None) -> LoadedModel:
+    """A version's model from the artifact store, its sha256 checked. Raises ModelFileError.
+    `session`: read in that transaction (a candidate not committed yet)."""
     try:
-        data = artifacts.read_model(row.artifact_path, row.sha256)
+        data = artifacts.read_model(row.artifact_path, row.sha256, session)
     except ArtifactError as err:
         raise ModelFileError(str(err)) from err
     return model_from_bytes(data, expected_sha256=row.sha256)

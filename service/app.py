@@ -3,12 +3,14 @@ every uvicorn worker process.
 
 Start-up does not wait for the model: the process answers /health at once, and loads, checks
 and warms up the active model in the background; /ready turns true when that is done. From then
-on the same task polls the registry, so a version activated elsewhere is served here too.
+on the same task polls the registry, so a version activated elsewhere is served here too; on
+PostgreSQL a listener (storage.version_events) is told of the change at once.
 """
 import asyncio
 import gc
 import logging
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,9 +29,10 @@ from service.routes import api_router
 from service.scheduler import LearnerService
 from service.store_probe import StoreProbe
 from service.upload_limit import UploadSizeLimit
-from storage.artifacts import ArtifactStore
+from storage.artifacts import open_artifact_store
 from storage.db import create_db_engine, make_read_session_factory, make_session_factory
 from storage.settings import Settings, get_settings
+from storage.version_events import VersionListener, listens
 
 log = logging.getLogger("emoloop.service")
 
@@ -41,7 +44,7 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
                                  busy_timeout_s=settings.database.busy_timeout_s)
     session_factory = make_session_factory(db_engine)
     read_session_factory = make_read_session_factory(db_engine)
-    artifacts = ArtifactStore(settings.storage.artifacts_dir)
+    artifacts = open_artifact_store(settings, db_engine)
     engine = InferenceEngine(read_session_factory, artifacts,
                              max_audio_seconds=settings.api.max_audio_seconds,
                              personal_cache_size=settings.personal.cache_size,
@@ -58,11 +61,19 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     learner = LearnerService(session_factory, artifacts, settings.learner,
                              on_activated=engine.activate, personal=settings.personal,
                              on_personal_activated=engine.personal.forget,
-                             sweep_after_s=settings.storage.sweep_after_s)
+                             sweep_after_s=settings.storage.sweep_after_s,
+                             retention=settings.storage.retention)
+
+    # PostgreSQL pushes version changes (an activation, a rollback) to this process at once;
+    # the poll below stays as the fallback, and is the only way on SQLite.
+    listener = VersionListener(settings.database.url, partial(on_version_change, engine)) \
+        if listens(settings.database.url) else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         writer.start()
+        if listener is not None:
+            listener.start()
         follower = asyncio.create_task(follow_active_model(
             engine, session_factory, settings.api.model_poll_interval_s,
             freeze_heap_when_ready=freeze_heap_when_ready))
@@ -72,6 +83,8 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
         try:
             yield
         finally:
+            if listener is not None:
+                await run_in_threadpool(listener.stop)
             follower.cancel()
             store_watch.cancel()
             await run_in_threadpool(recording_jobs.stop)
@@ -93,6 +106,7 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     app.state.engine = engine
     app.state.learner = learner
     app.state.recording_jobs = recording_jobs
+    app.state.version_listener = listener
     install_error_handlers(app)
     app.include_router(api_router)
     mount_dashboard(app)  # the web page at `/`
@@ -103,6 +117,15 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
                        streamed_paths={"/v1/recordings": settings.api.max_recording_bytes})
     app.add_middleware(RequestMetrics)
     return app
+
+
+def on_version_change(engine: InferenceEngine, notice: dict | None) -> None:
+    """A version changed in another process (or may have, after reconnecting): a user's
+    personal version is looked up again on their next request; the global one is loaded now."""
+    if notice is not None and notice.get("scope") == "user" and notice.get("user_id"):
+        engine.personal.forget(notice["user_id"])
+        return
+    engine.refresh()
 
 
 async def follow_active_model(engine: InferenceEngine, session_factory: sessionmaker[Session],

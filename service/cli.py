@@ -179,6 +179,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         report = run_personalization_bench(args.data or REPO_ROOT.parent / "shared" / "data",
                                            versions=args.versions)
+    if args.what == "prune":
+        from service.bench.prune import run_prune_bench
+
+        report = run_prune_bench(args.predictions, database_url=args.database_url,
+                                 artifacts=args.artifacts)
     if args.what == "continual":
         from service.bench.continual import run_continual_bench
 
@@ -283,7 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.bootstrap import BundledModelMissing, create_first_keys, register_bundled_model
-    from storage.artifacts import ArtifactStore
+    from storage.artifacts import open_artifact_store
     from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
 
@@ -297,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = create_db_engine(url, busy_timeout_s=settings.database.busy_timeout_s)
     try:
         session_factory = make_session_factory(engine)
-        register_bundled_model(session_factory, ArtifactStore(settings.storage.artifacts_dir))
+        register_bundled_model(session_factory, open_artifact_store(settings, engine))
         first_keys = create_first_keys(session_factory)
     except BundledModelMissing as err:
         print(f"emoloop serve: {err}", file=sys.stderr)
@@ -382,6 +387,50 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_storage(args: argparse.Namespace) -> int:
+    from storage.settings import get_settings
+
+    if args.action == "stats":
+        from storage.usage import storage_usage
+
+        usage = storage_usage(_session_factory(), _artifacts())
+        print(json.dumps(usage) if args.json else _usage_lines(usage))
+        return 0
+    from storage.retention import prune
+
+    retention = get_settings().storage.retention
+    report = prune(_session_factory(), _artifacts(), retention, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return 0
+    would = "would remove" if args.dry_run else "removed"
+    print(f"{would}: {report.predictions} prediction(s) without feedback and {report.clips} "
+          f"clip(s) with them; the bytes of {report.clip_bytes_removed} more clip(s); "
+          f"{report.rejected_versions} rejected version(s) with {report.replay_exemplars} "
+          f"replay exemplar(s); the details of {report.run_details} finished run(s)")
+    print(f"{'would free' if args.dry_run else 'freed'} {report.freed_bytes:,} artifact bytes "
+          f"in {report.seconds:.2f} s")
+    if not any(v is not None for v in retention.model_dump().values()):
+        print("(storage.retention sets no ages: everything is kept)")
+    return 0
+
+
+def _usage_lines(usage: dict) -> str:
+    store = usage["artifact_store"]
+    versions = ", ".join(f"{n} {status}" for status, n in sorted(usage["model_versions"].items()))
+    return "\n".join([
+        f"predictions       {usage['predictions']:>12,}  ({usage['predictions_with_feedback']:,} "
+        f"with feedback)",
+        f"feedback          {usage['feedback']:>12,}  ({usage['feedback_pending']:,} pending)",
+        f"clips             {usage['clips']:>12,}  ({usage['clip_bytes']:,} bytes; "
+        f"{usage['clips_bytes_removed']:,} removed by retention)",
+        f"model versions    {sum(usage['model_versions'].values()):>12,}  ({versions})",
+        f"replay exemplars  {usage['replay_exemplars']:>12,}",
+        f"training runs     {usage['training_runs']:>12,}",
+        f"artifact store    {store['artifacts']:>12,}  ({store['kind']}, {store['bytes']:,} bytes)",
+        f"database          {usage['database_bytes']:>12,} bytes"])
+
+
 def cmd_encoder(args: argparse.Namespace) -> int:
     from learner.speech_encoder.ct2_file import CT2FormatError
     from learner.speech_encoder.weights import EncoderFileError, import_encoder_file
@@ -401,13 +450,26 @@ def cmd_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _session_factory():
-    from storage.db import create_db_engine, make_session_factory
-    from storage.settings import get_settings
+def _engine():
+    """The database engine the settings name, made once per command."""
+    global _ENGINE
+    if _ENGINE is None:
+        from storage.db import create_db_engine
+        from storage.settings import get_settings
 
-    settings = get_settings()
-    return make_session_factory(create_db_engine(
-        settings.database.url, busy_timeout_s=settings.database.busy_timeout_s))
+        settings = get_settings()
+        _ENGINE = create_db_engine(settings.database.url,
+                                   busy_timeout_s=settings.database.busy_timeout_s)
+    return _ENGINE
+
+
+_ENGINE = None
+
+
+def _session_factory():
+    from storage.db import make_session_factory
+
+    return make_session_factory(_engine())
 
 
 def _session():
@@ -415,10 +477,10 @@ def _session():
 
 
 def _artifacts():
-    from storage.artifacts import ArtifactStore
+    from storage.artifacts import open_artifact_store
     from storage.settings import get_settings
 
-    return ArtifactStore(get_settings().storage.artifacts_dir)
+    return open_artifact_store(get_settings(), _engine())
 
 
 def _safe_url(url: str) -> str:
@@ -471,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print medians")
     p.add_argument("what", choices=["latency", "serve", "personalization", "continual", "gate",
-                                    "stream"])
+                                    "stream", "prune"])
     p.add_argument("--model", type=Path)
     p.add_argument("--runs", type=int, default=200, help="timed runs after warm-up")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
@@ -510,6 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-seconds", type=float, default=20.0,
                    help="stream: how long each stream sends audio")
     p.add_argument("--workers", type=int, default=2, help="stream: emoloop serve --workers")
+    p.add_argument("--predictions", type=int, default=100_000,
+                   help="prune: predictions the bench stores before pruning")
+    p.add_argument("--database-url", help="prune: an empty PostgreSQL database to use (default: "
+                   "a SQLite file in a temporary folder)")
+    p.add_argument("--artifacts", choices=["local", "database"], default="local",
+                   help="prune: the artifact store")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -550,6 +618,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only files this old (default: storage.sweep_after_s, 3600)")
     p.set_defaults(func=cmd_artifacts)
 
+    p = sub.add_parser("storage", help="what is stored: its size, and retention")
+    storage = p.add_subparsers(dest="action", required=True)
+    s = storage.add_parser("stats", help="rows and artifacts stored, and their size")
+    s.add_argument("--json", action="store_true")
+    s = storage.add_parser("prune", help="apply storage.retention now (the learner's scheduled "
+                                         "check does too)")
+    s.add_argument("--dry-run", action="store_true", help="only count what would go")
+    s.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_storage)
+
     p = sub.add_parser("encoder", help="the frozen speech encoder's weights")
     encoder = p.add_subparsers(dest="action", required=True)
     e = encoder.add_parser("import", help="keep the first blocks of Whisper base's encoder from "
@@ -570,8 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _ENGINE
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    finally:
+        if _ENGINE is not None:
+            _ENGINE.dispose()
+            _ENGINE = None
 
 
 if __name__ == "__main__":

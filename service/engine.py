@@ -33,7 +33,7 @@ from learner.serving_net import for_serving
 from service.batcher import ModelBatcher
 from service.metrics import ACTIVE_MODEL_VERSION, MODEL_FALLBACKS, MODEL_LOAD_FAILURES
 from service.personal_models import PersonalModels
-from storage.artifacts import ArtifactError, ArtifactStore
+from storage.artifacts import ArtifactError, ArtifactRef, ArtifactStore
 from storage.registry import ModelRegistry
 
 log = logging.getLogger("emoloop.engine")
@@ -151,7 +151,7 @@ class InferenceEngine:
             if active.version == current:
                 self._problem = None
                 return current
-            file = self._file_state(active.artifact_path)
+            file = self.artifacts.stamp(ArtifactRef(active.artifact_path, active.sha256))
             if active.version in self._unloadable and self._unloadable[active.version] == file:
                 return current  # nothing changed since it failed
             try:
@@ -191,13 +191,6 @@ class InferenceEngine:
             return
         self._problem = (f"the active version {active_version} cannot be loaded ({reason}), "
                          "and no earlier version loads either")
-
-    def _file_state(self, relative: str) -> tuple | None:
-        try:
-            stat = self.artifacts.path(relative).stat()
-        except (OSError, ArtifactError):
-            return None
-        return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
     def predict(self, audio: bytes, user_id: str | None = None) -> Inference:
         """Decode, compute features and predict, on the model serving when called: the user's

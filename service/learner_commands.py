@@ -22,14 +22,14 @@ def run_once(args: argparse.Namespace) -> int:
     rejected or skipped), 1 when it failed, 3 when another round holds the lock."""
     from learner.rounds import RoundRunning, run_round
     from service.bootstrap import register_bundled_model
-    from storage.artifacts import ArtifactStore
+    from storage.artifacts import open_artifact_store
     from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
 
     settings = get_settings()
     engine = create_db_engine(settings.database.url,
                               busy_timeout_s=settings.database.busy_timeout_s)
-    artifacts = ArtifactStore(settings.storage.artifacts_dir)
+    artifacts = open_artifact_store(settings, engine)
     try:
         session_factory = make_session_factory(engine)
         # A fresh install learns from it; a new release's default joins an existing store when
@@ -50,7 +50,7 @@ def serve(args: argparse.Namespace) -> int:
     workers (then set learner.enabled: false for them). Stops on SIGINT or SIGTERM."""
     from service.bootstrap import register_bundled_model
     from service.scheduler import LearnerService
-    from storage.artifacts import ArtifactStore
+    from storage.artifacts import open_artifact_store
     from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
 
@@ -58,11 +58,12 @@ def serve(args: argparse.Namespace) -> int:
     learner_settings = settings.learner.model_copy(update={"enabled": True})
     engine = create_db_engine(settings.database.url,
                               busy_timeout_s=settings.database.busy_timeout_s)
-    artifacts = ArtifactStore(settings.storage.artifacts_dir)
+    artifacts = open_artifact_store(settings, engine)
     register_bundled_model(make_session_factory(engine), artifacts)  # as `emoloop serve` does
     service = LearnerService(make_session_factory(engine), artifacts, learner_settings,
                              personal=settings.personal,
-                             sweep_after_s=settings.storage.sweep_after_s)
+                             sweep_after_s=settings.storage.sweep_after_s,
+                             retention=settings.storage.retention)
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())
@@ -81,7 +82,7 @@ def run_personal(args: argparse.Namespace) -> int:
     ran, 1 when one failed, 3 when another round holds the lock."""
     from learner.personal_rounds import run_personal_rounds
     from learner.rounds import RoundRunning
-    from storage.artifacts import ArtifactStore
+    from storage.artifacts import open_artifact_store
     from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
 
@@ -90,7 +91,7 @@ def run_personal(args: argparse.Namespace) -> int:
                               busy_timeout_s=settings.database.busy_timeout_s)
     try:
         outcomes = run_personal_rounds(make_session_factory(engine),
-                                       ArtifactStore(settings.storage.artifacts_dir),
+                                       open_artifact_store(settings, engine),
                                        settings.learner, settings.personal, trigger="manual",
                                        user_ids=args.user or None)
     except RoundRunning as err:

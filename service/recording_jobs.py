@@ -158,14 +158,16 @@ class RecordingJob:
                 self.jobs.forget(self)
 
     def _store(self, model: ServingModel, timeline: Timeline, processing_ms: float) -> None:
-        """The clip file first (a row never points at a missing file), then the clip row and
-        the recording row in one transaction."""
+        """The clip's bytes (a row never points at a missing file), then the clip row and the
+        recording row in one transaction."""
         artifacts = self.jobs.artifacts
-        relative = artifacts.move_clip_in(self.upload.path, self.upload.sha256,
-                                          self.upload.extension)
         settings = self.jobs.settings.timeline
 
         def insert(session: Session) -> None:
+            # In the same transaction as the rows for the database store; a file renamed into
+            # place before them for the local one.
+            relative = artifacts.move_clip_in(self.upload.path, self.upload.sha256,
+                                              self.upload.extension, session)
             clip_id = ClipRepository(session).store(
                 sha256=self.upload.sha256, duration_s=timeline.duration_s,
                 sample_rate=SAMPLE_RATE, artifact_path=relative,

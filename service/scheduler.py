@@ -1,6 +1,7 @@
 """The learner inside a process: an APScheduler job that starts a round once
 `learner.min_new_feedback` pieces of feedback wait (checked every `learner.interval_s`), then
-sweeps the artifact store of files a crash left behind, and rounds an admin starts at once.
+applies `storage.retention` and sweeps the artifact store of what a crash left behind; and rounds
+an admin starts at once.
 Rounds run in a background thread, one at a time across every process (the database lock in
 learner.rounds), so every API worker may run the scheduler.
 
@@ -18,10 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.artifacts import ArtifactStore
 from storage.repositories import FeedbackRepository
-from storage.settings import LearnerSettings, PersonalSettings
+from storage.retention import prune
+from storage.settings import LearnerSettings, PersonalSettings, RetentionSettings
 from storage.sweep import sweep_unreferenced
 
 log = logging.getLogger("emoloop.learner")
+
+RETENTION_EVERY_S = 3600.0
 
 
 class LearnerService:
@@ -29,7 +33,8 @@ class LearnerService:
                  settings: LearnerSettings, on_activated: Callable[[int], None] | None = None,
                  personal: PersonalSettings | None = None,
                  on_personal_activated: Callable[[str], None] | None = None,
-                 sweep_after_s: float | None = None):
+                 sweep_after_s: float | None = None,
+                 retention: RetentionSettings | None = None):
         self.session_factory, self.artifacts, self.settings = session_factory, artifacts, settings
         self.on_activated = on_activated
         # Checks end by sweeping files no row refers to (storage.sweep) this old; None: never.
@@ -37,6 +42,9 @@ class LearnerService:
         # would not go anyway.
         self.sweep_after_s = sweep_after_s
         self._last_sweep: float | None = None
+        # Retention (storage.retention) at most once per RETENTION_EVERY_S: its ages are days.
+        self.retention = retention
+        self._last_prune: float | None = None
         # Personal rounds (learner.personal_rounds) run after each check's global part; a user
         # whose personal version changed is passed to `on_personal_activated`.
         self.personal, self.on_personal_activated = personal, on_personal_activated
@@ -86,8 +94,21 @@ class LearnerService:
             self._personal_rounds()
         except RoundRunning:
             pass
+        self._prune()
         self._sweep()
         return outcome
+
+    def _prune(self) -> None:
+        if self.retention is None or self._stop.is_set():
+            return
+        now = time.monotonic()
+        if self._last_prune is not None and now - self._last_prune < RETENTION_EVERY_S:
+            return
+        self._last_prune = now
+        try:
+            prune(self.session_factory, self.artifacts, self.retention)
+        except Exception:  # storage only; the next check tries again
+            log.exception("could not apply the retention settings")
 
     def _sweep(self) -> None:
         if self.sweep_after_s is None or self._stop.is_set():

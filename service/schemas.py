@@ -54,7 +54,9 @@ class LabelsOut(BaseModel):
 class ModelVersionOut(BaseModel):
     version: int
     parent_version: int | None
-    status: str = Field(description="candidate, active, rejected or retired")
+    status: str = Field(description="candidate, active, rejected, retired or deleted (its file "
+                                    "removed: a deleted personal version, or a rejected one "
+                                    "past storage.retention)")
     labels: list[str]
     sha256: str
     metrics: dict[str, Any]

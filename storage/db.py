@@ -1,7 +1,7 @@
 """Engines and sessions for SQLite (the embedded default) and PostgreSQL (the scale-out store)."""
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import ARRAY, Engine, any_, create_engine, event, literal
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -77,3 +77,11 @@ def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def one_of(session: Session, column, values: list):
+    """`column IN (values)` for long lists: on PostgreSQL `= ANY(array)`, one parameter however
+    many values (an IN list of thousands costs more to render and parse than to run)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(literal(list(values), ARRAY(column.type)))
+    return column.in_(list(values))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.files import sha256_bytes
 from storage.models import (Clip, Feedback, ModelVersion, Prediction, Recording, ReplayExemplar,
                             TrainingRun)
@@ -33,7 +33,7 @@ from storage.repositories import AuditLog
 @dataclass
 class ForgetReport:
     counts: dict[str, int]
-    files: list[str] = field(default_factory=list)  # relative paths to delete after the commit
+    files: list[ArtifactRef] = field(default_factory=list)  # to delete after the commit
 
 
 def forget_user(session: Session, user_id: str, *, actor_key_id: int | None = None,
@@ -75,17 +75,17 @@ def forget_user(session: Session, user_id: str, *, actor_key_id: int | None = No
     counts["clips"] = _delete(session, delete(Clip).where(Clip.id.in_(gone)))
     counts["clips_kept_shared"] = len(clip_ids) - len(gone)
 
-    files = [c.artifact_path for c in clips] + [v.artifact_path for v in versions]
-    files += [v.state_path for v in versions if v.state_path]
+    files = [ArtifactRef(c.artifact_path, c.sha256) for c in clips]
+    files += [ArtifactRef(v.artifact_path, v.sha256) for v in versions]
+    files += [ArtifactRef(v.state_path, v.state_sha256) for v in versions if v.state_path]
     AuditLog(session).record("user.forget", f"user:sha256:{user_hash(user_id)}",
                              actor_key_id=actor_key_id, details={**counts, "reason": reason})
     return ForgetReport(counts, files)
 
 
-def delete_files(artifacts: ArtifactStore, paths: list[str]) -> None:
+def delete_files(artifacts: ArtifactStore, refs: list[ArtifactRef]) -> None:
     """After the commit. A file already gone is not an error, so this may be run again."""
-    for path in paths:
-        artifacts.delete(path)
+    artifacts.remove(refs)
 
 
 def user_hash(user_id: str) -> str:

@@ -7,8 +7,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index,
-                        MetaData, String, Text, TypeDecorator, UniqueConstraint, Uuid, text)
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey,
+                        Index, LargeBinary, MetaData, String, Text, TypeDecorator, UniqueConstraint,
+                        Uuid, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Deterministic constraint names, so migrations can refer to them on both SQLite and PostgreSQL.
@@ -69,6 +70,9 @@ class Clip(Base):
     artifact_path: Mapped[str] = mapped_column(String(255))  # relative to the artifact root
     size_bytes: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when retention removed the bytes (storage.retention): the predictions that used the
+    # clip stay, but nothing can learn from it any more. Storing the same bytes again clears it.
+    removed_at: Mapped[datetime | None]
 
 
 class ApiKey(Base):
@@ -319,3 +323,28 @@ class StreamToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
+
+
+class ArtifactBlob(Base):
+    """The database artifact store (storage.db_artifacts): one row per distinct content, named by
+    its sha256, whose bytes are the `artifact_chunks` rows. Rows elsewhere refer to it by the
+    same sha256 (`clips.sha256`, `model_versions.sha256`, `model_versions.state_sha256`)."""
+
+    __tablename__ = "artifact_blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Refreshed whenever the same bytes are stored again: the sweep leaves young blobs alone.
+    touched_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ArtifactChunk(Base):
+    """A piece of a blob's bytes, so no single value is large and reads stream."""
+
+    __tablename__ = "artifact_chunks"
+
+    sha256: Mapped[str] = mapped_column(ForeignKey("artifact_blobs.sha256", ondelete="CASCADE"),
+                                        primary_key=True)
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

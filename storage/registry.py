@@ -2,7 +2,8 @@
 
 Like the other repositories it works in the caller's Session and never commits; whatever one call
 changes (a new row, a retired and an activated version plus the audit entry) lands in the
-caller's one transaction. Registry writes first lock the `model_version_counter` row, so on
+caller's one transaction, and so does the notice of an activation to other processes
+(storage.version_events). Registry writes first lock the `model_version_counter` row, so on
 PostgreSQL concurrent registrations and activations queue up instead of colliding (SQLite
 transactions already take the write lock at BEGIN, see storage.db).
 """
@@ -15,6 +16,7 @@ from storage.artifacts import ArtifactError, ArtifactStore
 from storage.files import sha256_bytes
 from storage.models import ModelVersion, ModelVersionCounter, utcnow
 from storage.repositories import AuditLog
+from storage.version_events import announce
 
 
 class RegistryError(RuntimeError):
@@ -92,6 +94,7 @@ class ModelRegistry:
         target.status = "active"
         target.activated_at = utcnow()
         self.session.flush()
+        announce(self.session, version=version, scope=target.scope, user_id=target.user_id)
         AuditLog(self.session).record(
             "model.activate", f"model_version:{version}", actor_key_id=actor_key_id,
             details={"previous_version": previous.version if previous else None,
@@ -123,6 +126,7 @@ class ModelRegistry:
         previous = target.status
         target.status = "deleted"
         self.session.flush()
+        announce(self.session, version=version, scope=target.scope, user_id=target.user_id)
         AuditLog(self.session).record(
             "model.delete", f"model_version:{version}", actor_key_id=actor_key_id,
             details={"previous_status": previous, "scope": target.scope,
@@ -181,7 +185,7 @@ class ModelRegistry:
         number = self._next_version()
         # Written before the row exists: a crash in between leaves only an unreferenced file,
         # which the next registration of this number (the counter rolled back too) overwrites.
-        sha256, path = self.artifacts.put_model(number, model_data)
+        sha256, path = self.artifacts.put_model(number, model_data, self.session)
         version = ModelVersion(version=number, parent_version=parent_version, scope=scope,
                                user_id=user_id, labels=list(labels), artifact_path=path,
                                sha256=sha256, metrics=metrics or {}, gate_report=gate_report,

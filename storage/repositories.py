@@ -19,7 +19,7 @@ from storage.models import AuditEntry, Clip, Feedback, Prediction, utcnow
 _STORE_CLIP = {dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(Clip)
                .on_conflict_do_nothing(index_elements=[Clip.sha256]).returning(Clip.id)
                for dialect in (sqlite, postgresql)}  # both know INSERT ... ON CONFLICT
-_CLIP_ID = select(Clip.id).where(Clip.sha256 == bindparam("sha256"))
+_CLIP_ID = select(Clip.id, Clip.removed_at).where(Clip.sha256 == bindparam("sha256"))
 _INSERT_PREDICTION = insert(Prediction)
 # FOR UPDATE (PostgreSQL; SQLite's transactions hold the write lock already): two corrections
 # of one prediction take turns, so each sees the other's row and one counting row remains.
@@ -54,7 +54,10 @@ class ClipRepository:
             "sha256": sha256, "duration_s": duration_s, "sample_rate": sample_rate,
             "artifact_path": artifact_path, "size_bytes": size_bytes}).scalar_one_or_none()
         if clip_id is None:  # stored before, perhaps by a request that raced this one
-            clip_id = connection.execute(_CLIP_ID, {"sha256": sha256}).scalar_one()
+            clip_id, removed_at = connection.execute(_CLIP_ID, {"sha256": sha256}).one()
+            if removed_at is not None:  # retention removed the bytes; the caller stored them anew
+                connection.execute(update(Clip).where(Clip.id == clip_id).values(
+                    removed_at=None, artifact_path=artifact_path))
         return clip_id
 
     def get(self, clip_id: int) -> Clip | None:

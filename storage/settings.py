@@ -34,8 +34,29 @@ class DatabaseSettings(Section):
     busy_timeout_s: float = 10.0
 
 
+class RetentionSettings(Section):
+    """Days each kind of stored data is kept; None keeps it forever (the default). Applied by the
+    learner's scheduled check and `emoloop storage prune` (storage/retention.py), which never
+    touch what a version, a replay buffer, a gate set, a personal model or feedback needs."""
+
+    # Predictions no feedback came for (rows; their clips go with them unless still used).
+    predictions_days: float | None = Field(None, gt=0)
+    # The clips of predictions no feedback came for: their bytes, sooner than the rows.
+    clips_days: float | None = Field(None, gt=0)
+    # Candidate versions the gate rejected: their model and state files and replay buffers
+    # (the row stays, as `deleted`, with its gate report).
+    rejected_versions_days: float | None = Field(None, gt=0)
+    # Finished rounds: their counts, gate report and error text (the row, status and candidate
+    # stay; a registered candidate keeps its own gate report).
+    run_details_days: float | None = Field(None, gt=0)
+
+
 class StorageSettings(Section):
     data_dir: Path = Path("data")
+    # Where clips and model files live: `local` files under data_dir/artifacts (one machine), or
+    # `database` rows in the SQL store (PostgreSQL: the one state every node shares).
+    artifacts: Literal["local", "database"] = "local"
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     # Files no row refers to (left by a crash) are deleted once this old (storage/sweep.py).
     sweep_after_s: float = Field(3600.0, ge=0.0)
     # Below this much free space on the data dir's disk new clips are refused (507) before

@@ -115,7 +115,7 @@ def _service(folder: Path, **learner):
     from service.app import create_app
     from service.bootstrap import register_bundled_model
     from storage.api_keys import ApiKeyRepository
-    from storage.artifacts import ArtifactStore
+    from storage.artifacts import open_artifact_store
     from storage.db import create_db_engine, make_session_factory
     from storage.migrate import upgrade_to_head
     from storage.settings import Settings, get_settings
@@ -129,7 +129,7 @@ def _service(folder: Path, **learner):
     engine = create_db_engine(settings.database.url)
     try:
         session_factory = make_session_factory(engine)
-        register_bundled_model(session_factory, ArtifactStore(settings.storage.artifacts_dir))
+        register_bundled_model(session_factory, open_artifact_store(settings, engine))
         with session_factory() as session:
             keys = {role: ApiKeyRepository(session).create(f"bench {role}", role)[1]
                     for role in ("app", "admin")}

@@ -61,7 +61,7 @@ class _Store:
         from service.bootstrap import register_bundled_model
         from service.engine import InferenceEngine
         from storage.api_keys import ApiKeyRepository
-        from storage.artifacts import ArtifactStore
+        from storage.artifacts import LocalArtifactStore
         from storage.db import create_db_engine, make_read_session_factory, make_session_factory
         from storage.migrate import upgrade_to_head
         from storage.settings import Settings
@@ -72,7 +72,7 @@ class _Store:
         upgrade_to_head(self.settings.database.url)
         self.db = create_db_engine(self.settings.database.url)
         self.sessions = make_session_factory(self.db)
-        self.artifacts = ArtifactStore(self.settings.storage.artifacts_dir)
+        self.artifacts = LocalArtifactStore(self.settings.storage.artifacts_dir)
         register_bundled_model(self.sessions, self.artifacts)
         with self.sessions() as session:
             self.app_key = ApiKeyRepository(session).create("bench", "app")[0].id

@@ -186,7 +186,7 @@ def _prepare(env: dict, model_path: Path | None) -> str:
 _REGISTER_MODEL = """
 import sys
 from learner.checkpoint import model_from_bytes
-from storage.artifacts import ArtifactStore
+from storage.artifacts import open_artifact_store
 from storage.db import create_db_engine, make_session_factory
 from storage.files import sha256_bytes
 from storage.registry import ModelRegistry
@@ -194,8 +194,9 @@ from storage.settings import get_settings
 settings = get_settings()
 data = open(sys.argv[1], "rb").read()
 labels = list(model_from_bytes(data).labels)
-with make_session_factory(create_db_engine(settings.database.url))() as session:
-    ModelRegistry(session, ArtifactStore(settings.storage.artifacts_dir)).bootstrap_default(
+engine = create_db_engine(settings.database.url)
+with make_session_factory(engine)() as session:
+    ModelRegistry(session, open_artifact_store(settings, engine)).bootstrap_default(
         data, sha256_bytes(data), labels=labels)
     session.commit()
 """

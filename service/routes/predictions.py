@@ -50,7 +50,7 @@ async def create_prediction(
     try:
         # With personal models off, every user gets the global model.
         personal_user = user_id if settings.personal.enabled else None
-        inference, clip_path = await anyio.to_thread.run_sync(
+        inference, stored = await anyio.to_thread.run_sync(
             _predict_and_keep_clip, engine, artifacts, audio, personal_user,
             limiter=engine.request_slots)
     except AudioError as err:
@@ -59,6 +59,8 @@ async def create_prediction(
         raise ApiError(503, "not_ready", "the model is still loading; retry shortly") from None
 
     def insert(session: Session) -> Prediction:
+        # The database store writes the clip's bytes here, in the rows' transaction.
+        clip_path = stored or StoredClip(*artifacts.put_clip(audio, clip_extension(audio), session))
         clip_id = ClipRepository(session).store(
             sha256=clip_path.sha256, duration_s=len(inference.wave) / SAMPLE_RATE,
             # The rate the model hears: the learner decodes the stored original the same way.
@@ -72,7 +74,8 @@ async def create_prediction(
     try:
         prediction = await writer.write(insert)  # clip row + prediction row: one transaction
     except Exception:
-        await run_in_threadpool(_delete_if_unreferenced, read_sessions, artifacts, clip_path)
+        if stored is not None:
+            await run_in_threadpool(_delete_if_unreferenced, read_sessions, artifacts, stored)
         raise
     PREDICTIONS.labels(prediction.label, str(prediction.model_version)).inc()
     return _prediction_out(prediction, PredictionOut)
@@ -94,9 +97,11 @@ class StoredClip(NamedTuple):
 
 
 def _predict_and_keep_clip(engine: InferenceEngine, artifacts: ArtifactStore, audio: bytes,
-                           user_id: str | None) -> tuple[Inference, StoredClip]:
+                           user_id: str | None) -> tuple[Inference, StoredClip | None]:
     # Decode and validate before anything is stored: a refused clip leaves no file and no row.
     inference = engine.predict(audio, user_id)
+    if artifacts.transactional:
+        return inference, None  # stored with the rows, in their transaction
     # The file goes first (atomic, content-addressed); a row never points at a missing file.
     return inference, StoredClip(*artifacts.put_clip(audio, clip_extension(audio)))
 
@@ -108,7 +113,7 @@ def _delete_if_unreferenced(read_sessions: sessionmaker[Session], artifacts: Art
     try:
         with read_sessions() as session:
             if ClipRepository(session).get_by_sha256(clip.sha256) is None:
-                artifacts.delete(clip.path)
+                artifacts.delete(clip.path, clip.sha256)
     except Exception:  # the original error matters more; a leftover file is only disk space
         log.exception("could not clean up clip %s", clip.path)
 

@@ -18,7 +18,7 @@ from service.routes.feedback import checked_label
 from service.routes.predictions import clip_extension
 from service.schemas import USER_ID_PATTERN, FeedbackIn, RecordingOut, SegmentFeedbackOut
 from service.window_feedback import CorrectedPart, store_correction
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.models import Recording, utcnow
 from storage.recordings import RecordingRepository
 from storage.repositories import ClipRepository, FeedbackRepository
@@ -117,8 +117,8 @@ def _correct_segment(jobs: RecordingJobs, artifacts: ArtifactStore, settings: Se
     longest = settings.api.max_audio_seconds
     if end - start > longest:  # the middle of a long segment
         start, end = (start + end - longest) / 2, (start + end + longest) / 2
-    wave = read_span(artifacts.path(clip.artifact_path), start, end,
-                     max_seconds=settings.api.max_recording_seconds)
+    with artifacts.local_file(ArtifactRef(clip.artifact_path, clip.sha256)) as path:
+        wave = read_span(path, start, end, max_seconds=settings.api.max_recording_seconds)
     prediction_id, feedback_id = store_correction(jobs.session_factory, artifacts, part, wave,
                                                   label)
 

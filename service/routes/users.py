@@ -21,7 +21,7 @@ from service.schemas import (
     UserForgottenOut,
     UserModelOut,
 )
-from storage.artifacts import ArtifactError
+from storage.artifacts import ArtifactError, ArtifactRef
 from storage.forget import delete_files, forget_user
 from storage.models import ModelVersion
 from storage.personal import PersonalRepository, is_up_to_date
@@ -107,7 +107,7 @@ def delete_personal_version(user_id: UserIdPath, version: VersionPath, caller: A
     row = _personal_version(registry, user_id, version)
     row = registry.delete_personal(row.version, actor_key_id=caller.key_id)
     session.commit()
-    delete_files(artifacts, [row.artifact_path])
+    delete_files(artifacts, [ArtifactRef(row.artifact_path, row.sha256)])
     engine.personal.forget(user_id)
     return _version_out(row)
 

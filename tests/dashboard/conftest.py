@@ -21,7 +21,7 @@ import pytest
 from service.bench.local_server import free_port, stop_process_group
 from service.bench.clips import to_wav, voiced_clip
 from storage.api_keys import ApiKeyRepository
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, LocalArtifactStore
 from storage.db import create_db_engine, make_session_factory
 from storage.migrate import upgrade_to_head
 from tests.service.conftest import random_model  # noqa: F401  (a session fixture, reused)
@@ -93,7 +93,7 @@ def server_process(chromium, tmp_path_factory) -> Iterator[tuple[Server, subproc
     upgrade_to_head(url)
     engine = create_db_engine(url)
     db = make_session_factory(engine)
-    artifacts = ArtifactStore(data_dir / "artifacts")
+    artifacts = LocalArtifactStore(data_dir / "artifacts")
     with db() as session:
         keys = ApiKeyRepository(session)
         app_key, admin_key = keys.create("dashboard", "app")[1], keys.create("ops", "admin")[1]

@@ -10,12 +10,13 @@ from learner.inference import EmotionPredictor
 from learner.checkpoint import model_from_bytes
 from learner.replay import Sample
 from learner.rounds import RoundRunning, run_round
+from storage.db_artifacts import DatabaseArtifactStore
 from storage.models import Feedback, ModelVersion, ReplayExemplar, TrainingRun
 from storage.registry import ModelRegistry
 from storage.repositories import AuditLog
 from storage.runs import ExemplarRow, LearnerLockRepository
-from tests.learner.toy_learning import (TOY_LABELS, toy_base_sets, toy_features,  # noqa: F401
-                                        toy_model, world)
+from tests.learner.toy_learning import (TOY_LABELS, make_world, toy_base_sets,  # noqa: F401
+                                        toy_features, toy_model, world)
 
 # What these show does not depend on the database; the round's storage side runs on both.
 sqlite_only = pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)
@@ -154,6 +155,25 @@ def test_the_gate_accepts_an_equal_candidate_and_rejects_a_worse_one(toy_model):
     assert all(rejected["paired"][c]["refused"] for c in TOY_LABELS), rejected["reason"]
     assert rejected["macro_f1_after"] < rejected["macro_f1_before"]
     assert rejected["new_feedback_accuracy_after"] < rejected["new_feedback_accuracy_before"]
+
+
+def test_rounds_read_and_write_everything_through_the_database_store(
+        session_factory, tmp_path, toy_model, toy_base_sets):
+    """Clips, model files and EWC state in the database: a round reads the clips the API
+    stored, checks its candidate in its own uncommitted transaction, and the next round restores
+    the state the first one stored."""
+    world = make_world(session_factory, tmp_path, toy_model, toy_base_sets,
+                       artifacts=DatabaseArtifactStore(session_factory.kw["bind"]))
+    world.feedback(["happy", "sad"] * 6, seed=1)
+    first = _round(world)
+    assert first.status == "accepted", first.error or first.gate_report
+    world.feedback(["happy", "sad"] * 6, seed=2)
+    second = _round(world)
+    assert second.status == "accepted", second.error or second.gate_report
+    v3 = _versions(world)[3]
+    state = EwcState.from_bytes(world.artifacts.read_checked(v3.state_path, v3.state_sha256))
+    assert state.rounds == 2 and v3.status == "active"
+    assert not (tmp_path / "artifacts").exists()
 
 
 def test_ewc_state_and_replay_exemplars_carry_from_one_round_to_the_next(world):

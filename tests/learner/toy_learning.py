@@ -15,7 +15,7 @@ from learner.inference import limit_threads, pad_batch
 from learner.model import EmotionNet, ModelConfig
 from service.bench.clips import to_wav, voiced_clip
 from storage.api_keys import ApiKeyRepository
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, LocalArtifactStore
 from storage.files import sha256_bytes
 from storage.models import Feedback
 from storage.registry import ModelRegistry
@@ -103,7 +103,7 @@ def give_feedback(session_factory, artifacts: ArtifactStore, api_key_id: int,
     with session_factory() as session:
         for i, (label, true) in enumerate(zip(labels, truth)):
             audio = toy_wav(true, seed * 1000 + i)
-            sha256, path = artifacts.put_clip(audio, ".wav")
+            sha256, path = artifacts.put_clip(audio, ".wav", session)
             clip = ClipRepository(session).get_or_create(
                 sha256=sha256, duration_s=0.8, sample_rate=16_000, artifact_path=path,
                 size_bytes=len(audio))
@@ -144,9 +144,11 @@ class LearnerWorld:
                              **kwargs)
 
 
-def make_world(session_factory, folder: Path, model: bytes, base_sets: Path) -> LearnerWorld:
-    """A world whose active version 1 is `model`, learning with `base_sets` (of its kind)."""
-    artifacts = ArtifactStore(folder / "artifacts")
+def make_world(session_factory, folder: Path, model: bytes, base_sets: Path,
+               artifacts: ArtifactStore | None = None) -> LearnerWorld:
+    """A world whose active version 1 is `model`, learning with `base_sets` (of its kind); its
+    artifacts in `artifacts`, by default a local folder under `folder`."""
+    artifacts = artifacts or LocalArtifactStore(folder / "artifacts")
     register_active(session_factory, artifacts, model)
     with session_factory() as session:
         key, _ = ApiKeyRepository(session).create("app", "app")

@@ -14,7 +14,7 @@ from learner.model import EmotionNet, ModelConfig
 from service.app import create_app
 from service.bench.clips import to_wav, voiced_clip
 from storage.api_keys import ApiKeyRepository
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, LocalArtifactStore
 from storage.db import create_db_engine, make_session_factory
 from storage.files import sha256_bytes
 from storage.registry import ModelRegistry
@@ -61,7 +61,7 @@ def db(settings):
 
 @pytest.fixture
 def artifacts(settings) -> ArtifactStore:
-    return ArtifactStore(settings.storage.artifacts_dir)
+    return LocalArtifactStore(settings.storage.artifacts_dir)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import pytest
 
 from storage.api_keys import ApiKeyRepository
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, LocalArtifactStore
 from storage.files import sha256_bytes
 from storage.models import ApiKey, Clip, ModelVersion
 from storage.registry import ModelRegistry
@@ -17,7 +17,7 @@ def fake_model(tag: str) -> bytes:
 
 @pytest.fixture
 def artifacts(tmp_path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "artifacts")
+    return LocalArtifactStore(tmp_path / "artifacts")
 
 
 @pytest.fixture

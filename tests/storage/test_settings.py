@@ -79,6 +79,7 @@ def test_data_dir_moves_the_sqlite_file_and_database_url_replaces_it(monkeypatch
 def test_the_postgres_config_selects_postgresql_and_the_env_url_overrides_it(monkeypatch):
     monkeypatch.setenv("EMOLOOP_CONFIG", str(REPO_ROOT / "configs" / "postgres.yaml"))
     assert Settings().database.url.startswith("postgresql+psycopg://")
+    assert Settings().storage.artifacts == "database"  # the database is all the nodes share
     monkeypatch.setenv("EMOLOOP_DATABASE_URL", "postgresql+psycopg://other@127.0.0.1/x")
     assert Settings().database.url == "postgresql+psycopg://other@127.0.0.1/x"
 
