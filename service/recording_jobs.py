@@ -145,6 +145,8 @@ class RecordingJob:
                     self.progress = 1.0
                 else:
                     self.error = error
+                    # Gone before the failure shows: whoever sees it finds nothing of the upload.
+                    self.upload.path.unlink(missing_ok=True)
                     if self._detached:
                         self.jobs.write(lambda s: RecordingRepository(s).fail(
                             self.id, {"error": error.error, "detail": error.detail}))

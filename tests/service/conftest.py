@@ -110,6 +110,23 @@ def client(app) -> TestClient:
         yield client
 
 
+@pytest.fixture
+def make_client(settings, seeded, keys):
+    """A factory of ready clients of apps whose `api` settings the test overrides."""
+    clients = []
+
+    def make(**api) -> TestClient:
+        app = create_app(settings.model_copy(update={
+            "api": settings.api.model_copy(update=api)}))
+        client = TestClient(app).__enter__()
+        clients.append(client)
+        wait_ready(client)
+        return client
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
 def wait_ready(client: TestClient, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while client.get("/ready").status_code != 200:

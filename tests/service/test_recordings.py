@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.bench.clips import to_wav, voiced_clip
-from tests.service.conftest import bearer, files_under, row_counts, wait_ready
+from tests.service.conftest import bearer, files_under, row_counts
 
 RATE = 16_000
 
@@ -23,22 +22,12 @@ def recording(*parts: tuple[str, float]) -> bytes:
 
 
 @pytest.fixture
-def make_client(settings, seeded, keys):
-    clients = []
-
+def make_client(make_client):
     def make(**api) -> TestClient:
         # Answered at once unless a test asks for a job: on a busy machine analysing a
         # recording can take longer than the default wait.
-        api = {"recording_wait_s": 60.0, **api}
-        app = create_app(settings.model_copy(update={
-            "api": settings.api.model_copy(update=api)}))
-        client = TestClient(app).__enter__()
-        clients.append(client)
-        wait_ready(client)
-        return client
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+        return make_client(**{"recording_wait_s": 60.0, **api})
+    return make
 
 
 def uploaded_files(artifacts) -> list:

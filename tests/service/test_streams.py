@@ -9,31 +9,14 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from service.app import create_app
 from service.bench.clips import voiced_clip
-from tests.service.conftest import bearer, files_under, row_counts, wait_ready
+from tests.service.conftest import bearer, files_under, row_counts
 
 RATE = 16_000
 
 
 def pcm(wave: np.ndarray) -> bytes:
     return (np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes()
-
-
-@pytest.fixture
-def make_client(settings, seeded, keys):
-    clients = []
-
-    def make(**api) -> TestClient:
-        app = create_app(settings.model_copy(update={
-            "api": settings.api.model_copy(update=api)}))
-        client = TestClient(app).__enter__()
-        clients.append(client)
-        wait_ready(client)
-        return client
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
 
 
 def ticket(client: TestClient, key: str, **body) -> dict:
