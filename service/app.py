@@ -23,7 +23,7 @@ from service.group_commit import GroupCommitWriter
 from service.metrics import RequestMetrics
 from service.routes import api_router
 from service.scheduler import LearnerService
-from service.upload_limit import UploadSizeLimit
+from service.upload_spool import UploadSpool
 from storage.artifacts import ArtifactStore
 from storage.db import create_db_engine, make_read_session_factory, make_session_factory
 from storage.settings import Settings, get_settings
@@ -83,7 +83,8 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     app.include_router(api_router)
     mount_dashboard(app)  # the web page at `/`
     # The last added runs first: metrics see every request, 413s from the size limit included.
-    app.add_middleware(UploadSizeLimit, max_file_bytes=settings.api.max_upload_bytes)
+    app.add_middleware(UploadSpool, max_file_bytes=settings.api.max_upload_bytes,
+                       spool_threshold_bytes=settings.api.spool_threshold_bytes)
     app.add_middleware(RequestMetrics)
     return app
 

@@ -161,6 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.bootstrap import BundledModelMissing, create_first_keys, register_bundled_model
+    from service.connections import connection_cap, raise_open_file_limit
+    from service.fair_accept import LOAD_FILE_ENV, create_load_file
     from storage.artifacts import ArtifactStore
     from storage.db import create_db_engine, make_session_factory
     from storage.migrate import current_revision, head_revision
@@ -189,19 +191,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  app key (predict, correct):     {first_keys['app']}\n"
               f"  admin key (activate, audit):    {first_keys['admin']}", flush=True)
     workers = args.workers or settings.api.workers
-    metrics_dir = None
+    open_files = raise_open_file_limit()  # before the workers start: they inherit it
+    print(f"emoloop serve: at most {connection_cap(settings.api)} connections per worker "
+          f"(open-file limit {open_files})", flush=True)
+    run_dir = None
     if workers > 1:
         # Every worker counts its own requests; /metrics adds up the files they write here.
-        metrics_dir = tempfile.mkdtemp(prefix="emoloop-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        run_dir = tempfile.mkdtemp(prefix="emoloop-serve-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = run_dir
+        # ... and publishes its open connections here, so that they accept in turn.
+        create_load_file(Path(run_dir) / "worker-load.bin", workers)
+        os.environ[LOAD_FILE_ENV] = str(Path(run_dir) / "worker-load.bin")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         uvicorn.run("service.app:app_for_worker", factory=True,
                     host=args.host or settings.api.host, port=args.port or settings.api.port,
-                    workers=workers, log_level=args.log_level)
+                    workers=workers, log_level=args.log_level,
+                    http="service.connections:GuardedHttpProtocol",
+                    loop="service.fair_accept:new_event_loop" if workers > 1 else "auto",
+                    timeout_keep_alive=settings.api.keep_alive_timeout_s)
     finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

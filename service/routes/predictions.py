@@ -36,16 +36,14 @@ async def create_prediction(
     user_id: Annotated[str | None, Form(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
                                         description="The app's id for the speaker")] = None,
 ) -> PredictionOut:
-    limit = settings.api.max_upload_bytes
-    audio = await file.read(limit + 1)
-    if len(audio) > limit:
-        raise too_large(limit)
     try:
         # With personal models off, every user gets the global model.
         personal_user = user_id if settings.personal.enabled else None
-        inference, clip_path = await anyio.to_thread.run_sync(
-            _predict_and_keep_clip, engine, artifacts, audio, personal_user,
-            limiter=engine.request_slots)
+        # The clip is read from its spooled file in the thread, under the engine's request
+        # slots: only requests being worked on hold a clip in memory, not every one waiting.
+        inference, clip_path, size = await anyio.to_thread.run_sync(
+            _predict_and_keep_clip, engine, artifacts, file, settings.api.max_upload_bytes,
+            personal_user, limiter=engine.request_slots)
     except AudioError as err:
         raise audio_error(err) from None
     except ModelLoadError:
@@ -55,7 +53,7 @@ async def create_prediction(
         clip_id = ClipRepository(session).store(
             sha256=clip_path.sha256, duration_s=len(inference.wave) / SAMPLE_RATE,
             # The rate the model hears: the learner decodes the stored original the same way.
-            sample_rate=SAMPLE_RATE, artifact_path=clip_path.path, size_bytes=len(audio))
+            sample_rate=SAMPLE_RATE, artifact_path=clip_path.path, size_bytes=size)
         return PredictionRepository(session).create(
             api_key_id=caller.key_id, clip_id=clip_id, model_version=inference.model.version,
             label=inference.prediction.emotion, confidence=inference.prediction.confidence,
@@ -86,12 +84,16 @@ class StoredClip(NamedTuple):
     path: str  # relative to the artifact root
 
 
-def _predict_and_keep_clip(engine: InferenceEngine, artifacts: ArtifactStore, audio: bytes,
-                           user_id: str | None) -> tuple[Inference, StoredClip]:
+def _predict_and_keep_clip(engine: InferenceEngine, artifacts: ArtifactStore, file: UploadFile,
+                           limit: int, user_id: str | None
+                           ) -> tuple[Inference, StoredClip, int]:
+    audio = file.file.read(limit + 1)
+    if len(audio) > limit:
+        raise too_large(limit)
     # Decode and validate before anything is stored: a refused clip leaves no file and no row.
     inference = engine.predict(audio, user_id)
     # The file goes first (atomic, content-addressed); a row never points at a missing file.
-    return inference, StoredClip(*artifacts.put_clip(audio, _extension(audio)))
+    return inference, StoredClip(*artifacts.put_clip(audio, _extension(audio))), len(audio)
 
 
 def _delete_if_unreferenced(read_sessions: sessionmaker[Session], artifacts: ArtifactStore,
