@@ -117,7 +117,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from service.bench.serve import run_serve_bench
 
         report = run_serve_bench(Path(args.model) if args.model else None,
-                                 requests=args.requests, floor=args.floor)
+                                 requests=args.requests, floor=args.floor,
+                                 repeats=args.repeats)
+    if args.what == "abuse":
+        from service.bench.abuse import run_abuse_bench
+
+        report = run_abuse_bench(Path(args.model) if args.model else None,
+                                 workers=args.workers, scale=args.scale)
     if args.what == "latency":
         from service.bench.latency import run_latency_bench
 
@@ -351,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks that print medians")
-    p.add_argument("what", choices=["latency", "serve", "personalization", "continual"])
+    p.add_argument("what", choices=["latency", "serve", "abuse", "personalization",
+                                    "continual"])
     p.add_argument("--model", type=Path)
     p.add_argument("--runs", type=int, default=200, help="timed runs after warm-up")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
@@ -359,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: timed predictions per server configuration")
     p.add_argument("--floor", action="store_true", help="serve: also time the inference floor "
                    "(the model work alone, behind a bare ASGI app) with the same clients")
+    p.add_argument("--repeats", type=int, default=1, help="serve: run 1 and 2 workers this many "
+                   "times in turn (medians, and each repeat's worker shares and 2/1 ratio)")
+    p.add_argument("--workers", type=int, default=1, help="abuse: server worker processes")
+    p.add_argument("--scale", type=float, default=1.0, help="abuse: share of the stalled "
+                   "connections opened (1: 2,000, 2,000, 200 and 2,000)")
     p.add_argument("--data", type=Path, help="personalization, continual: the corpora (default "
                    "../shared/data)")
     p.add_argument("--versions", type=int, default=10_000,

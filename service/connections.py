@@ -148,8 +148,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self._has_body():
             self._body_started, self._body_received = self.loop.time(), 0
-            self._body_timer = self.loop.call_later(self.limits.body_timeout_s,
-                                                    self._check_body_rate)
+            self._body_timer = self.loop.call_at(self._body_deadline(), self._check_body_rate)
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -188,7 +187,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._body_started += self.limits.body_timeout_s
         deadline = self._body_deadline()
         if now < deadline:
-            self._body_timer = self.loop.call_later(deadline - now, self._check_body_rate)
+            self._body_timer = self.loop.call_at(deadline, self._check_body_rate)
             return
         cycle = self.cycle
         if cycle is not None and cycle.response_started:  # too late for an answer: just close
