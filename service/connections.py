@@ -21,6 +21,7 @@ import resource
 from functools import lru_cache
 from http import HTTPStatus
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.fair_accept import worker_load
@@ -74,16 +75,44 @@ def error_answer(status: int, error: str, detail: str, retry_after_s: int | None
     return (head + "\r\n").encode() + body
 
 
+class TimedFlowControl(FlowControl):
+    """uvicorn's flow control, also counting how long it has kept reading paused (while the app
+    had not taken what arrived): time a body's client could not send in."""
+
+    def __init__(self, transport, loop):
+        super().__init__(transport)
+        self._loop = loop
+        self._paused_s = 0.0
+        self._paused_at = 0.0
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self._paused_at = self._loop.time()
+        super().pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self._paused_s += self._loop.time() - self._paused_at
+        super().resume_reading()
+
+    def paused_seconds(self) -> float:
+        ongoing = self._loop.time() - self._paused_at if self.read_paused else 0.0
+        return self._paused_s + ongoing
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.limits, self.cap = _limits()
         # The current request head: bytes received since the read it began in (None between
-        # heads), and the size of its URL and headers as parsed.
+        # heads), and the size of its URL and headers as parsed. Heads begun so far.
         self._head_bytes: int | None = None
         self._head_size = 0
+        self._heads = 0
         self._head_timer = None
-        self._body_started = 0.0  # loop time the current body began
+        # The current body: when it began, and how long reading had been paused by then.
+        self._body_started = 0.0
+        self._body_paused_before = 0.0
         self._body_received = 0
         self._body_timer = None
         self._ended = False  # an error answer was written; the rest of the input is ignored
@@ -91,6 +120,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # The connection
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.flow = TimedFlowControl(transport, self.loop)
         self._count_connections()
         if len(self.connections) > self.cap:
             self._end(503, "over_capacity", "the server holds as many connections as it allows; "
@@ -115,10 +145,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._ended:
             return
-        in_head = self._head_bytes is not None
+        head_before = self._heads if self._head_bytes is not None else None
         super().data_received(data)
-        if in_head and self._head_bytes is not None and not self.transport.is_closing():
-            # Counted before httptools has a whole header to hand over: it buffers partial ones.
+        # All of this read went to one head, begun before it and still unfinished. Counted
+        # before httptools has a whole header to hand over: it buffers partial ones.
+        same_head = self._head_bytes is not None and self._heads == head_before
+        if same_head and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._end(431, "headers_too_large", f"the request headers are larger than "
@@ -128,6 +160,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes, self._head_size = 0, 0
+        self._heads += 1
         self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_too_slow)
 
     def on_url(self, url: bytes) -> None:
@@ -148,6 +181,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self._has_body():
             self._body_started, self._body_received = self.loop.time(), 0
+            self._body_paused_before = self.flow.paused_seconds()
             self._body_timer = self.loop.call_at(self._body_deadline(), self._check_body_rate)
 
     def _head_too_slow(self) -> None:
@@ -177,14 +211,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _body_deadline(self) -> float:
         limits = self.limits
         allowed = limits.body_timeout_s + self._body_received / limits.body_min_rate_bytes_s
-        return self._body_started + min(allowed, limits.body_max_timeout_s)
+        # Time the server did not read (the app had not taken what arrived) is not counted.
+        paused = self.flow.paused_seconds() - self._body_paused_before
+        return self._body_started + paused + min(allowed, limits.body_max_timeout_s)
 
     def _check_body_rate(self) -> None:
         self._body_timer = None
         now = self.loop.time()
-        if self.flow.read_paused:
-            # The app has not taken what arrived, so the client cannot send: not its fault.
-            self._body_started += self.limits.body_timeout_s
         deadline = self._body_deadline()
         if now < deadline:
             self._body_timer = self.loop.call_at(deadline, self._check_body_rate)

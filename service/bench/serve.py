@@ -111,9 +111,10 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         auth = f"Authorization: Bearer {key}"
-        before = _requests_by_worker(port, server)
+        wait_ready(port, server, workers)
+        before = _requests_by_worker(port)
         predictions = _predictions_phase(port, server, auth, clips, requests)
-        shares = _shares(before, _requests_by_worker(port, server))
+        shares = _shares(before, _requests_by_worker(port))
         ids = [json.loads(body)["prediction_id"] for body in predictions["bodies"]]
         labels = ("happy", "sad")
         feedback = _measured(server.pid, lambda: _run_clients(port, [
@@ -128,7 +129,8 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
                             "server_cpu_s": 0.0, "client_cpu_s": 0.0}
     return {
         **_prediction_figures(predictions),
-        # Of the predictions (the warm-up's included), the share each worker answered.
+        # Of the predictions (the warm-up's included), the share each worker answered; more
+        # shares than workers: a worker was replaced (uvicorn restarts one that dies or hangs).
         "worker_shares": shares,
         "errors": predictions["errors"] + feedback["errors"],
         "feedback_writes": feedback["ok"],
@@ -155,6 +157,7 @@ def _bench_floor(clips: list[bytes], requests: int, model_path: Path | None) -> 
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        wait_ready(port, server)
         predictions = _predictions_phase(port, server, "X-Bench: floor", clips, requests)
         predictions["load_after"] = os.getloadavg()[0]
     finally:
@@ -166,8 +169,8 @@ def _bench_floor(clips: list[bytes], requests: int, model_path: Path | None) -> 
 
 def _predictions_phase(port: int, server: subprocess.Popen, auth: str, clips: list[bytes],
                        requests: int) -> dict:
-    """Once the server is ready: the warm-up, then the timed predictions, measured."""
-    wait_ready(port, server)
+    """Once the server is ready (the caller waits): the warm-up, then the timed predictions,
+    measured."""
     # Distinct from the timed ones: the server stores the warm-up's clips too.
     warmup = [upload_request(port, auth, unique_clip(clips, requests + i))
               for i in range(WARMUP_REQUESTS)]
@@ -178,15 +181,24 @@ def _predictions_phase(port: int, server: subprocess.Popen, auth: str, clips: li
             "load_before": load_before}
 
 
-def _requests_by_worker(port: int, server: subprocess.Popen) -> dict[str, float]:
+def _requests_by_worker(port: int) -> dict[str, float]:
     """Requests each worker process has answered, by pid, from the server's /metrics."""
-    wait_ready(port, server)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     connection.request("GET", "/metrics")
     text = connection.getresponse().read().decode()
     connection.close()
     return {m.group(1) or "": float(m.group(2)) for m in re.finditer(
         r'^emoloop_worker_requests(?:\{pid="(\d+)"\})? (\S+)$', text, re.M)}
+
+
+def _workers_answering(port: int) -> int:
+    """Worker processes that have answered requests and still run (prometheus_client keeps
+    the figures of a worker that died)."""
+    try:
+        by_worker = _requests_by_worker(port)
+    except OSError:
+        return 0
+    return sum(n > 0 and Path(f"/proc/{pid}").exists() for pid, n in by_worker.items())
 
 
 def _shares(before: dict[str, float], after: dict[str, float]) -> list[float]:
@@ -240,11 +252,13 @@ with make_session_factory(create_db_engine(settings.database.url))() as session:
 """
 
 
-def wait_ready(port: int, server: subprocess.Popen, timeout_s: float = 180.0) -> None:
-    """Until /ready answers 200 on several fresh connections in a row (with several workers,
-    each connection may land on another one)."""
+def wait_ready(port: int, server: subprocess.Popen, workers: int = 1,
+               timeout_s: float = 180.0) -> None:
+    """Until /ready answers 200 on several fresh connections in a row, and (from /metrics)
+    `workers` live worker processes have answered requests: each connection may land on
+    another worker, and one still starting answers none."""
     deadline, in_a_row = time.monotonic() + timeout_s, 0
-    while in_a_row < 10:
+    while in_a_row < 10 or (workers > 1 and _workers_answering(port) < workers):
         if server.poll() is not None:
             output = server.stdout.read().decode(errors="replace")
             raise RuntimeError(f"emoloop serve exited with {server.returncode}:\n{output}")
