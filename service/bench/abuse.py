@@ -13,9 +13,10 @@ One server (a fresh data directory, SQLite, the bundled model), three scenarios 
 - the stalled uploads again, to show that what the first wave left resident is reused.
 Meanwhile a separate process sends predictions (3 s WAV clips, each new bytes) one after the
 other on a keep-alive connection. Reported per scenario: the well-behaved client's answers and
-latency; every stalled connection's answer and how long after its first byte the server closed
-it, against the deadline the settings give it; the server's resident memory (all processes)
-before, at its highest, and after the stalled connections are gone.
+latency; every stalled connection's answer and how long after it stalled (its last byte handed
+to the system) the server closed it, against the deadline the settings give it; the server's
+resident memory (all processes) before, at its highest, and after the stalled connections are
+gone.
 """
 import asyncio
 import multiprocessing
@@ -97,6 +98,7 @@ def _scenario(port: int, server_pid: int, auth: str, api: ApiSettings, kind: str
         "stalled_opened": sum(s["opened"] for s in stalled),
         "stalled_answers": {str(code): sum(s["status"] == code for s in stalled)
                             for code in sorted({s["status"] for s in stalled}, key=str)},
+        "closed": sum(s["closed_s"] is not None for s in stalled),
         "closed_in_time": sum(s["closed_s"] is not None
                               and s["closed_s"] <= s["deadline_s"] + LATE_S for s in stalled),
         "deadline_s": float(np.median([s["deadline_s"] for s in stalled])),
@@ -141,12 +143,14 @@ async def _stall(port: int, api: ApiSettings, kind: str, starting: asyncio.Semap
         except OSError:
             return result
         result["opened"] = True
-        started = time.monotonic()  # the server's clocks start with the head
         writer.write(head + body)
         try:
             await writer.drain()
         except (ConnectionResetError, BrokenPipeError):
             pass  # the answer, if any, is read below
+        # The deadline counts from here, when it stalls: the server's clock starts with the
+        # head, but leaves out the time it kept reading paused, which is less than this.
+        started = time.monotonic()
     try:
         answer = await asyncio.wait_for(reader.read(), deadline_s + 60)
         if answer.startswith(b"HTTP/1.1 "):
