@@ -160,19 +160,21 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(server):
 
 def test_keep_alive_connections_spread_evenly_over_the_workers(server):
     port, _ = server
-    clients = [_connect(port) for _ in range(8)]
-    try:
-        for sock in clients:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-        open_connections = _metric(port, "emoloop_worker_open_connections")
-    finally:
-        for sock in clients:
-            sock.close()
-    assert len(open_connections) == 2
-    # The 8 and the /metrics request's own connection: 4 and 5.
-    fewer, more = sorted(open_connections.values())
-    assert fewer >= 4 and more - fewer <= 1
+    for _ in range(3):  # a burst of 8 can land evenly by chance; three in a row hardly
+        clients = [_connect(port) for _ in range(8)]
+        try:
+            for sock in clients:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            open_connections = _metric(port, "emoloop_worker_open_connections")
+        finally:
+            for sock in clients:
+                sock.close()
+        assert len(open_connections) == 2
+        # The 8 and the /metrics request's own connection: 4 and 5.
+        fewer, more = sorted(open_connections.values())
+        assert fewer >= 4 and more - fewer <= 1
+        time.sleep(0.3)  # the server sees them closed
 
 
 def test_stalled_uploads_are_spooled_not_held_in_memory(server):
