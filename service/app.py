@@ -28,7 +28,7 @@ from service.recording_jobs import RecordingJobs
 from service.routes import api_router
 from service.scheduler import LearnerService
 from service.store_probe import StoreProbe
-from service.upload_limit import UploadSizeLimit
+from service.upload_spool import UploadSpool
 from storage.artifacts import open_artifact_store
 from storage.db import create_db_engine, make_read_session_factory, make_session_factory
 from storage.settings import Settings, get_settings
@@ -113,7 +113,8 @@ def create_app(settings: Settings, *, freeze_heap_when_ready: bool = False) -> F
     # The last added runs first: metrics see every request, 413s from the size limit included.
     app.add_middleware(IdempotencyKeys, writer=writer,
                        window_s=settings.api.idempotency_window_s)
-    app.add_middleware(UploadSizeLimit, max_file_bytes=settings.api.max_upload_bytes,
+    app.add_middleware(UploadSpool, max_file_bytes=settings.api.max_upload_bytes,
+                       spool_threshold_bytes=settings.api.spool_threshold_bytes,
                        streamed_paths={"/v1/recordings": settings.api.max_recording_bytes})
     app.add_middleware(RequestMetrics)
     return app

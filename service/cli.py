@@ -168,7 +168,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from service.bench.serve import run_serve_bench
 
         report = run_serve_bench(Path(args.model) if args.model else None,
-                                 requests=args.requests, floor=args.floor)
+                                 requests=args.requests, floor=args.floor,
+                                 repeats=args.repeats)
+    if args.what == "abuse":
+        from service.bench.abuse import run_abuse_bench
+
+        report = run_abuse_bench(Path(args.model) if args.model else None,
+                                 workers=args.workers or 1, scale=args.scale)
     if args.what == "latency":
         from service.bench.latency import run_latency_bench
 
@@ -205,7 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                   speakers=args.speakers, recordings=args.recordings,
                                   runs=args.runs_per_recording, cost_runs=args.cost_runs,
                                   streams=[int(n) for n in args.streams.split(",") if n.strip()],
-                                  stream_seconds=args.stream_seconds, workers=args.workers)
+                                  stream_seconds=args.stream_seconds, workers=args.workers or 2)
     if args.json:
         print(json.dumps(report, default=str))
     else:
@@ -288,6 +294,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.bootstrap import BundledModelMissing, create_first_keys, register_bundled_model
+    from service.connections import connection_cap, raise_open_file_limit
+    from service.fair_accept import LOAD_FILE_ENV, create_load_file
     from storage.artifacts import open_artifact_store
     from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
@@ -314,19 +322,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  app key (predict, correct):     {first_keys['app']}\n"
               f"  admin key (activate, audit):    {first_keys['admin']}", flush=True)
     workers = args.workers or settings.api.workers
-    metrics_dir = None
+    open_files = raise_open_file_limit()  # before the workers start: they inherit it
+    print(f"emoloop serve: at most {connection_cap(settings.api)} connections per worker "
+          f"(open-file limit {open_files})", flush=True)
+    run_dir = None
     if workers > 1:
         # Every worker counts its own requests; /metrics adds up the files they write here.
-        metrics_dir = tempfile.mkdtemp(prefix="emoloop-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        run_dir = tempfile.mkdtemp(prefix="emoloop-serve-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = run_dir
+        # ... and publishes its open connections here, so that they accept in turn.
+        create_load_file(Path(run_dir) / "worker-load.bin", workers)
+        os.environ[LOAD_FILE_ENV] = str(Path(run_dir) / "worker-load.bin")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         uvicorn.run("service.app:app_for_worker", factory=True,
                     host=args.host or settings.api.host, port=args.port or settings.api.port,
-                    workers=workers, log_level=args.log_level)
+                    workers=workers, log_level=args.log_level,
+                    http="service.connections:GuardedHttpProtocol",
+                    loop="service.fair_accept:new_event_loop" if workers > 1 else "auto",
+                    timeout_keep_alive=settings.api.keep_alive_timeout_s)
     finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 
@@ -532,8 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("bench", help="benchmarks that print medians")
-    p.add_argument("what", choices=["latency", "serve", "personalization", "continual", "gate",
-                                    "stream", "prune"])
+    p.add_argument("what", choices=["latency", "serve", "abuse", "personalization", "continual",
+                                    "gate", "stream", "prune"])
     p.add_argument("--model", type=Path)
     p.add_argument("--runs", type=int, default=200, help="timed runs after warm-up")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
@@ -541,8 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: timed predictions per server configuration")
     p.add_argument("--floor", action="store_true", help="serve: also time the inference floor "
                    "(the model work alone, behind a bare ASGI app) with the same clients")
-    p.add_argument("--data", type=Path, help="personalization, continual, gate: the corpora "
-                   "(default ../shared/data)")
+    p.add_argument("--repeats", type=int, default=1, help="serve: run 1 and 2 workers this many "
+                   "times in turn (medians, and each repeat's worker shares and 2/1 ratio)")
+    p.add_argument("--scale", type=float, default=1.0, help="abuse: share of the stalled "
+                   "connections opened (1: 2,000, 2,000, 200 and 2,000)")
+    p.add_argument("--data", type=Path, help="personalization, continual, gate, stream: the "
+                   "corpora (default ../shared/data)")
     p.add_argument("--versions", type=int, default=10_000,
                    help="personalization: personal versions stored for the cost figures")
     p.add_argument("--rounds", type=int, default=3, help="continual: learning rounds")
@@ -571,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "against emoloop serve, comma-separated and rising (e.g. 4,8,16; empty: skip)")
     p.add_argument("--stream-seconds", type=float, default=20.0,
                    help="stream: how long each stream sends audio")
-    p.add_argument("--workers", type=int, default=2, help="stream: emoloop serve --workers")
+    p.add_argument("--workers", type=int, help="abuse, stream: emoloop serve --workers "
+                   "(default 1 for abuse, 2 for stream)")
     p.add_argument("--predictions", type=int, default=100_000,
                    help="prune: predictions the bench stores before pruning")
     p.add_argument("--database-url", help="prune: an empty PostgreSQL database to use (default: "

@@ -21,6 +21,18 @@ PREDICTIONS = Counter("emoloop_predictions_total", "Predictions made, by predict
                       ["emotion", "model_version"])
 FEEDBACK = Counter("emoloop_feedback_total", "Feedback received, by label and whether it "
                    "confirmed the prediction", ["label", "confirmed"])
+# Per worker process (a pid label with several workers): how the load spreads over them
+# (`emoloop bench serve` reports each worker's share from these). Gauges, because in
+# prometheus_client's multiprocess mode a counter is summed over the processes.
+WORKER_REQUESTS = Gauge("emoloop_worker_requests",
+                        "HTTP requests this worker process answered since it started",
+                        multiprocess_mode="liveall")
+WORKER_CONNECTIONS = Gauge("emoloop_worker_open_connections",
+                           "HTTP connections this worker process holds open",
+                           multiprocess_mode="liveall")
+CONNECTIONS_CUT = Counter(
+    "emoloop_connections_cut_total", "Connections the server ended on a client: request head "
+    "or body too slow (408), head too large (431), over the connection cap (503)", ["reason"])
 ACTIVE_MODEL_VERSION = Gauge("emoloop_active_model_version",
                              "The global model version this worker serves",
                              multiprocess_mode="liveall")
@@ -54,7 +66,7 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500  # what the server answers if the app raises before starting a response
+        status = None
 
         async def send_and_record_status(message: Message) -> None:
             nonlocal status
@@ -64,9 +76,17 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_and_record_status)
+        except BaseException:
+            status = status or 500  # what the server answers when the app raises first
+            raise
         finally:
-            # The router writes the matched route into the scope it was given, which is ours.
-            route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
-            REQUESTS.labels(method, route, str(status)).inc()
-            REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - start)
+            if status is not None:  # None: the client went away before any answer
+                _record(scope, status, time.perf_counter() - start)
+
+
+def _record(scope: Scope, status: int, seconds: float) -> None:
+    WORKER_REQUESTS.inc()
+    # The router writes the matched route into the scope it was given, which is ours.
+    route = getattr(scope.get("route"), "path", "unmatched")
+    REQUESTS.labels(scope["method"], route, str(status)).inc()
+    REQUEST_SECONDS.labels(scope["method"], route).observe(seconds)

@@ -90,6 +90,22 @@ class ApiSettings(Section):
     model_poll_interval_s: float = 1.0
     # A POST repeated with the same Idempotency-Key this long after the first gets its answer.
     idempotency_window_s: float = Field(24 * 3600.0, gt=0.0)
+    # Connection hygiene (service/connections.py; the README's "Slow and greedy clients" gives
+    # the reasons for each default). A reverse proxy in front may take these over.
+    # Open connections per worker; beyond it a new one gets a fast 503. Lowered at start to fit
+    # the open-file limit (each connection may hold two descriptors: socket and spool file).
+    max_connections: int = Field(4096, ge=1)
+    # The request line and headers must arrive within this, counted from their first byte ...
+    header_timeout_s: float = Field(10.0, gt=0)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # ... and be at most this large (else 431)
+    # A body's deadline: body_timeout_s, plus one second for every body_min_rate_bytes_s bytes
+    # received, at most body_max_timeout_s (mod_reqtimeout's rule); past it, 408.
+    body_timeout_s: float = Field(10.0, gt=0)
+    body_min_rate_bytes_s: int = Field(16 * 1024, ge=1)
+    body_max_timeout_s: float = Field(60.0, gt=0)
+    keep_alive_timeout_s: float = Field(5.0, gt=0)  # an idle connection is closed after this
+    # Upload bytes a request keeps in memory; past this the body goes to a temporary file.
+    spool_threshold_bytes: int = Field(64 * 1024, ge=0)
 
 
 class TimelineSettings(Section):

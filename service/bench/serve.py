@@ -6,8 +6,10 @@ WAV clips sent by 8 concurrent clients, each waiting for its answer before sendi
 loop: at concurrency 8, the median latency is about 8 / throughput). After a warm-up, a fixed
 number of predictions is timed (bounded in time too), then feedback POSTs for those predictions
 from the same 8 clients. Reported: latency percentiles, throughput and errors for predictions,
-feedback writes per second, and the CPU time the server and the client spent per request,
-beside the issue's targets.
+feedback writes per second, the CPU time the server and the client spent per request, and
+each worker's share of the predictions (from the per-worker request gauges in the server's
+/metrics), beside the issue's targets. With `repeats`, the whole is run that many times in turn;
+each repeat's 2-worker shares and 2/1-worker throughput ratio are listed.
 
 With `floor`, the same predictions also go to the inference floor (service.bench.inference_floor:
 the engine's decoding, features and batched model behind a bare ASGI app, one worker), and the
@@ -24,6 +26,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -49,21 +52,36 @@ EMOLOOP = str(Path(sys.executable).with_name("emoloop"))
 
 
 def run_serve_bench(model_path: Path | None = None, requests: int = 400,
-                    workers: tuple[int, ...] = (1, 2), floor: bool = False) -> dict:
+                    workers: tuple[int, ...] = (1, 2), floor: bool = False,
+                    repeats: int = 1) -> dict:
     """`floor`: also run the inference floor (service.bench.inference_floor), one worker, with
-    the same clips and clients."""
+    the same clips and clients. `repeats`: run every worker count this many times, in turn;
+    the report's `workers` then holds each figure's median over the repeats (errors: the sum),
+    `repeats` every run."""
     clips = clip_pool()
-    runs = {}
-    for n in workers:
-        with tempfile.TemporaryDirectory(prefix="emoloop-bench-") as data_dir:
-            runs[n] = _bench_server(Path(data_dir), n, clips, requests, model_path)
+    repeated = []
+    for _ in range(repeats):
+        runs = {}
+        for n in workers:
+            with tempfile.TemporaryDirectory(prefix="emoloop-bench-") as data_dir:
+                runs[n] = _bench_server(Path(data_dir), n, clips, requests, model_path)
+        repeated.append(runs)
+    medians = {n: _median_run([runs[n] for runs in repeated]) for n in workers}
     report = {"concurrency": CONCURRENCY, "clip_seconds": CLIP_SECONDS, "clip_pool": CLIP_POOL,
               "requests": requests, "cpu_count": os.cpu_count(), "database": "sqlite",
-              "targets": TARGETS, "workers": {str(n): r for n, r in runs.items()}}
+              "targets": TARGETS, "workers": {str(n): r for n, r in medians.items()},
+              "repeats": [{str(n): r for n, r in runs.items()} for runs in repeated]}
     if floor:
         report["inference_floor"] = _bench_floor(clips, requests, model_path)
-    report["lines"] = _lines(report, runs)
+    report["lines"] = _lines(report, medians) + _balance_lines(repeated)
     return report
+
+
+def _median_run(runs: list[dict]) -> dict:
+    merged = {key: float(np.median([r[key] for r in runs])) for key in runs[0]
+              if isinstance(runs[0][key], (int, float))}
+    merged["errors"] = sum(r["errors"] for r in runs)
+    return merged
 
 
 def clip_pool(n: int = CLIP_POOL) -> list[bytes]:
@@ -85,7 +103,7 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
     env = {**os.environ, "EMOLOOP_DATA_DIR": str(data_dir),
            "EMOLOOP_DATABASE_URL": f"sqlite:///{data_dir / 'emoloop.db'}",
            "EMOLOOP_LEARNER__ENABLED": "false", "OMP_NUM_THREADS": "1"}
-    key = _prepare(env, model_path)
+    key = prepare_data_dir(env, model_path)
     port = free_port()
     server = subprocess.Popen(
         [EMOLOOP, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
@@ -93,7 +111,10 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         auth = f"Authorization: Bearer {key}"
+        wait_ready(port, server, workers)
+        before = _requests_by_worker(port)
         predictions = _predictions_phase(port, server, auth, clips, requests)
+        shares = _shares(before, _requests_by_worker(port))
         ids = [json.loads(body)["prediction_id"] for body in predictions["bodies"]]
         labels = ("happy", "sad")
         feedback = _measured(server.pid, lambda: _run_clients(port, [
@@ -108,6 +129,9 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
                             "server_cpu_s": 0.0, "client_cpu_s": 0.0}
     return {
         **_prediction_figures(predictions),
+        # Of the predictions (the warm-up's included), the share each worker answered; more
+        # shares than workers: a worker was replaced (uvicorn restarts one that dies or hangs).
+        "worker_shares": shares,
         "errors": predictions["errors"] + feedback["errors"],
         "feedback_writes": feedback["ok"],
         "feedback_per_s": feedback["ok"] / feedback["seconds"] if feedback["seconds"] else 0.0,
@@ -133,6 +157,7 @@ def _bench_floor(clips: list[bytes], requests: int, model_path: Path | None) -> 
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        wait_ready(port, server)
         predictions = _predictions_phase(port, server, "X-Bench: floor", clips, requests)
         predictions["load_after"] = os.getloadavg()[0]
     finally:
@@ -144,16 +169,42 @@ def _bench_floor(clips: list[bytes], requests: int, model_path: Path | None) -> 
 
 def _predictions_phase(port: int, server: subprocess.Popen, auth: str, clips: list[bytes],
                        requests: int) -> dict:
-    """Once the server is ready: the warm-up, then the timed predictions, measured."""
-    _wait_ready(port, server)
+    """Once the server is ready (the caller waits): the warm-up, then the timed predictions,
+    measured."""
     # Distinct from the timed ones: the server stores the warm-up's clips too.
-    warmup = [_upload(port, auth, unique_clip(clips, requests + i))
+    warmup = [upload_request(port, auth, unique_clip(clips, requests + i))
               for i in range(WARMUP_REQUESTS)]
-    timed = [_upload(port, auth, unique_clip(clips, i)) for i in range(requests)]
+    timed = [upload_request(port, auth, unique_clip(clips, i)) for i in range(requests)]
     load_before = os.getloadavg()[0]
     _run_clients(port, warmup)
     return {**_measured(server.pid, lambda: _run_clients(port, timed)),
             "load_before": load_before}
+
+
+def _requests_by_worker(port: int) -> dict[str, float]:
+    """Requests each worker process has answered, by pid, from the server's /metrics."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    connection.close()
+    return {m.group(1) or "": float(m.group(2)) for m in re.finditer(
+        r'^emoloop_worker_requests(?:\{pid="(\d+)"\})? (\S+)$', text, re.M)}
+
+
+def _workers_answering(port: int) -> int:
+    """Worker processes that have answered requests and still run (prometheus_client keeps
+    the figures of a worker that died)."""
+    try:
+        by_worker = _requests_by_worker(port)
+    except OSError:
+        return 0
+    return sum(n > 0 and Path(f"/proc/{pid}").exists() for pid, n in by_worker.items())
+
+
+def _shares(before: dict[str, float], after: dict[str, float]) -> list[float]:
+    """Each worker's share of the requests answered between two looks, largest first."""
+    done = [after[pid] - before.get(pid, 0.0) for pid in after]
+    return sorted((n / sum(done) for n in done), reverse=True) if sum(done) else []
 
 
 def _prediction_figures(predictions: dict) -> dict:
@@ -172,7 +223,7 @@ def _prediction_figures(predictions: dict) -> dict:
     }
 
 
-def _prepare(env: dict, model_path: Path | None) -> str:
+def prepare_data_dir(env: dict, model_path: Path | None) -> str:
     """Migrate the new database, make the bench's key, register --model as version 1."""
     subprocess.run([EMOLOOP, "migrate"], env=env, check=True, capture_output=True)
     made = subprocess.run([EMOLOOP, "keys", "create", "--role", "app", "--name", "bench"],
@@ -202,11 +253,13 @@ with make_session_factory(engine)() as session:
 """
 
 
-def _wait_ready(port: int, server: subprocess.Popen, timeout_s: float = 180.0) -> None:
-    """Until /ready answers 200 on several fresh connections in a row (with several workers,
-    each connection may land on another one)."""
+def wait_ready(port: int, server: subprocess.Popen, workers: int = 1,
+               timeout_s: float = 180.0) -> None:
+    """Until /ready answers 200 on several fresh connections in a row, and (from /metrics)
+    `workers` live worker processes have answered requests: each connection may land on
+    another worker, and one still starting answers none."""
     deadline, in_a_row = time.monotonic() + timeout_s, 0
-    while in_a_row < 10:
+    while in_a_row < 10 or (workers > 1 and _workers_answering(port) < workers):
         if server.poll() is not None:
             output = server.stdout.read().decode(errors="replace")
             raise RuntimeError(f"emoloop serve exited with {server.returncode}:\n{output}")
@@ -242,7 +295,7 @@ async def _clients(port: int, requests: list[bytes], expect: int) -> dict:
             try:
                 connection = connection or await asyncio.open_connection("127.0.0.1", port)
                 connection[1].write(request)
-                status, body = await asyncio.wait_for(_response(connection[0]),
+                status, body = await asyncio.wait_for(read_response(connection[0]),
                                                       REQUEST_TIMEOUT_S)
             except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError):
                 if connection is not None:
@@ -264,7 +317,7 @@ async def _clients(port: int, requests: list[bytes], expect: int) -> dict:
     return state
 
 
-async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """Status and body of one HTTP/1.1 response with a Content-Length (all of emoloop's)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -289,7 +342,7 @@ def _request(port: int, path: str, auth: str, content_type: str, body: bytes) ->
             ).encode() + body
 
 
-def _upload(port: int, auth: str, clip: bytes) -> bytes:
+def upload_request(port: int, auth: str, clip: bytes) -> bytes:
     """POST /v1/predictions with the clip as the multipart field `file`."""
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
@@ -365,4 +418,30 @@ def _lines(report: dict, runs: dict[int, dict]) -> list[str]:
     for n, r in runs.items():
         lines.append(target(f"feedback writes/s, {n} worker{'s' if n > 1 else ''}",
                             r["feedback_per_s"], TARGETS["feedback_per_s"], False))
+    return lines
+
+
+def _balance_lines(repeated: list[dict[int, dict]]) -> list[str]:
+    """Per repeat: each worker's share of the requests with 2 workers, and 2 workers'
+    predictions/s against 1 worker's in the same repeat."""
+    with_two = [runs for runs in repeated if 2 in runs]
+    lines = []
+    for i, runs in enumerate(with_two, 1):
+        line = (f"repeat {i}: 2 workers {runs[2]['throughput_per_s']:.1f} pred/s, shares "
+                + " / ".join(f"{100 * share:.1f}%" for share in runs[2]["worker_shares"]))
+        if 1 in runs:
+            line += (f"; 1 worker {runs[1]['throughput_per_s']:.1f} pred/s, ratio "
+                     f"x{runs[2]['throughput_per_s'] / runs[1]['throughput_per_s']:.2f}")
+        lines.append(line)
+    if with_two:
+        even = all(len(r[2]["worker_shares"]) == 2
+                   and all(0.4 <= share <= 0.6 for share in r[2]["worker_shares"])
+                   for r in with_two)
+        lines.append(f"{'worker shares, 2 workers':<30}every repeat within 40-60% each   "
+                     f"{'met' if even else 'MISSED'}")
+    if with_two and all(1 in runs for runs in with_two):
+        ratios = [r[2]["throughput_per_s"] / r[1]["throughput_per_s"] for r in with_two]
+        lines.append(f"{'2 / 1 workers, pred/s':<30}median x{float(np.median(ratios)):.2f}, "
+                     f"lowest x{min(ratios):.2f}   target >= x1.3 every repeat   "
+                     f"{'met' if min(ratios) >= 1.3 else 'MISSED'}")
     return lines

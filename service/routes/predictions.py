@@ -43,16 +43,14 @@ async def create_prediction(
     if no_room is not None:
         raise ApiError(507, "insufficient_storage", no_room,
                        headers={"Retry-After": str(RETRY_AFTER_S)})
-    limit = settings.api.max_upload_bytes
-    audio = await file.read(limit + 1)
-    if len(audio) > limit:
-        raise too_large(limit)
     try:
         # With personal models off, every user gets the global model.
         personal_user = user_id if settings.personal.enabled else None
-        inference, stored = await anyio.to_thread.run_sync(
-            _predict_and_keep_clip, engine, artifacts, audio, personal_user,
-            limiter=engine.request_slots)
+        # The clip is read from its spooled file in the thread, under the engine's request
+        # slots: only requests being worked on hold a clip in memory, not every one waiting.
+        inference, stored, audio = await anyio.to_thread.run_sync(
+            _predict_and_keep_clip, engine, artifacts, file, settings.api.max_upload_bytes,
+            personal_user, limiter=engine.request_slots)
     except AudioError as err:
         raise audio_error(err) from None
     except ModelLoadError:
@@ -96,14 +94,18 @@ class StoredClip(NamedTuple):
     path: str  # relative to the artifact root
 
 
-def _predict_and_keep_clip(engine: InferenceEngine, artifacts: ArtifactStore, audio: bytes,
-                           user_id: str | None) -> tuple[Inference, StoredClip | None]:
+def _predict_and_keep_clip(engine: InferenceEngine, artifacts: ArtifactStore, file: UploadFile,
+                           limit: int, user_id: str | None
+                           ) -> tuple[Inference, StoredClip | None, bytes]:
+    audio = file.file.read(limit + 1)
+    if len(audio) > limit:
+        raise too_large(limit)
     # Decode and validate before anything is stored: a refused clip leaves no file and no row.
     inference = engine.predict(audio, user_id)
     if artifacts.transactional:
-        return inference, None  # stored with the rows, in their transaction
+        return inference, None, audio  # stored with the rows, in their transaction
     # The file goes first (atomic, content-addressed); a row never points at a missing file.
-    return inference, StoredClip(*artifacts.put_clip(audio, clip_extension(audio)))
+    return inference, StoredClip(*artifacts.put_clip(audio, clip_extension(audio))), audio
 
 
 def _delete_if_unreferenced(read_sessions: sessionmaker[Session], artifacts: ArtifactStore,

@@ -44,7 +44,7 @@ async def create_recording(
     user_id: Annotated[str | None, Form(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
                                         description="The app's id for the speaker")] = None,
 ) -> RecordingOut | JSONResponse:
-    # The upload size limit (service.upload_limit) refused a too-large body already.
+    # The upload size limit (service.upload_spool) refused a too-large body already.
     upload = await run_in_threadpool(receive_upload, file.file, artifacts, clip_extension)
     job = jobs.submit(upload, caller.key_id, user_id)
     finished = await anyio.to_thread.run_sync(job.finished.wait, settings.api.recording_wait_s)

@@ -33,6 +33,7 @@ def test_a_short_run_answers_every_request_and_reports_the_targets():
     assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
     assert run["throughput_per_s"] > 0 and run["feedback_per_s"] > 0
     assert run["cpu_ms_per_prediction"] > 0 and run["client_cpu_ms_per_request"] > 0
+    assert report["repeats"][0]["1"]["worker_shares"] == [1.0]  # one worker answered them all
     floor = report["inference_floor"]  # the model work alone, same clips and clients
     assert floor["errors"] == 0 and floor["predictions"] == 16
     assert 0 < floor["p50_ms"] <= floor["p99_ms"] and floor["cpu_ms_per_prediction"] > 0
