@@ -20,17 +20,15 @@ gone.
 """
 import asyncio
 import multiprocessing
-import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from service.bench.local_server import free_port, stop_process_group, tree_rss_bytes
-from service.bench.serve import (EMOLOOP, clip_pool, prepare_data_dir, read_response,
-                                 unique_clip, upload_request, wait_ready)
+from service.bench.local_server import tree_rss_bytes
+from service.bench.serve import (bench_server, clip_pool, read_response, unique_clip,
+                                 upload_request)
 from service.connections import raise_open_file_limit
 from storage.settings import ApiSettings, get_settings
 
@@ -52,23 +50,11 @@ def run_abuse_bench(model_path: Path | None = None, workers: int = 1, scale: flo
     raise_open_file_limit()  # this process holds the 2,000 client ends
     api = get_settings().api
     results = {}
-    with tempfile.TemporaryDirectory(prefix="emoloop-abuse-") as data_dir:
-        env = {**os.environ, "EMOLOOP_DATA_DIR": data_dir,
-               "EMOLOOP_DATABASE_URL": f"sqlite:///{Path(data_dir) / 'emoloop.db'}",
-               "EMOLOOP_LEARNER__ENABLED": "false", "OMP_NUM_THREADS": "1"}
-        key = prepare_data_dir(env, model_path)
-        port = free_port()
-        server = subprocess.Popen(
-            [EMOLOOP, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
-             str(workers), "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_ready(port, server)
-            for name, kind, count in SCENARIOS:
-                results[name] = _scenario(port, server.pid, f"Authorization: Bearer {key}", api,
-                                          kind, max(1, round(count * scale)))
-        finally:
-            stop_process_group(server)
+    with (tempfile.TemporaryDirectory(prefix="emoloop-abuse-") as data_dir,
+          bench_server(Path(data_dir), workers, model_path) as (port, server, key)):
+        for name, kind, count in SCENARIOS:
+            results[name] = _scenario(port, server.pid, f"Authorization: Bearer {key}", api,
+                                      kind, max(1, round(count * scale)))
     report = {"workers": workers, "limits": api.model_dump(), "targets": TARGETS,
               "scenarios": results}
     report["lines"] = _lines(report)

@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,10 +100,14 @@ def unique_clip(clips: list[bytes], i: int) -> bytes:
     return clip[:-4] + struct.pack("<hh", i % 30_000, i // 30_000)
 
 
-def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: int,
-                  model_path: Path | None) -> dict:
+@contextmanager
+def bench_server(data_dir: Path, workers: int, model_path: Path | None = None
+                 ) -> Iterator[tuple[int, subprocess.Popen, str]]:
+    """`emoloop serve` on loopback over a new data folder (SQLite, the learner off, one torch
+    thread a worker), every worker answering: yields (port, process, an app key); stopped
+    after."""
     env = {**os.environ, "EMOLOOP_DATA_DIR": str(data_dir),
-           "EMOLOOP_DATABASE_URL": f"sqlite:///{data_dir / 'emoloop.db'}",
+           "EMOLOOP_DATABASE_URL": f"sqlite:///{Path(data_dir) / 'emoloop.db'}",
            "EMOLOOP_LEARNER__ENABLED": "false", "OMP_NUM_THREADS": "1"}
     key = prepare_data_dir(env, model_path)
     port = free_port()
@@ -110,8 +116,16 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
          str(workers), "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        auth = f"Authorization: Bearer {key}"
         wait_ready(port, server, workers)
+        yield port, server, key
+    finally:
+        stop_process_group(server)
+
+
+def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: int,
+                  model_path: Path | None) -> dict:
+    with bench_server(data_dir, workers, model_path) as (port, server, key):
+        auth = f"Authorization: Bearer {key}"
         before = _requests_by_worker(port)
         predictions = _predictions_phase(port, server, auth, clips, requests)
         shares = _shares(before, _requests_by_worker(port))
@@ -123,8 +137,6 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
                      json.dumps({"label": labels[i // len(ids) % 2]}).encode())
             for i in range(FEEDBACK_PER_PREDICTION * len(ids))])) if ids else None
         predictions["load_after"] = os.getloadavg()[0]
-    finally:
-        stop_process_group(server)
     feedback = feedback or {"ok": 0, "errors": 0, "seconds": 0.0, "latencies_ms": [],
                             "server_cpu_s": 0.0, "client_cpu_s": 0.0}
     return {

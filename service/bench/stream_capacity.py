@@ -13,7 +13,6 @@ import asyncio
 import http.client
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from service.bench.clips import voiced_clip
-from service.bench.local_server import free_port, stop_process_group
-from service.bench.serve import EMOLOOP, _prepare, _wait_ready
+from service.bench.serve import bench_server
 
 RATE = 16_000
 CHUNK_S = 0.25
@@ -30,25 +28,13 @@ MAX_P99_MS = 500.0
 
 
 def run_capacity(levels: list[int], *, seconds: float = 20.0, workers: int = 2) -> dict:
-    with tempfile.TemporaryDirectory(prefix="emoloop-bench-streams-") as tmp:
-        env = {**os.environ, "EMOLOOP_DATA_DIR": tmp,
-               "EMOLOOP_DATABASE_URL": f"sqlite:///{Path(tmp) / 'emoloop.db'}",
-               "EMOLOOP_LEARNER__ENABLED": "false", "OMP_NUM_THREADS": "1"}
-        key = _prepare(env, None)
-        port = free_port()
-        server = subprocess.Popen(
-            [EMOLOOP, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
-             str(workers), "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_ready(port, server)
-            results = {}
-            for n in levels:
-                results[n] = asyncio.run(_level(port, key, n, seconds))
-                if not results[n]["holds"]:
-                    break  # more streams will not hold either
-        finally:
-            stop_process_group(server)
+    results = {}
+    with (tempfile.TemporaryDirectory(prefix="emoloop-bench-streams-") as tmp,
+          bench_server(Path(tmp), workers) as (port, _, key)):
+        for n in levels:
+            results[n] = asyncio.run(_level(port, key, n, seconds))
+            if not results[n]["holds"]:
+                break  # more streams will not hold either
     held = [n for n, r in results.items() if r["holds"]]
     return {"workers": workers, "seconds_per_stream": seconds, "levels": results,
             "capacity": max(held) if held else 0, "max_p99_ms": MAX_P99_MS}
