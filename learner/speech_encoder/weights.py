@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from safetensors.torch import load as load_safetensors
+from torch import nn
 
 from learner.file_metadata import read_metadata, save_with_metadata
 from learner.speech_encoder.ct2_file import read_ct2
