@@ -169,7 +169,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         report = run_serve_bench(Path(args.model) if args.model else None,
                                  requests=args.requests, floor=args.floor,
-                                 repeats=args.repeats)
+                                 repeats=args.repeats, database_url=args.database_url,
+                                 stores=tuple(args.artifacts.split(",")))
     if args.what == "abuse":
         from service.bench.abuse import run_abuse_bench
 
@@ -188,6 +189,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "prune":
         from service.bench.prune import run_prune_bench
 
+        if args.artifacts not in ("local", "database"):
+            raise SystemExit("emoloop bench prune: --artifacts is local or database")
         report = run_prune_bench(args.predictions, database_url=args.database_url,
                                  artifacts=args.artifacts)
     if args.what == "continual":
@@ -596,10 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 1 for abuse, 2 for stream)")
     p.add_argument("--predictions", type=int, default=100_000,
                    help="prune: predictions the bench stores before pruning")
-    p.add_argument("--database-url", help="prune: an empty PostgreSQL database to use (default: "
-                   "a SQLite file in a temporary folder)")
-    p.add_argument("--artifacts", choices=["local", "database"], default="local",
-                   help="prune: the artifact store")
+    p.add_argument("--database-url", help="prune: an empty PostgreSQL database to use; serve: "
+                   "a PostgreSQL database each run makes a new schema in (its user needs "
+                   "CREATE there), dropped after (default: a SQLite file in a temporary folder)")
+    p.add_argument("--artifacts", default="local", help="prune: the artifact store, local or "
+                   "database; serve: the stores to measure, comma-separated, run in turn "
+                   "(local,database: side by side, with the ratio)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

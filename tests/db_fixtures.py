@@ -11,15 +11,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.bench.local_server import free_port
+from service.bench.local_server import free_port, fresh_postgres_schema
 from storage.db import create_db_engine, make_session_factory, normalize_url
 from storage.migrate import upgrade_to_head
 
@@ -76,21 +74,8 @@ def empty_database_url(database_backend, request, tmp_path) -> Iterator[str]:
     if database_backend == "sqlite":
         yield f"sqlite:///{tmp_path / 'emoloop.db'}"
         return
-    server = request.getfixturevalue("postgres_server")
-    schema = f"test_{uuid.uuid4().hex[:16]}"
-    with _admin_connection(server) as admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    # Every connection made from this URL works in the new schema, and is named after it so that
-    # connections a test leaves open can be ended before the schema is dropped.
-    url = make_url(server).update_query_dict(
-        {"options": f"-csearch_path={schema}", "application_name": schema})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with _admin_connection(server) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE application_name = %s AND pid <> pg_backend_pid()", [schema])
-            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with fresh_postgres_schema(request.getfixturevalue("postgres_server")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -129,12 +114,6 @@ def _postgres_bindir() -> Path | None:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
                    key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
     return found[-1].parent if found else None
-
-
-def _admin_connection(server_url: str) -> psycopg.Connection:
-    conninfo = make_url(server_url).set(drivername="postgresql").render_as_string(
-        hide_password=False)
-    return psycopg.connect(conninfo, autocommit=True)
 
 
 def _run(command: list[str], log: Path | None = None) -> None:

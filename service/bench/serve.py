@@ -1,7 +1,7 @@
 """`emoloop bench serve`: the real server under load, on loopback.
 
-For 1 and then 2 workers: a fresh data directory (SQLite, migrated, a key of its own, the bundled
-model or `--model`), `emoloop serve` started as a subprocess on a free loopback port, then 3 s
+For 1 and then 2 workers: a fresh data directory and database (SQLite by default, migrated, a
+key of its own, the bundled model or `--model`), `emoloop serve` started as a subprocess on a free loopback port, then 3 s
 WAV clips sent by 8 concurrent clients, each waiting for its answer before sending again (closed
 loop: at concurrency 8, the median latency is about 8 / throughput). After a warm-up, a fixed
 number of predictions is timed (bounded in time too), then feedback POSTs for those predictions
@@ -15,6 +15,13 @@ With `floor`, the same predictions also go to the inference floor (service.bench
 the engine's decoding, features and batched model behind a bare ASGI app, one worker), and the
 report puts the two side by side: what the model work alone costs, and what the rest of a
 prediction adds.
+
+With `database_url` (a PostgreSQL database the bench may create schemas in) every run gets a
+new, empty schema there instead of a SQLite file, dropped after. `stores` names the artifact
+stores to run (`local`, `database`: storage.artifacts); with both, each worker count runs on
+each store in turn within a repeat (local, database, local, database, ...: both see the same
+machine), and the report puts their medians side by side with the database store's throughput
+as a share of the local folder's, each repeat's too.
 
 Nothing can flatter the server: the clips come from a pool of 32 different recordings and every
 request's bytes are unique (two samples carry the request's number), so each clip is stored and
@@ -34,12 +41,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from service.bench.local_server import free_port, stop_process_group
+from service.bench.local_server import (free_port, fresh_postgres_schema,
+                                        stop_process_group)
 
 CONCURRENCY = 8
 CLIP_SECONDS = 3.0
@@ -49,33 +57,58 @@ FEEDBACK_PER_PREDICTION = 2  # "happy", then "sad": a second opinion is a new ro
 TIME_LIMIT_S = 120.0  # per phase: the bench always ends, even against a slow server
 REQUEST_TIMEOUT_S = 30.0
 TARGETS = {"p50_ms_1_worker": 25.0, "p99_ms_1_worker": 100.0, "throughput_2_workers": 100.0,
-           "errors": 0, "feedback_per_s": 500.0}
+           "errors": 0, "feedback_per_s": 500.0,
+           # The database artifact store's predictions/s against the local folder's (issue 16).
+           "database_store_share": 0.85}
+STORES = ("local", "database")
 EMOLOOP = str(Path(sys.executable).with_name("emoloop"))
 
 
 def run_serve_bench(model_path: Path | None = None, requests: int = 400,
                     workers: tuple[int, ...] = (1, 2), floor: bool = False,
-                    repeats: int = 1) -> dict:
+                    repeats: int = 1, database_url: str | None = None,
+                    stores: tuple[str, ...] = ("local",)) -> dict:
     """`floor`: also run the inference floor (service.bench.inference_floor), one worker, with
     the same clips and clients. `repeats`: run every worker count this many times, in turn;
     the report's `workers` then holds each figure's median over the repeats (errors: the sum),
-    `repeats` every run."""
+    `repeats` every run. `database_url`: a PostgreSQL database for the runs' schemas (default: a
+    SQLite file each). `stores`: the artifact stores, each run in turn; `stores` in the report
+    holds each one's medians by worker count, `workers` the first one's."""
+    unknown = set(stores) - set(STORES)
+    if unknown or not stores:
+        raise ValueError(f"unknown artifact store(s) {sorted(unknown)}: choose from {STORES}")
     clips = clip_pool()
-    repeated = []
+    repeated: list[dict[str, dict[int, dict]]] = []
     for _ in range(repeats):
-        runs = {}
+        runs: dict[str, dict[int, dict]] = {store: {} for store in stores}
         for n in workers:
-            with tempfile.TemporaryDirectory(prefix="emoloop-bench-") as data_dir:
-                runs[n] = _bench_server(Path(data_dir), n, clips, requests, model_path)
+            for store in stores:
+                with tempfile.TemporaryDirectory(prefix="emoloop-bench-") as data_dir:
+                    runs[store][n] = _bench_server(Path(data_dir), n, clips, requests,
+                                                   model_path, database_url, store)
         repeated.append(runs)
-    medians = {n: _median_run([runs[n] for runs in repeated]) for n in workers}
+    medians = {store: {n: _median_run([runs[store][n] for runs in repeated]) for n in workers}
+               for store in stores}
+    first = medians[stores[0]]
     report = {"concurrency": CONCURRENCY, "clip_seconds": CLIP_SECONDS, "clip_pool": CLIP_POOL,
-              "requests": requests, "cpu_count": os.cpu_count(), "database": "sqlite",
-              "targets": TARGETS, "workers": {str(n): r for n, r in medians.items()},
-              "repeats": [{str(n): r for n, r in runs.items()} for runs in repeated]}
+              "requests": requests, "cpu_count": os.cpu_count(),
+              "database": "postgresql" if database_url else "sqlite",
+              "artifact_stores": list(stores), "targets": TARGETS,
+              "workers": {str(n): r for n, r in first.items()},
+              "stores": {store: {str(n): r for n, r in by_n.items()}
+                         for store, by_n in medians.items()},
+              "repeats": [{store: {str(n): r for n, r in by_n.items()}
+                           for store, by_n in runs.items()} for runs in repeated]}
     if floor:
         report["inference_floor"] = _bench_floor(clips, requests, model_path)
-    report["lines"] = _lines(report, medians) + _balance_lines(repeated)
+    lines = []
+    for store in stores:
+        lines += _lines(report, medians[store], store)
+        lines += _balance_lines([runs[store] for runs in repeated],
+                                f"{store} store, " if len(stores) > 1 else "")
+    if len(stores) > 1:
+        lines += _store_lines(medians, repeated)
+    report["lines"] = lines
     return report
 
 
@@ -101,30 +134,38 @@ def unique_clip(clips: list[bytes], i: int) -> bytes:
 
 
 @contextmanager
-def bench_server(data_dir: Path, workers: int, model_path: Path | None = None
+def bench_server(data_dir: Path, workers: int, model_path: Path | None = None,
+                 database_url: str | None = None, artifacts: str = "local"
                  ) -> Iterator[tuple[int, subprocess.Popen, str]]:
-    """`emoloop serve` on loopback over a new data folder (SQLite, the learner off, one torch
-    thread a worker), every worker answering: yields (port, process, an app key); stopped
-    after."""
-    env = {**os.environ, "EMOLOOP_DATA_DIR": str(data_dir),
-           "EMOLOOP_DATABASE_URL": f"sqlite:///{Path(data_dir) / 'emoloop.db'}",
-           "EMOLOOP_LEARNER__ENABLED": "false", "OMP_NUM_THREADS": "1"}
-    key = prepare_data_dir(env, model_path)
-    port = free_port()
-    server = subprocess.Popen(
-        [EMOLOOP, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
-         str(workers), "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_ready(port, server, workers)
-        yield port, server, key
-    finally:
-        stop_process_group(server)
+    """`emoloop serve` on loopback over a new data folder (the learner off, one torch thread a
+    worker) and a new database (a SQLite file in the folder, or a new schema in the PostgreSQL
+    database `database_url` names), every worker answering: yields (port, process, an app key);
+    stopped after, the schema dropped."""
+    with ExitStack() as stack:
+        url = (stack.enter_context(fresh_postgres_schema(database_url, prefix="bench"))
+               if database_url else f"sqlite:///{Path(data_dir) / 'emoloop.db'}")
+        # The store is said here: a config file in EMOLOOP_CONFIG cannot change what is measured.
+        env = {**os.environ, "EMOLOOP_DATA_DIR": str(data_dir), "EMOLOOP_DATABASE_URL": url,
+               "EMOLOOP_STORAGE__ARTIFACTS": artifacts, "EMOLOOP_LEARNER__ENABLED": "false",
+               "OMP_NUM_THREADS": "1"}
+        key = prepare_data_dir(env, model_path)
+        port = free_port()
+        server = subprocess.Popen(
+            [EMOLOOP, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
+             str(workers), "--log-level", "warning"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_ready(port, server, workers)
+            yield port, server, key
+        finally:
+            stop_process_group(server)
 
 
 def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: int,
-                  model_path: Path | None) -> dict:
-    with bench_server(data_dir, workers, model_path) as (port, server, key):
+                  model_path: Path | None, database_url: str | None = None,
+                  store: str = "local") -> dict:
+    with bench_server(data_dir, workers, model_path, database_url, store) as (port, server,
+                                                                               key):
         auth = f"Authorization: Bearer {key}"
         before = _requests_by_worker(port)
         predictions = _predictions_phase(port, server, auth, clips, requests)
@@ -378,11 +419,12 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
-def _lines(report: dict, runs: dict[int, dict]) -> list[str]:
+def _lines(report: dict, runs: dict[int, dict], store: str = "local") -> list[str]:
+    database = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}[report["database"]]
     title = (f"emoloop bench serve: {CLIP_SECONDS:g} s WAV clips ({report['clip_pool']} "
              f"recordings, every request's bytes unique), {CONCURRENCY} concurrent clients, "
-             f"{report['requests']} timed predictions per server, loopback, SQLite, "
-             f"{report['cpu_count']} CPUs")
+             f"{report['requests']} timed predictions per server, loopback, {database}, "
+             f"artifacts: {store}, {report['cpu_count']} CPUs")
     header = (f"{'workers':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'pred/s':>9}{'errors':>8}"
               f"{'feedback/s':>12}{'fb p99 ms':>11}{'CPU ms/pred':>13}{'CPU ms/fb':>11}"
               f"{'client CPU ms':>15}{'load avg':>14}")
@@ -433,13 +475,13 @@ def _lines(report: dict, runs: dict[int, dict]) -> list[str]:
     return lines
 
 
-def _balance_lines(repeated: list[dict[int, dict]]) -> list[str]:
+def _balance_lines(repeated: list[dict[int, dict]], label: str = "") -> list[str]:
     """Per repeat: each worker's share of the requests with 2 workers, and 2 workers'
     predictions/s against 1 worker's in the same repeat."""
     with_two = [runs for runs in repeated if 2 in runs]
     lines = []
     for i, runs in enumerate(with_two, 1):
-        line = (f"repeat {i}: 2 workers {runs[2]['throughput_per_s']:.1f} pred/s, shares "
+        line = (f"{label}repeat {i}: 2 workers {runs[2]['throughput_per_s']:.1f} pred/s, shares "
                 + " / ".join(f"{100 * share:.1f}%" for share in runs[2]["worker_shares"]))
         if 1 in runs:
             line += (f"; 1 worker {runs[1]['throughput_per_s']:.1f} pred/s, ratio "
@@ -456,4 +498,28 @@ def _balance_lines(repeated: list[dict[int, dict]]) -> list[str]:
         lines.append(f"{'2 / 1 workers, pred/s':<30}median x{float(np.median(ratios)):.2f}, "
                      f"lowest x{min(ratios):.2f}   target >= x1.3 every repeat   "
                      f"{'met' if min(ratios) >= 1.3 else 'MISSED'}")
+    return lines
+
+
+def _store_lines(medians: dict[str, dict[int, dict]], repeated: list[dict]) -> list[str]:
+    """The two artifact stores side by side: per worker count, the medians of each and the
+    database store's predictions/s as a share of the local folder's; then each repeat's share."""
+    local, database = medians["local"], medians["database"]
+    goal = TARGETS["database_store_share"]
+    lines = ["artifact stores side by side (medians over the repeats)",
+             f"{'workers':>7}{'store':>10}{'pred/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+             f"{'feedback/s':>12}{'fb p99 ms':>11}{'CPU ms/pred':>13}{'load avg':>14}"]
+    for n in local:
+        for name, r in (("local", local[n]), ("database", database[n])):
+            lines.append(f"{n:>7}{name:>10}{r['throughput_per_s']:>9.1f}{r['p50_ms']:>9.1f}"
+                         f"{r['p99_ms']:>9.1f}{r['errors']:>8}{r['feedback_per_s']:>12.0f}"
+                         f"{r['feedback_p99_ms']:>11.1f}{r['cpu_ms_per_prediction']:>13.2f}"
+                         f"{r['load_average_at_start']:>8.2f}-{r['load_average_at_end']:<5.2f}")
+    for n in local:
+        share = database[n]["throughput_per_s"] / local[n]["throughput_per_s"]
+        each = [runs["database"][n]["throughput_per_s"] / runs["local"][n]["throughput_per_s"]
+                for runs in repeated]
+        lines.append(f"{f'database / local pred/s, {n} worker' + ('s' if n > 1 else ''):<36}"
+                     f"x{share:.2f} (repeats: {', '.join(f'x{r:.2f}' for r in each)})   "
+                     f"target >= x{goal:g}   {'met' if share >= goal else 'MISSED'}")
     return lines
