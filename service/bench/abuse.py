@@ -51,7 +51,7 @@ def run_abuse_bench(model_path: Path | None = None, workers: int = 1, scale: flo
     api = get_settings().api
     results = {}
     with (tempfile.TemporaryDirectory(prefix="emoloop-abuse-") as data_dir,
-          bench_server(Path(data_dir), workers, model_path) as (port, server, key)):
+          bench_server(Path(data_dir), workers, model_path) as (port, server, key, _)):
         for name, kind, count in SCENARIOS:
             results[name] = _scenario(port, server.pid, f"Authorization: Bearer {key}", api,
                                       kind, max(1, round(count * scale)))

@@ -1,9 +1,10 @@
 """`emoloop bench serve`: the real server under load, on loopback.
 
 For 1 and then 2 workers: a fresh data directory and database (SQLite by default, migrated, a
-key of its own, the bundled model or `--model`), `emoloop serve` started as a subprocess on a free loopback port, then 3 s
-WAV clips sent by 8 concurrent clients, each waiting for its answer before sending again (closed
-loop: at concurrency 8, the median latency is about 8 / throughput). After a warm-up, a fixed
+key of its own, the bundled model or `--model`), `emoloop serve` started as a subprocess on a
+free loopback port, then 3 s WAV clips sent by 8 concurrent clients, each waiting for its answer
+before sending again (closed loop: at concurrency 8, the median latency is about 8 /
+throughput). After a warm-up, a fixed
 number of predictions is timed (bounded in time too), then feedback POSTs for those predictions
 from the same 8 clients. Reported: latency percentiles, throughput and errors for predictions,
 feedback writes per second, the CPU time the server and the client spent per request, and
@@ -108,6 +109,8 @@ def run_serve_bench(model_path: Path | None = None, requests: int = 400,
                                 f"{store} store, " if len(stores) > 1 else "")
     if len(stores) > 1:
         lines += _store_lines(medians, repeated)
+    lines.append(_stored_line([run for runs in repeated for by_n in runs.values()
+                               for run in by_n.values()]))
     report["lines"] = lines
     return report
 
@@ -136,11 +139,11 @@ def unique_clip(clips: list[bytes], i: int) -> bytes:
 @contextmanager
 def bench_server(data_dir: Path, workers: int, model_path: Path | None = None,
                  database_url: str | None = None, artifacts: str = "local"
-                 ) -> Iterator[tuple[int, subprocess.Popen, str]]:
+                 ) -> Iterator[tuple[int, subprocess.Popen, str, dict[str, str]]]:
     """`emoloop serve` on loopback over a new data folder (the learner off, one torch thread a
     worker) and a new database (a SQLite file in the folder, or a new schema in the PostgreSQL
-    database `database_url` names), every worker answering: yields (port, process, an app key);
-    stopped after, the schema dropped."""
+    database `database_url` names), every worker answering: yields (port, process, an app key,
+    the server's environment); stopped after, the schema dropped."""
     with ExitStack() as stack:
         url = (stack.enter_context(fresh_postgres_schema(database_url, prefix="bench"))
                if database_url else f"sqlite:///{Path(data_dir) / 'emoloop.db'}")
@@ -156,7 +159,7 @@ def bench_server(data_dir: Path, workers: int, model_path: Path | None = None,
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_ready(port, server, workers)
-            yield port, server, key
+            yield port, server, key, env
         finally:
             stop_process_group(server)
 
@@ -165,7 +168,7 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
                   model_path: Path | None, database_url: str | None = None,
                   store: str = "local") -> dict:
     with bench_server(data_dir, workers, model_path, database_url, store) as (port, server,
-                                                                               key):
+                                                                               key, env):
         auth = f"Authorization: Bearer {key}"
         before = _requests_by_worker(port)
         predictions = _predictions_phase(port, server, auth, clips, requests)
@@ -178,6 +181,7 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
                      json.dumps({"label": labels[i // len(ids) % 2]}).encode())
             for i in range(FEEDBACK_PER_PREDICTION * len(ids))])) if ids else None
         predictions["load_after"] = os.getloadavg()[0]
+        stored = stored_usage(env)
     feedback = feedback or {"ok": 0, "errors": 0, "seconds": 0.0, "latencies_ms": [],
                             "server_cpu_s": 0.0, "client_cpu_s": 0.0}
     return {
@@ -193,7 +197,21 @@ def _bench_server(data_dir: Path, workers: int, clips: list[bytes], requests: in
         "cpu_ms_per_feedback": 1000 * feedback["server_cpu_s"] / max(feedback["ok"], 1),
         "client_cpu_ms_per_request": 1000 * (predictions["client_cpu_s"] + feedback[
             "client_cpu_s"]) / max(predictions["ok"] + feedback["ok"], 1),
+        # What the database holds once the load is over, against what was answered 201 (the
+        # warm-up's predictions too): every answered write stored, in the store measured.
+        "answered_predictions": predictions["warmup_ok"] + predictions["ok"],
+        "stored_predictions": stored["predictions"],
+        "stored_feedback": stored["feedback"],
+        "stored_artifacts": stored["artifact_store"]["artifacts"],
+        "artifact_store": stored["artifact_store"]["kind"],
     }
+
+
+def stored_usage(env: dict[str, str]) -> dict:
+    """`emoloop storage stats --json` on the server's database and artifact store."""
+    done = subprocess.run([EMOLOOP, "storage", "stats", "--json"], env=env, check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout)
 
 
 def _bench_floor(clips: list[bytes], requests: int, model_path: Path | None) -> dict:
@@ -229,9 +247,9 @@ def _predictions_phase(port: int, server: subprocess.Popen, auth: str, clips: li
               for i in range(WARMUP_REQUESTS)]
     timed = [upload_request(port, auth, unique_clip(clips, i)) for i in range(requests)]
     load_before = os.getloadavg()[0]
-    _run_clients(port, warmup)
+    warmup_ok = _run_clients(port, warmup)["ok"]
     return {**_measured(server.pid, lambda: _run_clients(port, timed)),
-            "load_before": load_before}
+            "load_before": load_before, "warmup_ok": warmup_ok}
 
 
 def _requests_by_worker(port: int) -> dict[str, float]:
@@ -523,3 +541,16 @@ def _store_lines(medians: dict[str, dict[int, dict]], repeated: list[dict]) -> l
                      f"x{share:.2f} (repeats: {', '.join(f'x{r:.2f}' for r in each)})   "
                      f"target >= x{goal:g}   {'met' if share >= goal else 'MISSED'}")
     return lines
+
+
+def _stored_line(runs: list[dict]) -> str:
+    """Every run's answered writes (predictions and feedback, 201) against the rows its
+    database held after the load."""
+    answered = sum(r["answered_predictions"] for r in runs), sum(r["feedback_writes"]
+                                                                 for r in runs)
+    stored = sum(r["stored_predictions"] for r in runs), sum(r["stored_feedback"] for r in runs)
+    every = all(r["stored_predictions"] == r["answered_predictions"]
+                and r["stored_feedback"] == r["feedback_writes"] for r in runs)
+    return (f"{'stored after the load, all runs':<36}predictions {stored[0]:,} of "
+            f"{answered[0]:,} answered, feedback {stored[1]:,} of {answered[1]:,}   "
+            f"target all, every run   {'met' if every else 'MISSED'}")

@@ -30,7 +30,7 @@ MAX_P99_MS = 500.0
 def run_capacity(levels: list[int], *, seconds: float = 20.0, workers: int = 2) -> dict:
     results = {}
     with (tempfile.TemporaryDirectory(prefix="emoloop-bench-streams-") as tmp,
-          bench_server(Path(tmp), workers) as (port, _, key)):
+          bench_server(Path(tmp), workers) as (port, _, key, _)):
         for n in levels:
             results[n] = asyncio.run(_level(port, key, n, seconds))
             if not results[n]["holds"]:
