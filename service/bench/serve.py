@@ -540,6 +540,11 @@ def _store_lines(medians: dict[str, dict[int, dict]], repeated: list[dict]) -> l
         lines.append(f"{f'database / local pred/s, {n} worker' + ('s' if n > 1 else ''):<36}"
                      f"x{share:.2f} (repeats: {', '.join(f'x{r:.2f}' for r in each)})   "
                      f"target >= x{goal:g}   {'met' if share >= goal else 'MISSED'}")
+    for n in local:
+        # What each prediction costs the server, whatever else the machine runs meanwhile.
+        cpu = database[n]["cpu_ms_per_prediction"] / local[n]["cpu_ms_per_prediction"]
+        lines.append(f"{f'database / local CPU ms/pred, {n} worker' + ('s' if n > 1 else ''):<36}"
+                     f"x{cpu:.2f}")
     return lines
 
 
