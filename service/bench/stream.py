@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ def run_stream_bench(data_dir: Path, *, speakers: str = "test", recordings: int 
     predictor = EmotionPredictor(load_default_model())
     made = _recordings(Path(data_dir), predictor, speakers, recordings, runs)
     report = {"speakers": speakers, "recordings": len(made),
+              "clips": sum(r["clips"] for r in made),
               "audio_minutes": round(sum(r["duration_s"] for r in made) / 60, 1),
               "changes": sum(len(r["changes"]) for r in made),
               "windows": sum(len(r["observations"]) for r in made),
@@ -74,12 +76,32 @@ def run_stream_bench(data_dir: Path, *, speakers: str = "test", recordings: int 
 
 
 def _recordings(data_dir: Path, predictor, which: str, per_speaker: int, runs: int) -> list:
-    """Join each speaker's clips into recordings and run the served analysis on them; keep the
-    window observations and the truth."""
-    from learner.audio import decode_audio
-    from learner.corpora import read_corpora
+    """Run the served analysis on each joined recording; keep the window observations (the
+    model's posteriors, computed once here and reused by every setting `_score` tries) and
+    the truth."""
     from learner.timeline import analyse_recording
     from storage.settings import get_settings
+
+    made = []
+    for joined in _joined(data_dir, which, per_speaker, runs):
+        timeline = analyse_recording([np.concatenate(joined["waves"])], predictor,
+                                     get_settings().timeline)
+        made.append({"speaker": joined["speaker"], "duration_s": timeline.duration_s,
+                     "clips": len(joined["waves"]), "changes": joined["changes"],
+                     "windows": timeline.windows,
+                     "observations": [None if w.probabilities is None else
+                                      np.array([w.probabilities[k] for k in predictor.labels])
+                                      for w in timeline.windows],
+                     "truth": [_emotion_at((w.start + w.end) / 2, joined["truth"])
+                               for w in timeline.windows]})
+    return made
+
+
+def _joined(data_dir: Path, which: str, per_speaker: int, runs: int) -> Iterator[dict]:
+    """Each speaker's clips joined into recordings (seeded): the decoded clips in order, what
+    emotion each spans, and the times of the changes."""
+    from learner.audio import decode_audio
+    from learner.corpora import read_corpora
 
     info = json.loads((Path(__file__).resolve().parents[2] / "learner" / "default_model"
                        / "model.json").read_text())
@@ -89,7 +111,6 @@ def _recordings(data_dir: Path, predictor, which: str, per_speaker: int, runs: i
         if clip.speaker in wanted:
             by_speaker[clip.speaker][clip.emotion].append(clip)
     rng = random.Random(SEED)
-    made = []
     for speaker in sorted(by_speaker):
         pools = {e: c for e, c in by_speaker[speaker].items() if len(c) >= 3}
         for _ in range(per_speaker):
@@ -105,16 +126,7 @@ def _recordings(data_dir: Path, predictor, which: str, per_speaker: int, runs: i
                     truth.append((t, t + len(wave) / 16_000, emotion))
                     t += len(wave) / 16_000
                 previous = emotion
-            timeline = analyse_recording([np.concatenate(waves)], predictor,
-                                         get_settings().timeline)
-            made.append({"speaker": speaker, "duration_s": timeline.duration_s,
-                         "changes": changes, "windows": timeline.windows,
-                         "observations": [None if w.probabilities is None else
-                                          np.array([w.probabilities[k] for k in predictor.labels])
-                                          for w in timeline.windows],
-                         "truth": [_emotion_at((w.start + w.end) / 2, truth)
-                                   for w in timeline.windows]})
-    return made
+            yield {"speaker": speaker, "waves": waves, "truth": truth, "changes": changes}
 
 
 def _emotion_at(t: float, truth: list[tuple[float, float, str]]) -> str:
@@ -242,8 +254,9 @@ def _model_sees_no_change(recording: dict, change_s: float, labels: tuple[str, .
 
 def _lines(report: dict) -> list[str]:
     lines = [f"emoloop bench stream: {report['recordings']} recordings of "
-             f"{report['speakers']} speakers, {report['audio_minutes']} min, "
-             f"{report['windows']} windows ({report['window_s']:g} s, hop {report['hop_s']:g} s), "
+             f"{report['speakers']} speakers ({report['clips']} clips), "
+             f"{report['audio_minutes']} min, {report['windows']} windows "
+             f"({report['window_s']:g} s, hop {report['hop_s']:g} s), "
              f"{report['changes']} true changes",
              f"{'self-transition':>16} {'raw acc':>8} {'filtered':>9} {'segments':>9} "
              f"{'within 1.5 s (half-way)':>23} {'spurious':>9} {'changes/min raw':>16} "
