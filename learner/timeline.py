@@ -95,21 +95,42 @@ def is_speech(wave: np.ndarray, settings: TimelineSettings) -> bool:
 
 
 def segments(windows: list[Window], path: list[str], duration_s: float) -> list[Segment]:
-    """Runs of one state in the Viterbi path. A window speaks for the time around its centre:
-    two neighbouring segments meet half-way between their windows' centres."""
-    centres = [(w.start + w.end) / 2 for w in windows]
-    cuts = [0.0] + [(a + b) / 2 for a, b in zip(centres, centres[1:])] + [duration_s]
+    """Runs of one state in the Viterbi path, each boundary placed by `boundary`."""
     out: list[Segment] = []
-    first = 0
+    first, start = 0, 0.0
     for i in range(1, len(path) + 1):
         if i < len(path) and path[i] == path[first]:
             continue
+        end = duration_s if i == len(path) else boundary(windows[i - 1], windows[i],
+                                                          path[i - 1], path[i])
         emotion = path[first]
         probs = [w.probabilities[emotion] for w in windows[first:i] if w.probabilities]
         confidence = float(np.mean(probs)) if emotion != SILENCE and probs else None
-        out.append(Segment(round(cuts[first], 3), round(cuts[i], 3), emotion, confidence))
-        first = i
+        out.append(Segment(round(start, 3), round(end, 3), emotion, confidence))
+        first, start = i, end
     return out
+
+
+def boundary(before: Window, after: Window, state_before: str, state_after: str) -> float:
+    """Where the recording changes from `state_before` to `state_after`, two different states
+    of neighbouring windows. A window speaks for the time around its centre and each of the
+    two is mostly its own state's audio, so the change lies between their centres. Where
+    between: the new emotion's share, p(after) / (p(before) + p(after)), grows as a window
+    slides over the change and is one half when the change sits at the window's centre; the
+    boundary is where that share, taken linearly between the two centres, crosses one half.
+    When it does not cross (a change to or from silence, or windows that do not lean that
+    way) the boundary is half-way between the centres. On the validation speakers this found
+    about 2 points more changes within 1.5 s than half-way always, with fewer boundaries where
+    nothing changed (README, "Measured")."""
+    c0, c1 = (before.start + before.end) / 2, (after.start + after.end) / 2
+    if before.probabilities and after.probabilities and SILENCE not in (state_before,
+                                                                          state_after):
+        q0, q1 = (w.probabilities[state_after] / (w.probabilities[state_before]
+                                                  + w.probabilities[state_after])
+                  for w in (before, after))
+        if q0 < 0.5 < q1:
+            return c0 + (0.5 - q0) / (q1 - q0) * (c1 - c0)
+    return (c0 + c1) / 2
 
 
 def _classify(predictor: EmotionPredictor,

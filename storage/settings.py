@@ -115,7 +115,7 @@ class TimelineSettings(Section):
     hop_s: float = Field(1.0, gt=0.0)
     # The HMM's chance of keeping its state from one window to the next: expected dwell time
     # hop_s / (1 - self_transition); learner/smoothing.py says why this value.
-    self_transition: float = Field(0.8, gt=0.0, lt=1.0)
+    self_transition: float = Field(0.9, gt=0.0, lt=1.0)
     speech_db: float = -50.0  # a 25 ms frame louder than this (dBFS RMS) counts as speech
     min_speech_s: float = Field(0.25, ge=0.0)  # a window with less speech is a silence window
     batch_size: int = Field(32, ge=1)  # windows the model sees at once

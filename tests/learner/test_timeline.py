@@ -100,13 +100,21 @@ def test_short_recordings_are_one_window_and_empty_or_silent_ones_are_refused(pr
         analyse_recording([voiced_clip(0.1)], predictor)
 
 
-def test_segments_meet_half_way_between_window_centres():
+def test_segments_meet_where_the_new_emotion_takes_over_between_window_centres():
     from learner.timeline import Window
-    probs = {"happy": 0.7, "sad": 0.3}
-    windows = [Window(k, k + 3, probs, "happy", "happy") for k in range(6)]
+    steady = {"happy": 0.7, "sad": 0.3}
+    windows = [Window(k, k + 3, steady, "happy", "happy") for k in range(6)]
     segs = segments(windows, ["happy"] * 3 + ["sad"] * 3, duration_s=8.0)
+    # The two windows either side do not lean towards sad: half-way between their centres.
     assert [(s.start, s.end, s.emotion) for s in segs] == [(0, 4.0, "happy"), (4.0, 8.0, "sad")]
     assert segs[0].confidence == pytest.approx(0.7) and segs[1].confidence == pytest.approx(0.3)
+    # Sad's share of happy + sad goes 0.4 -> 0.8 from the centre at 3.5 s to the one at 4.5 s:
+    # it crosses one half a quarter of the way, so the change is put at 3.75 s.
+    leaning = [Window(k, k + 3, {"happy": 1 - q, "sad": q}, "x", "x")
+               for k, q in enumerate([0.1, 0.2, 0.4, 0.8, 0.9, 0.9])]
+    segs = segments(leaning, ["happy"] * 3 + ["sad"] * 3, duration_s=8.0)
+    assert [(s.start, s.end, s.emotion) for s in segs] == [(0, 3.75, "happy"),
+                                                            (3.75, 8.0, "sad")]
 
 
 def test_a_live_stream_answers_each_window_as_it_completes_like_the_whole_recording(predictor):

@@ -14,6 +14,7 @@ def test_bench_stream_scores_raw_filtered_and_segments_on_joined_clips(shared_da
     speakers = len(json.loads(DEFAULT_MODEL_INFO.read_text())["split"]["test_speakers"])
     # One recording of 4 runs (3 changes) for each test speaker of the bundled model.
     assert report["recordings"] == speakers and report["changes"] == speakers * 3
+    assert report["clips"] >= speakers * 4 * 3  # every run joins at least 3 clips
     at_setting = report["accuracy"][str(report["self_transition"])]
     accuracy = at_setting["window_accuracy"]
     assert set(accuracy) == {"raw", "filtered", "segments"}
@@ -22,6 +23,7 @@ def test_bench_stream_scores_raw_filtered_and_segments_on_joined_clips(shared_da
     # Smoothing is there to stop the flicker: fewer label changes than the raw windows.
     assert per_minute["segments"] < per_minute["filtered"] < per_minute["raw"]
     assert 0.0 <= at_setting["boundaries_within_1_5s"] <= 1.0
+    assert 0.0 <= at_setting["half_way_boundaries_within_1_5s"] <= 1.0
     assert any(line.startswith("targets at the setting") for line in report["lines"])
 
 

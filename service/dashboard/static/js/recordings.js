@@ -75,8 +75,9 @@ function drawPlot(recording, rows) {
     fill: colour(segment.emotion), dataset: {index, emotion: segment.emotion},
     onclick: () => select(rows, index),
   }, s("title", {}, `${clock(segment.start)}–${clock(segment.end)} ${segment.emotion}`)));
-  // Each window speaks for the time around its centre, cut as the segments are: half-way to
-  // its neighbours' centres, the first from the start and the last to the end.
+  // Each window speaks for the time around its centre: half-way to its neighbours' centres,
+  // the first from the start and the last to the end (a segment boundary above may sit
+  // elsewhere between two centres: learner.timeline.boundary).
   const centres = recording.windows.map((w) => (w.start + w.end) / 2);
   const cuts = [0, ...centres.slice(1).map((c, i) => (centres[i] + c) / 2), recording.duration_s];
   const windows = recording.windows.map((w, i) => s("rect", {
