@@ -104,17 +104,24 @@ def run_personal(args: argparse.Namespace) -> int:
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
-def build_base_sets(args: argparse.Namespace) -> int:
-    from learner.base_sets import build_base_sets as build
-    from learner.checkpoint import DEFAULT_MODEL_FILE, LOGMEL_KIND, WHISPER_KIND, load_model
-    from learner.training import load_training_config
+def recipe_for_kind(kind: str) -> Path:
+    """The training recipe of a model of `kind`: its speakers' split and its gate set's."""
+    from learner.checkpoint import LOGMEL_KIND, WHISPER_KIND
 
     recipe_by_kind = {LOGMEL_KIND: "base-training.yaml", WHISPER_KIND: "speech-training.yaml"}
+    return REPO_ROOT / "configs" / recipe_by_kind[kind]
+
+
+def build_base_sets(args: argparse.Namespace) -> int:
+    from learner.base_sets import build_base_sets as build
+    from learner.checkpoint import DEFAULT_MODEL_FILE, load_model
+    from learner.training import load_training_config
+
     # The sets are the features of the model they ship beside; its kind also names their files,
     # so another kind's sets in the same folder stay (learner.base_sets), and picks the recipe
     # whose training speakers they come from.
     kind = load_model(args.model or Path(args.out) / DEFAULT_MODEL_FILE.name).kind
-    config_path = args.config or REPO_ROOT / "configs" / recipe_by_kind[kind]
+    config_path = args.config or recipe_for_kind(kind)
     info = build(Path(args.data), load_training_config(config_path),
                  replay_per_class=args.replay_per_class, gate_per_class=args.gate_per_class,
                  kind=kind, max_frames=args.max_frames, out_dir=Path(args.out),

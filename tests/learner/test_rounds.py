@@ -26,7 +26,7 @@ REPORT_KEYS = {"decision", "reason", "scope", "user_id", "old_classes", "new_cla
                "max_recall_drop", "recall_before", "recall_after", "macro_f1_before",
                "macro_f1_after", "new_feedback_accuracy_before", "new_feedback_accuracy_after",
                "gate_set_size", "new_holdout_size"}
-TEST_KEYS = {"test", "confidence", "alpha", "hypotheses", "paired", "false_alarms"}
+TEST_KEYS = {"test", "confidence", "alpha", "hypotheses", "paired", "false_alarms", "signal"}
 
 
 def _round(world, **overrides):
