@@ -1,4 +1,5 @@
-"""`emoloop bench gate`: how often the gate (learner/gate.py) gets it wrong, on real speech.
+"""`emoloop bench gate`: how often the gate (learner/continual/gate.py) gets it wrong, on real
+speech.
 
 Every round runs on a fresh service (SQLite in a temporary folder, the bundled model as version
 1, the configured learner), over HTTP as a user would: a round's clips are sent as predictions
@@ -19,8 +20,9 @@ must fail
 
 Beside the gate's decision, every candidate is compared with the active model on the old test
 speakers (RAVDESS 17-20 and BanglaSER 25-28, the model card's protocol, learner.evaluation),
-which no round and no gate set ever sees, clip by clip as the gate compares: accuracy change, clips lost and gained, and the exact
-McNemar p-value of a loss. That is the independent check of what it lost.
+which no round and no gate set ever sees, clip by clip as the gate compares: accuracy change,
+clips lost and gained, and the exact McNemar p-value of a loss. That is the independent check of
+what it lost.
 """
 import math
 import tempfile
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from learner.base_sets import load_base_set
+from learner.continual.base_sets import load_base_set
 from learner.corpora import CorpusClip, read_corpora
 from service.bench.continual import (REPO_ROOT, _bundled_kind, _features, _printer, _run_round,
                                      _service, _version, _wait_ready)
@@ -132,7 +134,7 @@ def _old_right(app, version: int, old: list[CorpusClip], features) -> np.ndarray
     answers restricted to the clip's corpus's labels)."""
     from learner.evaluation import outcomes_from_logits
     from learner.inference import EmotionPredictor
-    from learner.rounds import load_version
+    from learner.continual.rounds import load_version
 
     predictor = EmotionPredictor(load_version(app.state.artifacts, _version(app, version)))
     logits = predictor.logits_batch([features[c.path] for c in old])
@@ -143,7 +145,7 @@ def _old_right(app, version: int, old: list[CorpusClip], features) -> np.ndarray
 def _old_test_change(before: np.ndarray, after: np.ndarray) -> dict:
     """The candidate against the active model on the old test speakers, paired as the gate
     pairs: accuracy change, clips lost and gained, and the exact McNemar p-value of a loss."""
-    from learner.gate import PairedCounts, loss_p_value
+    from learner.continual.gate import PairedCounts, loss_p_value
 
     counts = PairedCounts(len(before), int(np.sum(before & ~after)), int(np.sum(~before & after)))
     return {"accuracy_change": round(float(after.mean() - before.mean()), 4),

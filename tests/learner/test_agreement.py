@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from learner.agreement import (Agreement, agreement_p_value, agreement_tail, best_p_value,
+from learner.continual.agreement import (Agreement, agreement_p_value, agreement_tail, best_p_value,
                                required_agreements)
 
 

@@ -4,7 +4,7 @@ active model right on 39 of them: recall 0.78)."""
 import pytest
 from scipy.stats import binomtest
 
-from learner.gate import NEW_FEEDBACK, Answers, RegressionGate, holm
+from learner.continual.gate import NEW_FEEDBACK, Answers, RegressionGate, holm
 
 CLASSES = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 PER_CLASS, RIGHT = 50, 39
@@ -43,7 +43,7 @@ def _judge(after, holdout=([], [], []), gate=RegressionGate(0.02, 0.95)):
 
 def _expected_refusal(lost: int, hypotheses: int, tolerance: float = 0.02,
                       alpha: float = 0.05) -> bool:
-    """Independently of learner.gate: the exact binomial test of the lost clips among the
+    """Independently of learner.continual.gate: the exact binomial test of the lost clips among the
     discordant ones, its null the most loss the tolerance allows; Holm with every other
     hypothesis at a larger p multiplies the smallest p-value by their number."""
     if lost == 0:

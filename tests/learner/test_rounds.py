@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from learner.continual_state import EwcState
-from learner.gate import RegressionGate
-from learner.inference import EmotionPredictor
 from learner.checkpoint import model_from_bytes
-from learner.replay import Sample
-from learner.rounds import RoundRunning, run_round
+from learner.continual.ewc_state import EwcState
+from learner.continual.gate import RegressionGate
+from learner.continual.replay import Sample
+from learner.continual.rounds import RoundRunning, run_round
+from learner.inference import EmotionPredictor
 from storage.db_artifacts import DatabaseArtifactStore
 from storage.models import Feedback, ModelVersion, ReplayExemplar, TrainingRun
 from storage.registry import ModelRegistry

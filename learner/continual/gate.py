@@ -25,15 +25,16 @@ tolerance, or that the candidate is worse on the new feedback.
 The burden of proof is on the refusal for a loss: a loss the gate set is too small to show
 passes. It is on the acceptance for what the round taught: the candidate's answers on the
 held-out feedback must agree with its labels more than chance would if the labels were
-independent of the answers (learner.agreement: exact permutation test, margins fixed, one-sided,
-at alpha = 1 - `confidence`, on its own: it guards against accepting noise, an error the loss tests'
-Holm family does not count). Corrections that carry nothing learnable (labels shuffled among the
-clips, one label for every clip) fail it; corrections that confirm the model's answers, or teach
-voices it half knows, pass. Where the held-out labels are so few that even answers agreeing with
-every one would not be significant (prod(count_l!) / n! > alpha: fewer than 6 clips of two
-labels, say) no model could pass it, so it is not applied and the report says so (`signal`:
-`decidable` false). The report says how small a loss the gate set can see: per class, the fewest clips a candidate could lose with no gain
-(and the recall that is) and still be refused. Every point figure (recall and macro-F1 per
+independent of the answers (learner.continual.agreement: exact permutation test, margins
+fixed, one-sided, at alpha = 1 - `confidence`, on its own: it guards against accepting noise,
+an error the loss tests' Holm family does not count). Corrections that carry nothing learnable
+(labels shuffled among the clips, one label for every clip) fail it; corrections that confirm
+the model's answers, or teach voices it half knows, pass. Where the held-out labels are so few
+that even answers agreeing with every one would not be significant (prod(count_l!) / n! >
+alpha: fewer than 6 clips of two labels, say) no model could pass it, so it is not applied and
+the report says so (`signal`: `decidable` false). The report says how small a loss the gate
+set can see: per class, the fewest clips a candidate could lose with no gain (and the recall
+that is) and still be refused. Every point figure (recall and macro-F1 per
 model, new-feedback accuracy) stays in the report. Old classes are the labels the active model
 knows; labels it does not know are new classes: reported, not guarded. Answers are the models'
 unrestricted argmax, as the service gives them. The report's shape is shared with the dashboard
@@ -44,10 +45,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from learner.agreement import (Agreement, agreement_p_value, best_p_value,
+from learner.continual.agreement import (Agreement, agreement_p_value, best_p_value,
                                required_agreements)
+from learner.continual.replay import Sample
 from learner.inference import EmotionPredictor
-from learner.replay import Sample
 
 TEST_NAME = ("one-sided exact conditional McNemar test (binomial on the discordant pairs) of "
              "'net loss <= tolerance', per old class on its recall and on its false alarms and "
@@ -235,8 +236,8 @@ class RegressionGate:
 
 def signal_test(truth: list[str], answers: list[str], alpha: float) -> dict:
     """The `signal` part of the report: do the candidate's answers on the held-out feedback
-    agree with its labels beyond chance (learner.agreement)? Refused when the test could show
-    it (`decidable`) and did not."""
+    agree with its labels beyond chance (learner.continual.agreement)? Refused when the test
+    could show it (`decidable`) and did not."""
     agreement = Agreement.of(truth, answers)
     best = best_p_value(truth)
     decidable = best <= alpha
