@@ -1,5 +1,6 @@
 """The regression gate: a candidate replaces the active model unless the evidence says it lost
-what that model knew, or does worse on the new feedback it was not trained on.
+what that model knew, or does worse on the new feedback it was not trained on; and only if its
+answers on that feedback show the corrections carry something it can learn.
 
 Both models answer the same clips, so the gate compares them clip by clip (paired). For one
 group of clips (an old class on the gate set, or the held-out share of this round's feedback) a
@@ -34,11 +35,11 @@ that even answers agreeing with every one would not be significant (prod(count_l
 alpha: fewer than 6 clips of two labels, say) no model could pass it, so it is not applied and
 the report says so (`signal`: `decidable` false). The report says how small a loss the gate
 set can see: per class, the fewest clips a candidate could lose with no gain (and the recall
-that is) and still be refused. Every point figure (recall and macro-F1 per
-model, new-feedback accuracy) stays in the report. Old classes are the labels the active model
-knows; labels it does not know are new classes: reported, not guarded. Answers are the models'
-unrestricted argmax, as the service gives them. The report's shape is shared with the dashboard
-(see the README's "Learner" section).
+that is) and still be refused. Every point figure (recall and macro-F1 per model, new-feedback
+accuracy) stays in the report. Old classes are the labels the active model knows; labels it
+does not know are new classes: reported, not guarded. Answers are the models' unrestricted
+argmax, as the service gives them. The report's shape is shared with the dashboard (see the
+README's "Learner" section).
 """
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from learner.continual.agreement import (Agreement, agreement_p_value, best_p_value,
-                               required_agreements)
+                                         required_agreements)
 from learner.continual.replay import Sample
 from learner.inference import EmotionPredictor
 
@@ -171,7 +172,8 @@ class RegressionGate:
 
     def tests(self, answers: Answers) -> dict:
         """The paired tests: per old class on the gate set, its recall and its false alarms,
-        and on the held-out new feedback; Holm over all of them."""
+        and on the held-out new feedback; Holm over all of them. And, on its own, the signal
+        test of the candidate's answers on the held-out feedback."""
         a, alpha = answers, round(1.0 - self.confidence, 12)  # 0.05, not 0.050000000000000044
         classes = sorted(set(a.truth), key=a.truth.index)
         groups: dict[tuple[str, str], tuple[PairedCounts, float]] = {}
@@ -243,8 +245,7 @@ def signal_test(truth: list[str], answers: list[str], alpha: float) -> dict:
     decidable = best <= alpha
     p = agreement_p_value(truth, answers)
     return {"test": SIGNAL_TEST, "n": agreement.n, "agreements": agreement.agreements,
-            "expected_by_chance": agreement.expected,
-            "accuracy": agreement.agreements / agreement.n if agreement.n else None,
+            "expected_by_chance": agreement.expected,  # the agreements: new_feedback_accuracy_after
             "chance_agreement": agreement.expected / agreement.n if agreement.n else None,
             "kappa": agreement.kappa, "p_value": p, "alpha": alpha,
             "best_possible_p_value": best, "decidable": decidable,
