@@ -55,21 +55,21 @@ def run_gate_bench(data_dir: Path, *, should_pass: int = 3, must_fail: int = 2,
         raise ValueError(f"no kind of round {sorted(unknown)}; kinds: "
                          f"{', '.join(SHOULD_PASS + MUST_FAIL)}")
     limit_threads(threads)  # one thread, as a service worker runs a round
-    kind = _bundled_kind()
-    config = load_training_config(recipe_for_kind(kind))
+    model_kind = _bundled_kind()
+    config = load_training_config(recipe_for_kind(model_kind))
     old_speakers = set(load_training_config(
         REPO_ROOT / "configs" / "base-training.yaml")["split"]["test_speakers"])
     clips = [c for c in read_corpora(data_dir, config.get("corpora"))
              if c.emotion in config["labels"]]
     unseen = set(config["split"]["validation_speakers"]) | set(config["split"]["test_speakers"])
-    in_gate_set = set(load_base_set("gate", None, kind=kind).speakers)
+    in_gate_set = set(load_base_set("gate", None, kind=model_kind).speakers)
     pool = sorted((c for c in clips if c.speaker in unseen - old_speakers - in_gate_set),
                   key=lambda c: str(c.path))
     old = [c for c in clips if c.speaker in old_speakers]
     say = _printer(progress)
     say(f"{len(pool)} clips of {len({c.speaker for c in pool})} unseen speakers outside the "
         f"gate set to correct ({corrections} a round); old test speakers {len(old)} clips")
-    features = _features(old, kind)
+    features = _features(old, model_kind)
     learner = get_settings().learner
     plan = [(kind, expected) for kind, expected in
             ([(kind, "pass") for kind in SHOULD_PASS for _ in range(should_pass)]
@@ -83,7 +83,7 @@ def run_gate_bench(data_dir: Path, *, should_pass: int = 3, must_fail: int = 2,
         row.update(round=number + 1, expected=expected)
         rounds.append(row)
         say(_round_line(row))
-    report = {"data": str(data_dir), "seed": seed, "threads": threads, "model_kind": kind,
+    report = {"data": str(data_dir), "seed": seed, "threads": threads, "model_kind": model_kind,
               "corrections_per_round": corrections, "pool_clips": len(pool),
               "pool_speakers": sorted({c.speaker for c in pool}),
               "old_test_clips": len(old), "targets": TARGETS,
