@@ -20,7 +20,7 @@ def cmd_learner(args: argparse.Namespace) -> int:
 def run_once(args: argparse.Namespace) -> int:
     """One round now (whatever learner.min_new_feedback says). Exit 0 when it ran (accepted,
     rejected or skipped), 1 when it failed, 3 when another round holds the lock."""
-    from learner.rounds import RoundRunning, run_round
+    from learner.continual.rounds import RoundRunning, run_round
     from service.bootstrap import register_bundled_model
     from storage.artifacts import open_artifact_store
     from storage.db import create_db_engine, make_session_factory
@@ -80,8 +80,8 @@ def serve(args: argparse.Namespace) -> int:
 def run_personal(args: argparse.Namespace) -> int:
     """Personal rounds now: for the named users, or for every user who is due. Exit 0 when they
     ran, 1 when one failed, 3 when another round holds the lock."""
-    from learner.personal_rounds import run_personal_rounds
-    from learner.rounds import RoundRunning
+    from learner.personal.rounds import run_personal_rounds
+    from learner.continual.rounds import RoundRunning
     from storage.artifacts import open_artifact_store
     from storage.db import create_db_engine, make_session_factory
     from storage.settings import get_settings
@@ -104,17 +104,24 @@ def run_personal(args: argparse.Namespace) -> int:
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
-def build_base_sets(args: argparse.Namespace) -> int:
-    from learner.base_sets import build_base_sets as build
-    from learner.checkpoint import DEFAULT_MODEL_FILE, LOGMEL_KIND, WHISPER_KIND, load_model
-    from learner.training import load_training_config
+def recipe_for_kind(kind: str) -> Path:
+    """The training recipe of a model of `kind`: its speakers' split and its gate set's."""
+    from learner.checkpoint import LOGMEL_KIND, WHISPER_KIND
 
     recipe_by_kind = {LOGMEL_KIND: "base-training.yaml", WHISPER_KIND: "speech-training.yaml"}
+    return REPO_ROOT / "configs" / recipe_by_kind[kind]
+
+
+def build_base_sets(args: argparse.Namespace) -> int:
+    from learner.continual.base_sets import build_base_sets as build
+    from learner.checkpoint import DEFAULT_MODEL_FILE, load_model
+    from learner.training import load_training_config
+
     # The sets are the features of the model they ship beside; its kind also names their files,
-    # so another kind's sets in the same folder stay (learner.base_sets), and picks the recipe
-    # whose training speakers they come from.
+    # so another kind's sets in the same folder stay (learner.continual.base_sets), and picks the
+    # recipe whose training speakers they come from.
     kind = load_model(args.model or Path(args.out) / DEFAULT_MODEL_FILE.name).kind
-    config_path = args.config or REPO_ROOT / "configs" / recipe_by_kind[kind]
+    config_path = args.config or recipe_for_kind(kind)
     info = build(Path(args.data), load_training_config(config_path),
                  replay_per_class=args.replay_per_class, gate_per_class=args.gate_per_class,
                  kind=kind, max_frames=args.max_frames, out_dir=Path(args.out),

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from learner.inference import EmotionPredictor
-from learner.personal_model import PersonalHead, PersonalPredictor, personal_head_from_bytes
+from learner.personal.model import PersonalHead, PersonalPredictor, personal_head_from_bytes
 from storage.artifacts import ArtifactStore
 from storage.models import ModelVersion
 

@@ -3,7 +3,7 @@
 applies `storage.retention` and sweeps the artifact store of what a crash left behind; and rounds
 an admin starts at once.
 Rounds run in a background thread, one at a time across every process (the database lock in
-learner.rounds), so every API worker may run the scheduler.
+learner.continual.rounds), so every API worker may run the scheduler.
 
 Nothing here imports the learner's training code until a round actually runs: the service starts
 as fast without it, and an inference-only install (no Avalanche) serves all the same.
@@ -45,7 +45,7 @@ class LearnerService:
         # Retention (storage.retention) at most once per RETENTION_EVERY_S: its ages are days.
         self.retention = retention
         self._last_prune: float | None = None
-        # Personal rounds (learner.personal_rounds) run after each check's global part; a user
+        # Personal rounds (learner.personal.rounds) run after each check's global part; a user
         # whose personal version changed is passed to `on_personal_activated`.
         self.personal, self.on_personal_activated = personal, on_personal_activated
         self._scheduler: BackgroundScheduler | None = None
@@ -78,7 +78,7 @@ class LearnerService:
     def check(self):
         """The scheduled job: run a round here if enough feedback waits and no round runs; then
         the personal rounds of the users who are due. Returns the global round's outcome."""
-        from learner.rounds import RoundRunning, run_round
+        from learner.continual.rounds import RoundRunning, run_round
 
         with self.session_factory() as session:
             # Feedback a refused round gave back rides along with the next round, but does not
@@ -128,7 +128,7 @@ class LearnerService:
         on the version just activated."""
         if self.personal is None or not self.personal.enabled or self._stop.is_set():
             return
-        from learner.personal_rounds import run_personal_rounds
+        from learner.personal.rounds import run_personal_rounds
 
         run_personal_rounds(self.session_factory, self.artifacts, self.settings, self.personal,
                             trigger="schedule", on_activated=self.on_personal_activated,
@@ -136,8 +136,8 @@ class LearnerService:
 
     def start_now(self, trigger: str = "manual") -> int:
         """Start a round in a background thread; returns its run id once the run is recorded.
-        Raises learner.rounds.RoundRunning when one is running."""
-        from learner.rounds import execute_round, new_holder, start_round
+        Raises learner.continual.rounds.RoundRunning when one is running."""
+        from learner.continual.rounds import execute_round, new_holder, start_round
 
         holder = new_holder()
         run_id = start_round(self.session_factory, self.settings, trigger=trigger, holder=holder)
@@ -151,8 +151,8 @@ class LearnerService:
 
     def start_personal_now(self, user_id: str, trigger: str = "manual") -> int:
         """Start one user's personal round in a background thread, due or not; returns its run
-        id once recorded. Raises learner.rounds.RoundRunning when a round is running."""
-        from learner.personal_rounds import begin_personal_round, execute_personal_runs
+        id once recorded. Raises learner.continual.rounds.RoundRunning when a round is running."""
+        from learner.personal.rounds import begin_personal_round, execute_personal_runs
 
         run_id, holder = begin_personal_round(self.session_factory, self.settings, user_id,
                                               trigger=trigger)

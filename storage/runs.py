@@ -23,9 +23,10 @@ RUN_STATUSES = ("running", "accepted", "rejected", "skipped", "failed")
 
 
 def holder_is_gone(holder: str | None) -> bool:
-    """Whether this process can prove a lock holder (`host:pid:attempt`, learner.rounds) dead:
-    it ran on this host and its pid is no longer alive. Another host's holder, or a live pid,
-    cannot be proven gone (a pid reused since only delays the proof until the lease ends)."""
+    """Whether this process can prove a lock holder (`host:pid:attempt`,
+    learner.continual.rounds) dead: it ran on this host and its pid is no longer alive. Another
+    host's holder, or a live pid, cannot be proven gone (a pid reused since only delays the
+    proof until the lease ends)."""
     host, _, rest = (holder or "").partition(":")
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit():

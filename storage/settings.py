@@ -126,13 +126,14 @@ class LearnerSettings(Section):
     interval_s: float = 600.0  # how often the scheduler checks for new feedback
     min_new_feedback: int = 50  # a round starts once this much unconsumed feedback exists
     lock_ttl_s: float = 120.0  # a round renews its lease; a crashed round's ends after this
-    # What a round does (learner/rounds.py); the README's "Learner" section explains each.
+    # What a round does (learner/continual/rounds.py); the README's "Learner" section explains each.
     strategy: Literal["ewc+replay", "replay", "naive", "joint"] = "ewc+replay"
     # The labels feedback may name; None: every canonical label (learner.labels). A subset of them.
     labels: list[str] | None = None
     allow_new_labels: bool = True  # a label the model does not know grows its head
-    # The gate (learner/gate.py): refuse when the evidence says an old class lost more recall
-    # than this, at this confidence (family-wise, over the classes and the new feedback).
+    # The gate (learner/continual/gate.py): refuse when the evidence says an old class lost more
+    # recall than this, at this confidence (family-wise, over the classes and the new feedback);
+    # and refuse held-out feedback the candidate agrees with no more than chance, at this one.
     max_recall_drop: float = Field(0.02, ge=0.0, le=1.0)
     gate_confidence: float = Field(0.95, gt=0.5, lt=1.0)
     holdout_share: float = Field(0.2, ge=0.0, lt=1.0)  # of each round's feedback, for the gate
@@ -163,7 +164,7 @@ class LearnerSettings(Section):
 class PersonalSettings(Section):
     enabled: bool = True
     min_feedback: int = 20  # corrections a user needs before getting a personal model
-    # Personal rounds (learner/personal_rounds.py); the README's "Personal models" says more.
+    # Personal rounds (learner/personal/rounds.py); the README's "Personal models" says more.
     folds: int = Field(4, ge=2)  # the gate judges the user's corrections by cross-validation
     # The gate: most macro recall (mean over the old classes) the personal model may lose on the
     # global gate set. Looser than learner.max_recall_drop: this model answers one user only.

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from learner.continual.strategies import STRATEGIES
 from learner.corpora import CorpusClip, read_corpora
-from learner.strategies import STRATEGIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 TARGETS = {"newcomer_gain_points": 10.0, "old_test_loss_points_ewc_replay": 1.0,
@@ -187,7 +187,7 @@ def _measure(app, candidate: int | None, served: int, measured, old, features) -
 def _evaluate(app, version: int, measured, old, features) -> dict:
     from learner.evaluation import evaluate_features
     from learner.inference import EmotionPredictor
-    from learner.rounds import load_version
+    from learner.continual.rounds import load_version
 
     predictor = EmotionPredictor(load_version(app.state.artifacts, _version(app, version)))
     result = {}

@@ -1,10 +1,14 @@
-"""`emoloop bench gate`: how often the gate (learner/gate.py) gets it wrong, on real speech.
+"""`emoloop bench gate`: how often the gate (learner/continual/gate.py) gets it wrong, on real
+speech.
 
 Every round runs on a fresh service (SQLite in a temporary folder, the bundled model as version
 1, the configured learner), over HTTP as a user would: a round's clips are sent as predictions
 (POST /v1/predictions), each is corrected (POST .../feedback), and an admin starts the round
-(POST /v1/admin/learner/run). The clips are the default model's validation speakers (it never
-trained on them), drawn at random per round. Kinds of round:
+(POST /v1/admin/learner/run). The clips are of speakers the bundled model never trained on and
+its shipped gate set does not hold (the held-out speakers of its recipe, less those two sets:
+for the Whisper-encoder model the test speakers of ASED, nEMO and BanglaSER-Extended; for a
+log-mel one RAVDESS 15-16 and BanglaSER 23-24), drawn at random per round: a round's
+corrections are never the gate's own clips. Kinds of round:
 
 should pass
   confirm        every correction is the answer the model gave (a user confirming)
@@ -15,9 +19,10 @@ must fail
   naive-high-lr  true labels, but plain fine-tuning (no replay, no EWC) at 10x the learning rate
 
 Beside the gate's decision, every candidate is compared with the active model on the old test
-speakers (the model card's protocol, learner.evaluation), which no round and no gate set ever
-sees, clip by clip as the gate compares: accuracy change, clips lost and gained, and the exact
-McNemar p-value of a loss. That is the independent check of what it lost.
+speakers (RAVDESS 17-20 and BanglaSER 25-28, the model card's protocol, learner.evaluation),
+which no round and no gate set ever sees, clip by clip as the gate compares: accuracy change,
+clips lost and gained, and the exact McNemar p-value of a loss. That is the independent check of
+what it lost.
 """
 import math
 import tempfile
@@ -25,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from learner.continual.base_sets import load_base_set
 from learner.corpora import CorpusClip, read_corpora
 from service.bench.continual import (REPO_ROOT, _bundled_kind, _features, _printer, _run_round,
                                      _service, _version, _wait_ready)
+from service.learner_commands import recipe_for_kind
 
 SHOULD_PASS = ("confirm", "newcomers")
 MUST_FAIL = ("one-label", "shuffled", "naive-high-lr")
@@ -48,16 +55,21 @@ def run_gate_bench(data_dir: Path, *, should_pass: int = 3, must_fail: int = 2,
         raise ValueError(f"no kind of round {sorted(unknown)}; kinds: "
                          f"{', '.join(SHOULD_PASS + MUST_FAIL)}")
     limit_threads(threads)  # one thread, as a service worker runs a round
-    config = load_training_config(REPO_ROOT / "configs" / "base-training.yaml")
+    model_kind = _bundled_kind()
+    config = load_training_config(recipe_for_kind(model_kind))
+    old_speakers = set(load_training_config(
+        REPO_ROOT / "configs" / "base-training.yaml")["split"]["test_speakers"])
     clips = [c for c in read_corpora(data_dir, config.get("corpora"))
              if c.emotion in config["labels"]]
-    pool = sorted((c for c in clips if c.speaker in config["split"]["validation_speakers"]),
+    unseen = set(config["split"]["validation_speakers"]) | set(config["split"]["test_speakers"])
+    in_gate_set = set(load_base_set("gate", None, kind=model_kind).speakers)
+    pool = sorted((c for c in clips if c.speaker in unseen - old_speakers - in_gate_set),
                   key=lambda c: str(c.path))
-    old = [c for c in clips if c.speaker in config["split"]["test_speakers"]]
+    old = [c for c in clips if c.speaker in old_speakers]
     say = _printer(progress)
-    say(f"{len(pool)} clips of {len(config['split']['validation_speakers'])} unseen speakers "
-        f"to correct ({corrections} a round); old test speakers {len(old)} clips")
-    features = _features(old, _bundled_kind())
+    say(f"{len(pool)} clips of {len({c.speaker for c in pool})} unseen speakers outside the "
+        f"gate set to correct ({corrections} a round); old test speakers {len(old)} clips")
+    features = _features(old, model_kind)
     learner = get_settings().learner
     plan = [(kind, expected) for kind, expected in
             ([(kind, "pass") for kind in SHOULD_PASS for _ in range(should_pass)]
@@ -71,8 +83,9 @@ def run_gate_bench(data_dir: Path, *, should_pass: int = 3, must_fail: int = 2,
         row.update(round=number + 1, expected=expected)
         rounds.append(row)
         say(_round_line(row))
-    report = {"data": str(data_dir), "seed": seed, "threads": threads,
+    report = {"data": str(data_dir), "seed": seed, "threads": threads, "model_kind": model_kind,
               "corrections_per_round": corrections, "pool_clips": len(pool),
+              "pool_speakers": sorted({c.speaker for c in pool}),
               "old_test_clips": len(old), "targets": TARGETS,
               "gate": {"max_recall_drop": learner.max_recall_drop,
                        "confidence": learner.gate_confidence},
@@ -110,6 +123,9 @@ def _gate_round(kind: str, clips: list[CorpusClip], rng: np.random.Generator, ol
             "old_test": None if old_after is None else _old_test_change(baseline, old_after),
             "smallest_adjusted_p": min((t["adjusted_p_value"] for family in tests.values()
                                         for t in family.values()), default=None),
+            "signal": {f: report["signal"][f] for f in (
+                "n", "agreements", "expected_by_chance", "p_value", "decidable", "refused")}
+            if "signal" in report else None,
             **tests}, baseline
 
 
@@ -118,7 +134,7 @@ def _old_right(app, version: int, old: list[CorpusClip], features) -> np.ndarray
     answers restricted to the clip's corpus's labels)."""
     from learner.evaluation import outcomes_from_logits
     from learner.inference import EmotionPredictor
-    from learner.rounds import load_version
+    from learner.continual.rounds import load_version
 
     predictor = EmotionPredictor(load_version(app.state.artifacts, _version(app, version)))
     logits = predictor.logits_batch([features[c.path] for c in old])
@@ -129,7 +145,7 @@ def _old_right(app, version: int, old: list[CorpusClip], features) -> np.ndarray
 def _old_test_change(before: np.ndarray, after: np.ndarray) -> dict:
     """The candidate against the active model on the old test speakers, paired as the gate
     pairs: accuracy change, clips lost and gained, and the exact McNemar p-value of a loss."""
-    from learner.gate import PairedCounts, loss_p_value
+    from learner.continual.gate import PairedCounts, loss_p_value
 
     counts = PairedCounts(len(before), int(np.sum(before & ~after)), int(np.sum(~before & after)))
     return {"accuracy_change": round(float(after.mean() - before.mean()), 4),
@@ -214,8 +230,13 @@ def _round_line(row: dict) -> str:
     test = "-" if old is None else (
         f"{100 * old['accuracy_change']:+.1f} points ({old['lost']} lost, {old['gained']} "
         f"gained, loss p {old['loss_p_value']:.2g})")
+    s = row["signal"]
+    signal = "-" if s is None else (
+        f"{s['agreements']}/{s['n']} agree, {s['expected_by_chance']:.1f} by chance, "
+        f"p {s['p_value']:.2g}" + ("" if s["decidable"] else " (too few to test)"))
     return (f"round {row['round']:>2} {row['kind']:<13} (must {row['expected']}): "
             f"{row['status']:<8} smallest adjusted p {p if p is None else f'{p:.3g}'}; "
+            f"held-out signal {signal}; "
             f"old test speakers {test}; "
             f"round {row['round_s'] or 0:.0f} s (gate {row['gate_s'] or 0:.1f} s)")
 

@@ -4,7 +4,7 @@ Accuracy. Every speaker the default model never trained on (the validation and t
 configs/base-training.yaml) plays a user. For k = 5, 10 and 20 corrections a class, each user
 sends k of their clips a class through the real inference engine with their user id and corrects
 every answer to the true label (the rows go in with the service's repositories); personal rounds
-run (learner.personal_rounds: training, gate, registry); then every clip of theirs that was not
+run (learner.personal.rounds: training, gate, registry); then every clip of theirs that was not
 corrected is sent through the engine again, once as the user (their personal model if the gate
 accepted one) and once without a user id (the global model). A speaker has only 8 or 9 clips a
 class (RAVDESS neutral: 4), so corrections a class are capped to leave at least
@@ -119,7 +119,7 @@ class _Store:
 
 def _accuracy_bench(data_dir: Path, root: Path, ks: tuple[int, ...]) -> dict:
     from learner.corpora import read_corpora
-    from learner.personal_rounds import run_personal_rounds
+    from learner.personal.rounds import run_personal_rounds
 
     config = yaml.safe_load((REPO_ROOT / "configs" / "base-training.yaml").read_text())
     speakers = config["split"]["validation_speakers"] + config["split"]["test_speakers"]
@@ -234,7 +234,7 @@ def _test_accuracy(test: list, answers: dict) -> dict:
 def _cost_bench(root: Path, versions: int, probes: int) -> dict:
     import torch
 
-    from learner.personal_model import personal_head_bytes
+    from learner.personal.model import personal_head_bytes
     from service.bench.clips import to_wav, voiced_clip
     from storage.registry import ModelRegistry
 

@@ -28,7 +28,7 @@ RunIdPath = Annotated[int, Path(ge=1, le=2**31 - 1)]
 def start_round(caller: AdminKey, learner: LearnerDep, session: SessionDep) -> RunStartedOut:
     """Start a round now, whatever `learner.min_new_feedback` says; it runs in the background.
     Follow it with GET /v1/admin/runs/{run_id}."""
-    from learner.rounds import RoundRunning
+    from learner.continual.rounds import RoundRunning
 
     try:
         run_id = learner.start_now(trigger="manual")

@@ -3,7 +3,7 @@
 An app sees and may delete only users it has made predictions for; to it, any other user id
 answers 404, exactly like one nobody ever sent. Admin keys see every user. User ids are one
 namespace for the whole deployment: the same id from two apps is one person, with one personal
-model (learner/personal_rounds.py, storage/forget.py).
+model (learner/personal/rounds.py, storage/forget.py).
 """
 from typing import Annotated
 
@@ -118,7 +118,7 @@ def start_personal_round(user_id: UserIdPath, caller: AdminKey, request: Request
                          session: SessionDep, settings: SettingsDep) -> RunStartedOut:
     """Run this user's personal round now, in the background; follow it with
     GET /v1/admin/runs/{run_id}."""
-    from learner.rounds import RoundRunning
+    from learner.continual.rounds import RoundRunning
 
     if not settings.personal.enabled:
         raise ApiError(409, "personal_disabled", "personal models are off (personal.enabled)")
@@ -140,7 +140,7 @@ def _check_visible(repository: PersonalRepository, caller: Caller, user_id: str)
 
 def _check_loads(registry: ModelRegistry, row: ModelVersion) -> None:
     """The file checks out and parses, and the global version it was built on is still there."""
-    from learner.personal_model import personal_head_from_bytes
+    from learner.personal.model import personal_head_from_bytes
 
     head = personal_head_from_bytes(registry.artifacts.read_model(row.artifact_path, row.sha256),
                                     expected_sha256=row.sha256)

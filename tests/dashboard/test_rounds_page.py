@@ -30,6 +30,8 @@ def paired_report() -> dict:
     report["paired"] = {label: {"refused": label == "sad", "detectable_loss": 0.08}
                         for label in DEFAULT_LABELS}
     report["paired"]["calm"]["detectable_loss"] = 0.18
+    report["signal"] = {"n": 20, "agreements": 5, "expected_by_chance": 4.2, "p_value": 0.41,
+                        "decidable": True, "refused": True}
     return {**report, "confidence": 0.95, "alpha": 0.05}
 
 
@@ -62,6 +64,8 @@ def test_rounds_show_their_gate_reports_and_start_in_one_click(open_dashboard, s
     expect(marked).to_have_text("60% → 50%")
     expect(paired).to_contain_text("Smallest loss the gate set can show")
     expect(paired).to_contain_text("8.0% – 18.0%")
+    expect(paired).to_contain_text("Held-out corrections it agrees with5 of 20 (4.2 by chance, "
+                                   "p = 0.41)")
     screenshot(page.locator("#runs").locator(".."), "rounds")
 
     # While another round holds the lock, starting one is refused and the page says so.

@@ -6,7 +6,7 @@ from torch import nn
 
 from learner.checkpoint import model_from_bytes
 from learner.labels import DEFAULT_LABELS
-from learner.personal_model import personal_head_bytes
+from learner.personal.model import personal_head_bytes
 from storage.models import Feedback
 from storage.registry import ModelRegistry
 from tests.dashboard.conftest import expect, screenshot

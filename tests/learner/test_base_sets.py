@@ -3,8 +3,8 @@ import json
 
 import yaml
 
-from learner.base_sets import build_base_sets, load_base_set
 from learner.checkpoint import LOGMEL_KIND, WHISPER_KIND
+from learner.continual.base_sets import build_base_sets, load_base_set
 from tests.learner.toy_corpus import make_corpus
 
 
@@ -45,7 +45,7 @@ def test_the_shipped_gate_sets_hold_unseen_speakers_where_the_corpora_allow():
     """The bundled model's gate set: its own validation speakers (never trained on), 150 a class
     where they have them, only calm and disgust filled up to 50 from training speakers; the
     log-mel kind's: speakers of corpora it never heard, none a benchmark holds out."""
-    from learner.base_sets import REPO_ROOT
+    from learner.continual.base_sets import REPO_ROOT
 
     logmel_recipe, speech_recipe = (
         yaml.safe_load((REPO_ROOT / "configs" / name).read_text())

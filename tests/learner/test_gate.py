@@ -4,7 +4,7 @@ active model right on 39 of them: recall 0.78)."""
 import pytest
 from scipy.stats import binomtest
 
-from learner.gate import NEW_FEEDBACK, Answers, RegressionGate, holm
+from learner.continual.gate import NEW_FEEDBACK, Answers, RegressionGate, holm
 
 CLASSES = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 PER_CLASS, RIGHT = 50, 39
@@ -43,7 +43,7 @@ def _judge(after, holdout=([], [], []), gate=RegressionGate(0.02, 0.95)):
 
 def _expected_refusal(lost: int, hypotheses: int, tolerance: float = 0.02,
                       alpha: float = 0.05) -> bool:
-    """Independently of learner.gate: the exact binomial test of the lost clips among the
+    """Independently of learner.continual.gate: the exact binomial test of the lost clips among the
     discordant ones, its null the most loss the tolerance allows; Holm with every other
     hypothesis at a larger p multiplies the smallest p-value by their number."""
     if lost == 0:
@@ -174,3 +174,76 @@ def test_an_empty_gate_set_refuses():
 def test_holm_adjusts_step_down():
     adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
     assert adjusted == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+
+
+# The signal test: the held-out feedback of a round, 20 clips of 5 labels (what 100 corrections
+# hold out), and the candidate's answers on it.
+HELD = [label for label in CLASSES[2:7] for _ in range(4)]
+SHIFT = {label: CLASSES[2:7][(i + 1) % 5] for i, label in enumerate(CLASSES[2:7])}
+
+
+def _answers_right_on(k: int, truth=HELD) -> list[str]:
+    """Answers right on k of the clips (spread over the labels), the others shifted one label."""
+    rows = sorted(range(len(truth)), key=lambda i: (i % 4, i))[:k]
+    return [t if i in rows else SHIFT[t] for i, t in enumerate(truth)]
+
+
+def _judge_held(truth, active, candidate):
+    table, before = _table()
+    return _judge(before, (truth, active, candidate))
+
+
+def test_corrections_that_carry_no_signal_are_refused():
+    # Shuffled labels: the candidate answers as the active model did, and both agree with the
+    # labels only as often as chance would (4 of 20: 5 labels of 4 clips, answers alike).
+    answers = _answers_right_on(4)
+    report = _judge_held(HELD, answers, answers)
+    signal = report["signal"]
+    assert report["decision"] == "rejected"
+    assert (signal["n"], signal["agreements"], signal["expected_by_chance"]) == (20, 4, 4.0)
+    assert signal["decidable"] and signal["refused"] and signal["p_value"] > 0.5
+    assert signal["required_agreements"] == 8
+    assert not any(t["refused"] for family in ("paired", "false_alarms")
+                   for t in report[family].values())  # nothing was lost
+    assert "do not agree with them more than chance would: 4 agree, 4.0" in report["reason"]
+    assert "at least 8 were needed" in report["reason"]
+    # Not one agreement short of what the margins need either.
+    assert _judge_held(HELD, answers, _answers_right_on(7))["decision"] == "rejected"
+
+
+def test_confirming_and_improving_corrections_are_accepted():
+    confirmed = _answers_right_on(20)  # the labels are the model's own answers
+    report = _judge_held(HELD, confirmed, confirmed)
+    assert report["decision"] == "accepted", report["reason"]
+    assert report["signal"]["p_value"] < 1e-9 and report["signal"]["kappa"] == 1.0
+    assert "20 of 20 agree with its answers, 4.0 would by chance" in report["reason"]
+    # Newcomers: the active model right on 7 (not enough alone), the candidate on 8.
+    report = _judge_held(HELD, _answers_right_on(7), _answers_right_on(8))
+    assert report["decision"] == "accepted", report["reason"]
+    assert report["signal"]["p_value"] == pytest.approx(0.0356, abs=1e-3)
+    # The signal test is not in the Holm family: 8 classes twice and the new feedback.
+    assert report["hypotheses"] == 2 * len(CLASSES) + 1
+
+
+def test_a_held_out_set_too_small_to_show_signal_is_not_tested_and_says_so():
+    tiny = ["happy", "sad"] * 2  # answering all four right would give p = 1/6
+    report = _judge_held(tiny, tiny, tiny)
+    assert report["decision"] == "accepted", report["reason"]
+    signal = report["signal"]
+    assert not signal["decidable"] and not signal["refused"]
+    assert signal["best_possible_p_value"] == pytest.approx(1 / 6)
+    assert "4 held-out corrections are too few to show signal" in report["reason"]
+    # One label held out: no answers could show agreement; the false alarms guard instead.
+    assert not _judge_held(["sad"] * 20, ["sad"] * 20, ["sad"] * 20)["signal"]["decidable"]
+    # No feedback held out at all.
+    assert "was not tested" in _judge_held([], [], [])["reason"]
+
+
+def test_a_small_round_that_can_show_signal_but_does_not_says_what_it_needed():
+    held = ["happy", "sad"] * 3  # 6 clips: all right would give p = 1/20
+    report = _judge_held(held, held, ["happy", "sad", "happy", "sad", "happy", "happy"])
+    assert report["decision"] == "rejected"
+    assert report["signal"]["decidable"] and report["signal"]["required_agreements"] is None
+    assert "no count of agreements could show it" in report["reason"]
+    assert "so does a round too small to show what it taught" in report["reason"]
+    assert _judge_held(held, held, held)["decision"] == "accepted"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from learner.rounds import run_round
+from learner.continual.rounds import run_round
 from storage.models import Feedback, ModelVersion, TrainingRun
 from storage.runs import LearnerLockRepository
 from tests.learner.toy_learning import toy_base_sets, toy_model, world  # noqa: F401

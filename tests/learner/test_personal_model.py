@@ -8,7 +8,7 @@ from learner.checkpoint import LoadedModel, ModelFileError
 from learner.inference import EmotionPredictor
 from learner.labels import DEFAULT_LABELS
 from learner.model import EmotionNet, ModelConfig
-from learner.personal_model import PersonalPredictor, personal_head_bytes, personal_head_from_bytes
+from learner.personal.model import PersonalPredictor, personal_head_bytes, personal_head_from_bytes
 
 
 @pytest.fixture(scope="module")

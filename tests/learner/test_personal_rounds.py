@@ -7,11 +7,11 @@ import pytest
 from sqlalchemy import func, select
 
 from learner.checkpoint import model_from_bytes
+from learner.continual.rounds import run_round
 from learner.features import extract_features
 from learner.inference import EmotionPredictor
-from learner.personal_model import PersonalPredictor, personal_head_from_bytes
-from learner.personal_rounds import run_personal_rounds
-from learner.rounds import run_round
+from learner.personal.model import PersonalPredictor, personal_head_from_bytes
+from learner.personal.rounds import run_personal_rounds
 from service.bench.clips import to_wav, voiced_clip
 from storage.models import Feedback, ModelVersion, Prediction, TrainingRun
 from storage.personal import PersonalRepository
@@ -180,7 +180,7 @@ def test_only_the_users_own_corrections_train_their_model(world):
 
 
 def test_a_user_forgotten_while_their_round_runs_leaves_nothing_behind(world, monkeypatch):
-    import learner.personal_training as training
+    import learner.personal.training as training
     from storage.forget import forget_user
 
     alice_corrects(world)

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from learner.continual_state import EwcState
-from learner.gate import RegressionGate
-from learner.inference import EmotionPredictor
 from learner.checkpoint import model_from_bytes
-from learner.replay import Sample
-from learner.rounds import RoundRunning, run_round
+from learner.continual.ewc_state import EwcState
+from learner.continual.gate import RegressionGate
+from learner.continual.replay import Sample
+from learner.continual.rounds import RoundRunning, run_round
+from learner.inference import EmotionPredictor
 from storage.db_artifacts import DatabaseArtifactStore
 from storage.models import Feedback, ModelVersion, ReplayExemplar, TrainingRun
 from storage.registry import ModelRegistry
@@ -26,7 +26,7 @@ REPORT_KEYS = {"decision", "reason", "scope", "user_id", "old_classes", "new_cla
                "max_recall_drop", "recall_before", "recall_after", "macro_f1_before",
                "macro_f1_after", "new_feedback_accuracy_before", "new_feedback_accuracy_after",
                "gate_set_size", "new_holdout_size"}
-TEST_KEYS = {"test", "confidence", "alpha", "hypotheses", "paired", "false_alarms"}
+TEST_KEYS = {"test", "confidence", "alpha", "hypotheses", "paired", "false_alarms", "signal"}
 
 
 def _round(world, **overrides):

@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from learner.base_sets import BaseSetError, load_base_set
 from learner.checkpoint import (LOGMEL_KIND, WHISPER_KIND, LoadedModel, ModelFileError,
                                 bundled_encoder, model_bytes, model_from_bytes)
-from learner.continual_state import EwcState
+from learner.continual.base_sets import BaseSetError, load_base_set
+from learner.continual.ewc_state import EwcState
+from learner.continual.rounds import run_round
 from learner.file_metadata import read_metadata
 from learner.inference import EmotionPredictor, pad_batch
-from learner.personal_model import (PersonalPredictor, embed_batch, personal_head_bytes,
+from learner.personal.model import (PersonalPredictor, embed_batch, personal_head_bytes,
                                     personal_head_from_bytes)
-from learner.rounds import run_round
 from learner.serving_net import for_serving
 from learner.speech_encoder.weights import load_encoder
 from learner.speech_encoder.whisper_mel import extract_speech_features

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from learner.checkpoint import model_from_bytes
-from learner.continual_state import EwcState, StateFileError
-from learner.replay import BufferedSample, Sample, split_holdout
-from learner.strategies import STRATEGIES, bootstrap_ewc_state, train_candidate
+from learner.continual.ewc_state import EwcState, StateFileError
+from learner.continual.replay import BufferedSample, Sample, split_holdout
+from learner.continual.strategies import STRATEGIES, bootstrap_ewc_state, train_candidate
 from storage.runs import ExemplarRow
 from tests.learner.toy_learning import (TOY_LABELS, toy_base_sets, toy_features,  # noqa: F401
                                         toy_learner_settings, toy_model)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from learner.base_sets import FeatureSet, write_base_sets
 from learner.checkpoint import LOGMEL_KIND, features_for, model_bytes
+from learner.continual.base_sets import FeatureSet, write_base_sets
 from learner.inference import limit_threads, pad_batch
 from learner.model import EmotionNet, ModelConfig
 from service.bench.clips import to_wav, voiced_clip

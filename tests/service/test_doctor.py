@@ -109,7 +109,7 @@ def test_a_corrupt_database_page_is_found_and_serve_refuses_to_start(env, settin
 
 HOLD_LOCK = """
 import sys, time
-from learner.rounds import new_holder
+from learner.continual.rounds import new_holder
 from storage.db import create_db_engine, make_session_factory
 from storage.runs import LearnerLockRepository, TrainingRunRepository
 with make_session_factory(create_db_engine(sys.argv[1]))() as session:

@@ -8,7 +8,7 @@ from learner.audio import decode_audio
 from learner.checkpoint import LOGMEL_KIND, WHISPER_KIND, model_bytes, model_from_bytes
 from learner.inference import EmotionPredictor
 from learner.labels import DEFAULT_LABELS
-from learner.personal_model import PersonalPredictor, personal_head_bytes, personal_head_from_bytes
+from learner.personal.model import PersonalPredictor, personal_head_bytes, personal_head_from_bytes
 from storage.registry import ModelRegistry
 from tests.learner.tiny_speech import (bundled_tiny_encoder, tiny_encoder_file,  # noqa: F401
                                        tiny_speech_model)

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from learner.checkpoint import model_bytes, model_from_bytes
-from learner.personal_model import personal_head_bytes
-from learner.personal_rounds import run_personal_rounds
+from learner.personal.model import personal_head_bytes
+from learner.personal.rounds import run_personal_rounds
 from service.bench.clips import to_wav, voiced_clip
 from service.personal_models import LRUCache
 from storage.files import sha256_bytes

@@ -27,6 +27,7 @@ export function gateReport(report) {
         `${percent(report.confidence)} confidence`] :
       ["Largest recall drop allowed", percent(report.max_recall_drop, 1)],
     ...(report.paired ? [["Smallest loss the gate set can show", detectable(report)]] : []),
+    ...(report.signal ? [["Held-out corrections it agrees with", agreement(report.signal)]] : []),
     ["Gate set / new held-out clips",
       `${report.gate_set_size ?? "–"} / ${report.new_holdout_size ?? "–"}`],
   ];
@@ -46,6 +47,15 @@ function detectable(report) {
   if (!losses.length) return "–";
   const [low, high] = [Math.min(...losses), Math.max(...losses)];
   return low === high ? percent(low, 1) : `${percent(low, 1)} – ${percent(high, 1)}`;
+}
+
+/** The signal test: agreements with the held-out corrections against what chance gives. */
+function agreement(signal) {
+  if (!signal.n) return "none held out";
+  const counts = `${signal.agreements} of ${signal.n} (${signal.expected_by_chance.toFixed(1)} ` +
+    "by chance";
+  if (!signal.decidable) return `${counts}; too few to test)`;
+  return `${counts}, p = ${signal.p_value.toPrecision(2)})`;
 }
 
 function pair(before, after) {

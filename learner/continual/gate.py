@@ -1,5 +1,6 @@
 """The regression gate: a candidate replaces the active model unless the evidence says it lost
-what that model knew, or does worse on the new feedback it was not trained on.
+what that model knew, or does worse on the new feedback it was not trained on; and only if its
+answers on that feedback show the corrections carry something it can learn.
 
 Both models answer the same clips, so the gate compares them clip by clip (paired). For one
 group of clips (an old class on the gate set, or the held-out share of this round's feedback) a
@@ -22,25 +23,40 @@ of them is at most 1 - `confidence`. The gate refuses when an adjusted p-value i
 1 - `confidence`: the evidence then says (at that confidence) that a class lost more than the
 tolerance, or that the candidate is worse on the new feedback.
 
-The burden of proof is on the refusal: a loss the gate set is too small to show passes. The
-report says how small that is: per class, the fewest clips a candidate could lose with no gain
-(and the recall that is) and still be refused. Every point figure (recall and macro-F1 per
-model, new-feedback accuracy) stays in the report. Old classes are the labels the active model
-knows; labels it does not know are new classes: reported, not guarded. Answers are the models'
-unrestricted argmax, as the service gives them. The report's shape is shared with the dashboard
-(see the README's "Learner" section).
+The burden of proof is on the refusal for a loss: a loss the gate set is too small to show
+passes. It is on the acceptance for what the round taught: the candidate's answers on the
+held-out feedback must agree with its labels more than chance would if the labels were
+independent of the answers (learner.continual.agreement: exact permutation test, margins
+fixed, one-sided, at alpha = 1 - `confidence`, on its own: it guards against accepting noise,
+an error the loss tests' Holm family does not count). Corrections that carry nothing learnable
+(labels shuffled among the clips, one label for every clip) fail it; corrections that confirm
+the model's answers, or teach voices it half knows, pass. Where the held-out labels are so few
+that even answers agreeing with every one would not be significant (prod(count_l!) / n! >
+alpha: fewer than 6 clips of two labels, say) no model could pass it, so it is not applied and
+the report says so (`signal`: `decidable` false). The report says how small a loss the gate
+set can see: per class, the fewest clips a candidate could lose with no gain (and the recall
+that is) and still be refused. Every point figure (recall and macro-F1 per model, new-feedback
+accuracy) stays in the report. Old classes are the labels the active model knows; labels it
+does not know are new classes: reported, not guarded. Answers are the models' unrestricted
+argmax, as the service gives them. The report's shape is shared with the dashboard (see the
+README's "Learner" section).
 """
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from learner.continual.agreement import (Agreement, agreement_p_value, best_p_value,
+                                         required_agreements)
+from learner.continual.replay import Sample
 from learner.inference import EmotionPredictor
-from learner.replay import Sample
 
 TEST_NAME = ("one-sided exact conditional McNemar test (binomial on the discordant pairs) of "
              "'net loss <= tolerance', per old class on its recall and on its false alarms and "
              "on the new feedback, Holm-adjusted over all of them")
+SIGNAL_TEST = ("one-sided exact permutation test (margins fixed) that the candidate's answers "
+               "on the held-out feedback agree with its labels more than chance; not in the "
+               "Holm family: a round must pass it to be accepted")
 NEW_FEEDBACK = "new feedback (held out)"
 
 
@@ -156,7 +172,8 @@ class RegressionGate:
 
     def tests(self, answers: Answers) -> dict:
         """The paired tests: per old class on the gate set, its recall and its false alarms,
-        and on the held-out new feedback; Holm over all of them."""
+        and on the held-out new feedback; Holm over all of them. And, on its own, the signal
+        test of the candidate's answers on the held-out feedback."""
         a, alpha = answers, round(1.0 - self.confidence, 12)  # 0.05, not 0.050000000000000044
         classes = sorted(set(a.truth), key=a.truth.index)
         groups: dict[tuple[str, str], tuple[PairedCounts, float]] = {}
@@ -190,6 +207,7 @@ class RegressionGate:
                 "refused": adjusted[(family, key)] <= alpha,
                 "detectable_loss_clips": smallest,
                 "detectable_loss": None if smallest is None else smallest / counts.n}
+        out["signal"] = signal_test(a.holdout_truth, a.holdout_after, alpha)
         return out
 
     def _failure(self, r: dict) -> str | None:
@@ -198,7 +216,7 @@ class RegressionGate:
         refused = [(family, k, t) for family in ("paired", "false_alarms")
                    for k, t in r[family].items() if t["refused"]]
         if not refused:
-            return None
+            return _no_signal(r["signal"]) if r["signal"]["refused"] else None
         family, key, t = min(refused, key=lambda item: item[2]["adjusted_p_value"])
         if family == "false_alarms":
             return (f"it answers '{key}' wrongly on {t['lost']} more of the other old classes' "
@@ -218,6 +236,46 @@ class RegressionGate:
                 f"{r['recall_after'][key]:.3f}; adjusted p = {t['adjusted_p_value']:.2g})")
 
 
+def signal_test(truth: list[str], answers: list[str], alpha: float) -> dict:
+    """The `signal` part of the report: do the candidate's answers on the held-out feedback
+    agree with its labels beyond chance (learner.continual.agreement)? Refused when the test
+    could show it (`decidable`) and did not."""
+    agreement = Agreement.of(truth, answers)
+    best = best_p_value(truth)
+    decidable = best <= alpha
+    p = agreement_p_value(truth, answers)
+    return {"test": SIGNAL_TEST, "n": agreement.n, "agreements": agreement.agreements,
+            "expected_by_chance": agreement.expected,  # the agreements: new_feedback_accuracy_after
+            "chance_agreement": agreement.expected / agreement.n if agreement.n else None,
+            "kappa": agreement.kappa, "p_value": p, "alpha": alpha,
+            "best_possible_p_value": best, "decidable": decidable,
+            "required_agreements": required_agreements(truth, answers, alpha),
+            "refused": decidable and p > alpha}
+
+
+def _no_signal(s: dict) -> str:
+    needed = ("no count of agreements could show it with the answers it gave"
+              if s["required_agreements"] is None else
+              f"at least {s['required_agreements']} were needed")
+    return (f"its answers on the {s['n']} held-out corrections do not agree with them more "
+            f"than chance would: {s['agreements']} agree, {s['expected_by_chance']:.1f} would by "
+            f"chance (labels independent of its answers; exact permutation p = "
+            f"{s['p_value']:.2g} > {s['alpha']:.2g}; {needed}). Corrections that carry "
+            f"nothing learnable look like this (labels shuffled or arbitrary); so does a round "
+            f"too small to show what it taught: more corrections can")
+
+
+def _signal_part(s: dict) -> str:
+    if not s["n"]:
+        return "no new feedback was held out: whether it carries signal was not tested"
+    if not s["decidable"]:
+        return (f"the {s['n']} held-out corrections are too few to show signal (answers "
+                f"agreeing with all of them would give p = {s['best_possible_p_value']:.2g} > "
+                f"{s['alpha']:.2g}): not tested")
+    return (f"held-out corrections: {s['agreements']} of {s['n']} agree with its answers, "
+            f"{s['expected_by_chance']:.1f} would by chance (p = {s['p_value']:.2g})")
+
+
 _OTHER = "(another class)"
 
 
@@ -234,11 +292,10 @@ def _acceptance(r: dict) -> str:
              f"{closest}, {t['lost']} lost, {t['gained']} gained of {t['n']}, adjusted p = "
              f"{t['adjusted_p_value']:.2g})",
              f"macro-F1 {r['macro_f1_before']:.3f} -> {r['macro_f1_after']:.3f}"]
-    if r["new_feedback_accuracy_after"] is None:
-        parts.append("no new feedback was held out")
-    else:
+    if r["new_feedback_accuracy_after"] is not None:
         parts.append(f"new-feedback accuracy {r['new_feedback_accuracy_before']:.3f} -> "
                      f"{r['new_feedback_accuracy_after']:.3f}")
+    parts.append(_signal_part(r["signal"]))
     return "; ".join(parts)
 
 

@@ -3,7 +3,8 @@
 1. Take the learner lock (one round at a time across processes) and record the run.
 2. Read the unconsumed feedback (its clips from the artifact store, its labels), hold a seeded
    share of it out for the gate, and restore the active version's replay buffer and EWC state.
-3. Train a candidate from the active model (learner.strategies), judge it (learner.gate).
+3. Train a candidate from the active model (learner.continual.strategies), judge it
+   (learner.continual.gate).
 4. In ONE transaction: register the candidate (model file and state file written and checksummed
    first), store its replay buffer, mark the feedback consumed by this run, record the run with
    its gate report, activate the candidate if the gate accepted it (else mark it rejected
@@ -30,14 +31,15 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from learner.audio import AudioError, decode_audio
-from learner.base_sets import BaseSetError, load_base_set
 from learner.checkpoint import (LoadedModel, ModelFileError, features_for, model_bytes,
                                 model_from_bytes)
-from learner.continual_state import EwcState, StateFileError
-from learner.gate import RegressionGate
+from learner.continual.base_sets import BaseSetError, load_base_set
+from learner.continual.ewc_state import EwcState, StateFileError
+from learner.continual.gate import RegressionGate
+from learner.continual.replay import (BufferedSample, Sample, base_exemplars, exemplar_row,
+                                      split_holdout)
 from learner.inference import EmotionPredictor
 from learner.labels import feedback_labels
-from learner.replay import BufferedSample, Sample, base_exemplars, exemplar_row, split_holdout
 from storage.artifacts import ArtifactError, ArtifactStore
 from storage.models import ModelVersion
 from storage.registry import ModelRegistry
@@ -212,7 +214,7 @@ class LearningRound:
         self.timings["load_s"] = time.perf_counter() - started
         self._check_stop()
 
-        from learner.strategies import train_candidate  # Avalanche: the learner's only
+        from learner.continual.strategies import train_candidate  # Avalanche: the learner's only
 
         mark = time.perf_counter()
         start_net, start_labels, data = model.net, model.labels, train
@@ -273,7 +275,7 @@ class LearningRound:
         state = load_ewc_state(self.artifacts, active)
         if state is not None:
             return state, False
-        from learner.strategies import bootstrap_ewc_state
+        from learner.continual.strategies import bootstrap_ewc_state
 
         return bootstrap_ewc_state(model.net, model.labels, buffer, self.settings,
                                    seed=self.seed), True
@@ -359,7 +361,7 @@ class LearningRound:
 
     def _check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
-            from learner.strategies import RoundStopped
+            from learner.continual.strategies import RoundStopped
 
             raise RoundStopped("the learner was asked to stop")
 

@@ -16,8 +16,8 @@ falling linearly to zero, and keeps BatchNorm statistics as they were.
 The buffer and the EWC state come in restored from storage and go out as plain values; the
 strategy object lives for one round only and is never saved. Either kind of model trains the
 same way; on the speech encoder only the downstream is trained, and only its parameters are in
-the optimizer and the EWC state (learner.continual_model). Only the learner imports this module:
-inference never loads Avalanche.
+the optimizer and the EWC state (learner.continual.avalanche_model). Only the learner imports
+this module: inference never loads Avalanche.
 """
 import math
 import threading
@@ -40,10 +40,10 @@ from avalanche.training.utils import ParamData
 from torch import nn
 from torch.utils.data import Dataset
 
-from learner.continual_model import (MaskedInputNet, as_float_tensor, collate_masked,
+from learner.continual.avalanche_model import (MaskedInputNet, as_float_tensor, collate_masked,
                                      copy_for_training)
-from learner.continual_state import EwcState
-from learner.replay import BufferedSample, Sample
+from learner.continual.ewc_state import EwcState
+from learner.continual.replay import BufferedSample, Sample
 from storage.settings import LearnerSettings
 
 # strategy -> (replay, EWC)

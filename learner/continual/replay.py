@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from learner.base_sets import FeatureSet
+from learner.continual.base_sets import FeatureSet
 from storage.runs import ExemplarRow
 
 

@@ -39,7 +39,7 @@ from learner.file_metadata import read_metadata, save_with_metadata
 from storage.files import sha256_bytes, write_atomic
 
 SET_NAMES = ("replay", "gate")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def set_file_name(name: str, kind: str) -> str:

@@ -1,5 +1,5 @@
 """Personal rounds: a user with at least `personal.min_feedback` corrections gets a personal
-version, a new head on the active global version (learner.personal_model says why a head).
+version, a new head on the active global version (learner.personal.model says why a head).
 
 One round, for one user, holding the learner lock like a global round (one round at a time
 across processes; the scheduler runs the users who are due right after its global check):
@@ -9,7 +9,7 @@ across processes; the scheduler runs the users who are due right after its globa
 2. Embed the user's clips once with the global network (frozen), and the global version's
    replay buffer and gate set (once per global version, cached in this process).
 3. Train the head with Avalanche: Naive + ReplayPlugin (the global exemplars) + EWCPlugin
-   anchored at the global head (learner.personal_training); the same recipe once per fold to
+   anchored at the global head (learner.personal.training); the same recipe once per fold to
    judge it, then on all the corrections for the version that serves.
 4. The gate (PersonalGate): strictly better than the global model on the user's corrections
    (cross-validated), and on the global gate set macro recall within `personal.max_recall_drop`.
@@ -36,10 +36,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from learner.checkpoint import LoadedModel
-from learner.gate import Answers, RegressionGate
-from learner.personal_model import embed_batch, personal_head_bytes, personal_head_from_bytes
-from learner.replay import Sample
-from learner.rounds import (
+from learner.continual.gate import Answers, RegressionGate
+from learner.continual.replay import Sample
+from learner.continual.rounds import (
     LeaseKeeper,
     LockLost,
     RoundOutcome,
@@ -53,6 +52,7 @@ from learner.rounds import (
     restore_buffer,
     settle_candidate,
 )
+from learner.personal.model import embed_batch, personal_head_bytes, personal_head_from_bytes
 from storage.artifacts import ArtifactStore
 from storage.models import Feedback, ModelVersion
 from storage.personal import PersonalRepository
@@ -79,7 +79,8 @@ class EmbeddingHead:
 
 
 class PersonalGate(RegressionGate):
-    """A personal version's gate, with the global gate's figures (learner.gate) and two rules:
+    """A personal version's gate, with the global gate's figures (learner.continual.gate) and two
+    rules:
     1. on the user's corrections, each answered by a head trained without it (k-fold
        cross-validation of the same recipe), accuracy must be strictly higher than the global
        model's: a personal model only as good is not worth serving. Cross-validation judges
@@ -191,7 +192,7 @@ REFERENCES = _ReferenceCache()
 
 
 def training_config(personal: PersonalSettings, seed: int):
-    from learner.personal_training import PersonalTrainingConfig
+    from learner.personal.training import PersonalTrainingConfig
 
     return PersonalTrainingConfig(epochs=personal.epochs, lr=personal.lr,
                                   ewc_lambda=personal.ewc_lambda,
@@ -257,7 +258,7 @@ class PersonalRound:
 
     def _train(self, model: LoadedModel, x: torch.Tensor, y: torch.Tensor,
                reference: "GlobalReference") -> torch.nn.Linear:
-        from learner.personal_training import train_personal_head  # Avalanche: learner only
+        from learner.personal.training import train_personal_head  # Avalanche: learner only
 
         return train_personal_head(model.net.head, x, y, reference.replay_x, reference.replay_y,
                                    training_config(self.personal, self.seed))
