@@ -125,8 +125,9 @@ def boundary(before: Window, after: Window, state_before: str, state_after: str)
     c0, c1 = (before.start + before.end) / 2, (after.start + after.end) / 2
     if before.probabilities and after.probabilities and SILENCE not in (state_before,
                                                                           state_after):
-        q0, q1 = (w.probabilities[state_after] / (w.probabilities[state_before]
-                                                  + w.probabilities[state_after])
+        # max(..., tiny): a window sure of a third emotion can give both states 0.0.
+        q0, q1 = (w.probabilities[state_after] / max(w.probabilities[state_before]
+                                                     + w.probabilities[state_after], 1e-30)
                   for w in (before, after))
         if q0 < 0.5 < q1:
             return c0 + (0.5 - q0) / (q1 - q0) * (c1 - c0)

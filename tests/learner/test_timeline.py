@@ -115,6 +115,11 @@ def test_segments_meet_where_the_new_emotion_takes_over_between_window_centres()
     segs = segments(leaning, ["happy"] * 3 + ["sad"] * 3, duration_s=8.0)
     assert [(s.start, s.end, s.emotion) for s in segs] == [(0, 3.75, "happy"),
                                                             (3.75, 8.0, "sad")]
+    # Windows sure of a third emotion give both states nothing to weigh: half-way again.
+    third = [Window(k, k + 3, {"happy": 0.0, "sad": 0.0, "angry": 1.0}, "x", "x")
+             for k in range(6)]
+    segs = segments(third, ["happy"] * 3 + ["sad"] * 3, duration_s=8.0)
+    assert [(s.start, s.end) for s in segs] == [(0, 4.0), (4.0, 8.0)]
 
 
 def test_a_live_stream_answers_each_window_as_it_completes_like_the_whole_recording(predictor):
