@@ -1,4 +1,5 @@
 """Turning a clip into an emotion with probabilities, for the CLI, evaluation and the service."""
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -7,6 +8,7 @@ from threadpoolctl import threadpool_limits
 
 from learner.audio import decode_audio
 from learner.checkpoint import LoadedModel
+from learner.speech_model import SpeechEmotionModel
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,8 @@ class EmotionPredictor:
     def logits_batch(self, features: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """Many clips at once, batched by similar length (padding does not change outputs,
         it only costs time). -> (n_clips, n_labels)."""
-        order = sorted(range(len(features)), key=lambda i: features[i].shape[0])
         out = np.zeros((len(features), len(self.labels)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            x, lengths = pad_batch([features[i] for i in chunk])
+        for chunk, x, lengths in length_batches(features, batch_size):
             out[chunk] = self.model.net(x, lengths).numpy()
         return out
 
@@ -77,6 +76,50 @@ def prediction_from_logits(logits: np.ndarray, labels: tuple[str, ...],
         confidence=float(probs[best]),
         probabilities={label: float(p) for label, p in zip(labels, probs)},
     )
+
+
+@torch.inference_mode()
+def logits_batches(predictors: Sequence, features: list[np.ndarray],
+                   batch_size: int = 32) -> list[np.ndarray]:
+    """Each predictor's `logits_batch(features)`, the frozen encoder run once for all: models
+    on the same encoder file (its sha256) read the same states, so each batch is encoded once
+    and every such model's downstream reads it. That is what each model run whole computes on
+    the same batch (the same ops on the same states: the answers are identical), for the cost of
+    one encoder pass instead of one per model; the encoder is nearly all of a model's time. Any
+    other predictor (the log-mel kind, a personal head) answers through its own logits_batch, with
+its own batching."""
+    out: list[np.ndarray | None] = [None] * len(predictors)
+    by_encoder: dict[str, list[int]] = {}
+    for i, predictor in enumerate(predictors):
+        if (sha256 := _encoder_read(predictor)) is None:
+            out[i] = predictor.logits_batch(features)
+        else:
+            by_encoder.setdefault(sha256, []).append(i)
+            out[i] = np.zeros((len(features), len(predictor.labels)), dtype=np.float32)
+    for members in by_encoder.values():
+        nets = [predictors[i].model.net for i in members]
+        for chunk, x, lengths in length_batches(features, batch_size):
+            states, state_lengths = nets[0].encode(x, lengths)
+            for i, net in zip(members, nets):
+                out[i][chunk] = net.downstream(states, state_lengths).numpy()
+    return out
+
+
+def _encoder_read(predictor) -> str | None:
+    """The sha256 of the encoder file whose states a predictor's answers are a function of: a
+    SpeechEmotionModel answering whole (EmotionPredictor's own logits_batch), else None."""
+    net = getattr(getattr(predictor, "model", None), "net", None)
+    whole = type(predictor).logits_batch is EmotionPredictor.logits_batch
+    return net.encoder_sha256 if whole and isinstance(net, SpeechEmotionModel) else None
+
+
+def length_batches(features: list[np.ndarray], batch_size: int):
+    """The clips sorted by length, `batch_size` at a time (similar lengths pad little): yields
+    (their indices, the zero-padded (B, max_frames, F) batch, (B,) lengths)."""
+    order = sorted(range(len(features)), key=lambda i: features[i].shape[0])
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield (chunk, *pad_batch([features[i] for i in chunk]))
 
 
 def pad_batch(features: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,12 +124,18 @@ class SpeechEmotionModel(nn.Module):
         self.encoder.eval()  # frozen: never in training mode, whatever the caller does
         return self
 
-    def embed(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, T, 80) Whisper log-mel, (B,) frame counts -> (B, 2*lstm_hidden)."""
+    def encode(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, 80) Whisper log-mel, (B,) frame counts -> (B, N, T', D) pooled encoder states
+        and (B,) their lengths: what the downstream reads. Every model on the same encoder file
+        reads the same states (learner.inference.logits_batches computes them once for all)."""
         with torch.no_grad():
             states, lengths = self.encoder(mel, lengths)
             states, lengths = pool_frames(states, lengths)
-        return self.downstream.embed(states.transpose(0, 1), lengths)
+        return states.transpose(0, 1), lengths
+
+    def embed(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, 80) Whisper log-mel, (B,) frame counts -> (B, 2*lstm_hidden)."""
+        return self.downstream.embed(*self.encode(mel, lengths))
 
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.downstream.head(self.downstream.dropout(self.embed(mel, lengths)))

@@ -49,7 +49,7 @@ import numpy as np
 from learner.continual.agreement import (Agreement, agreement_p_value, best_p_value,
                                          required_agreements)
 from learner.continual.replay import Sample
-from learner.inference import EmotionPredictor
+from learner.inference import EmotionPredictor, logits_batches
 
 TEST_NAME = ("one-sided exact conditional McNemar test (binomial on the discordant pairs) of "
              "'net loss <= tolerance', per old class on its recall and on its false alarms and "
@@ -123,9 +123,10 @@ class Answers:
     def of(cls, active: EmotionPredictor, candidate: EmotionPredictor,
            gate_set: Sequence[Sample], new_holdout: Sequence[Sample]) -> "Answers":
         gate = [s for s in gate_set if s.label in active.labels]
-        return cls([s.label for s in gate], _answers(active, gate), _answers(candidate, gate),
-                   [s.label for s in new_holdout], _answers(active, new_holdout),
-                   _answers(candidate, new_holdout))
+        before, after = _answers(active, candidate, gate)
+        holdout_before, holdout_after = _answers(active, candidate, new_holdout)
+        return cls([s.label for s in gate], before, after, [s.label for s in new_holdout],
+                   holdout_before, holdout_after)
 
 
 class RegressionGate:
@@ -299,11 +300,14 @@ def _acceptance(r: dict) -> str:
     return "; ".join(parts)
 
 
-def _answers(predictor: EmotionPredictor, samples: Sequence[Sample]) -> list[str]:
+def _answers(active: EmotionPredictor, candidate: EmotionPredictor,
+             samples: Sequence[Sample]) -> tuple[list[str], list[str]]:
+    """Both models' answers on the same clips; models on one encoder share its states."""
     if not samples:
-        return []
-    logits = predictor.logits_batch([s.features for s in samples])
-    return [predictor.labels[i] for i in logits.argmax(axis=1)]
+        return [], []
+    before, after = logits_batches([active, candidate], [s.features for s in samples])
+    return ([active.labels[i] for i in before.argmax(axis=1)],
+            [candidate.labels[i] for i in after.argmax(axis=1)])
 
 
 def _recalls(truth: list[str], answers: list[str], labels: list[str]) -> dict[str, float]:
