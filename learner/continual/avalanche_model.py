@@ -32,11 +32,33 @@ class MaskedInputNet(nn.Module):
         head.classifier.load_state_dict(owner.head.state_dict())
         owner.head = head
         self.net = net
+        # (batch, its encoder states, their lengths) of the batch this model last read, on the
+        # speech encoder: another model on the same encoder reads the same batch's states from
+        # here instead of running the encoder again (`forward_rows`).
+        self.encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, F + 1) features plus mask channel -> (B, n_classes) logits."""
         lengths = x[..., -1].sum(dim=1).round().long()
-        return self.net(x[..., :-1], lengths)
+        if not isinstance(self.net, SpeechEmotionModel):
+            return self.net(x[..., :-1], lengths)
+        states, state_lengths = self.net.encode(x[..., :-1], lengths)  # what forward() runs
+        self.encoded = (x, states, state_lengths)
+        return self.net.downstream(states, state_lengths)
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor,
+                     encoded_by: "MaskedInputNet") -> torch.Tensor:
+        """This model's logits on x[rows], as `self(x[rows])` gives them. When `encoded_by`
+        last read x and runs the same frozen encoder file, its states of those rows are read
+        instead of encoding them again: the int8 encoder encodes each clip alone and padding is
+        zeroed, so they are the very states the rows alone would get (cut to the rows' longest)."""
+        encoded = encoded_by.encoded
+        if (not isinstance(self.net, SpeechEmotionModel) or encoded is None or encoded[0] is not x
+                or encoded_by.net.encoder_sha256 != self.net.encoder_sha256):
+            return self(x[rows])
+        _, states, lengths = encoded
+        lengths = lengths[rows]
+        return self.net.downstream(states[rows][:, :, : int(lengths.max())], lengths)
 
     def named_parameters(self, *args, **kwargs):
         """The trainable parameters only. Avalanche's optimizer reset and EWC (importances,

@@ -89,9 +89,9 @@ class ReplayDistillation(SupervisedPlugin):
         replayed = strategy.mbatch[2] < self.n_buffer
         if not replayed.any():
             return
-        x = strategy.mb_x[replayed]
-        with torch.no_grad():
-            target = torch.softmax(self.start(x) / self.temperature, dim=1)
+        with torch.no_grad():  # on the states the trained model's forward just encoded
+            start = self.start.forward_rows(strategy.mb_x, replayed, strategy.model)
+            target = torch.softmax(start / self.temperature, dim=1)
         out = strategy.mb_output[replayed][:, : target.shape[1]] / self.temperature
         loss = nn.functional.kl_div(torch.log_softmax(out, dim=1), target,
                                     reduction="batchmean")
