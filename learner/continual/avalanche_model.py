@@ -42,7 +42,8 @@ class MaskedInputNet(nn.Module):
         lengths = x[..., -1].sum(dim=1).round().long()
         if not isinstance(self.net, SpeechEmotionModel):
             return self.net(x[..., :-1], lengths)
-        states, state_lengths = self.net.encode(x[..., :-1], lengths)  # what forward() runs
+        # SpeechEmotionModel.forward in its two steps, keeping the states between them.
+        states, state_lengths = self.net.encode(x[..., :-1], lengths)
         self.encoded = (x, states, state_lengths)
         return self.net.downstream(states, state_lengths)
 

@@ -1,22 +1,10 @@
 """The gate's decision on constructed prediction tables: what the active model and a candidate
 answered, clip by clip, on a gate set shaped like the shipped one (8 classes, 50 clips each, the
-active model right on 39 of them: recall 0.78). And how those answers are got: both models of
-the encoder kind read one pass of the frozen encoder, and answer as each would run whole."""
-import copy
-
-import numpy as np
+active model right on 39 of them: recall 0.78)."""
 import pytest
-import torch
 from scipy.stats import binomtest
 
-from learner.checkpoint import WHISPER_KIND, LoadedModel, load_default_model
-from learner.continual.base_sets import load_base_set
 from learner.continual.gate import NEW_FEEDBACK, Answers, RegressionGate, holm
-from learner.continual.replay import Sample
-from learner.inference import EmotionPredictor, logits_batches
-from learner.model import EmotionNet, ModelConfig
-from learner.speech_model import SpeechEmotionModel
-from tests.learner.toy_learning import TOY_LABELS, toy_features
 
 CLASSES = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 PER_CLASS, RIGHT = 50, 39
@@ -259,54 +247,3 @@ def test_a_small_round_that_can_show_signal_but_does_not_says_what_it_needed():
     assert "no count of agreements could show it" in report["reason"]
     assert "so does a round too small to show what it taught" in report["reason"]
     assert _judge_held(held, held, held)["decision"] == "accepted"
-
-
-# ----------------------------------------------------------------------------------------------
-# What the gate compares: both models' answers on one pass of the frozen encoder.
-
-def _whisper_pair() -> tuple[EmotionPredictor, EmotionPredictor]:
-    """The bundled model (real int8 encoder) and a candidate on the same encoder whose
-    downstream is the bundled one moved by seeded noise, so the two answer differently."""
-    active = EmotionPredictor(load_default_model())
-    net = active.model.net
-    downstream = copy.deepcopy(net.downstream)
-    torch.manual_seed(14)
-    with torch.no_grad():
-        for p in downstream.parameters():
-            p.add_(0.1 * torch.randn_like(p) * p.abs().mean())
-    candidate = SpeechEmotionModel(net.encoder, downstream.eval(), net.encoder_sha256)
-    return active, EmotionPredictor(LoadedModel(candidate, active.labels, "", WHISPER_KIND))
-
-
-def test_gate_answers_from_shared_encoder_states_are_each_models_answers_run_whole():
-    active, candidate = _whisper_pair()
-    shipped = load_base_set("gate", kind=WHISPER_KIND)  # real speech, the clips gates judge on
-    rows = np.random.default_rng(14).choice(len(shipped), 40, replace=False)
-    samples = [Sample(shipped.features[i], shipped.labels[i], None) for i in rows]
-    gate, holdout = samples[:30], samples[30:]
-
-    answers = Answers.of(active, candidate, gate, holdout)
-
-    def alone(predictor, group):  # each model whole, each clip on its own
-        return [predictor.predict_features(np.asarray(s.features, np.float32)).emotion
-                for s in group]
-
-    assert answers.truth == [s.label for s in gate]
-    assert (answers.before, answers.after) == (alone(active, gate), alone(candidate, gate))
-    assert (answers.holdout_before, answers.holdout_after) == (alone(active, holdout),
-                                                               alone(candidate, holdout))
-    assert answers.before != answers.after  # the two models do differ on these clips
-    # Logits too, bit for bit, against each model run whole on the same batches.
-    features = [s.features for s in samples]
-    shared = logits_batches([active, candidate], features, batch_size=8)
-    np.testing.assert_array_equal(shared[0], active.logits_batch(features, batch_size=8))
-    np.testing.assert_array_equal(shared[1], candidate.logits_batch(features, batch_size=8))
-
-
-def test_models_without_a_shared_encoder_answer_each_on_their_own():
-    torch.manual_seed(0)
-    logmel = [EmotionPredictor(LoadedModel(EmotionNet(ModelConfig(n_classes=2)).eval(),
-                                           TOY_LABELS, "")) for _ in range(2)]
-    features = [toy_features(label, 20 + k) for k, label in enumerate(TOY_LABELS * 3)]
-    for predictor, logits in zip(logmel, logits_batches(logmel, features)):
-        np.testing.assert_array_equal(logits, predictor.logits_batch(features))

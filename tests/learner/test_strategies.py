@@ -1,13 +1,10 @@
 """Every configured strategy trains a candidate with Avalanche, and hands back what the next
-round needs; the EWC state survives its file; replay distillation on the speech encoder reads the
-states the step already encoded."""
+round needs; the EWC state survives its file."""
 import numpy as np
 import pytest
 import torch
 
-from learner.checkpoint import WHISPER_KIND, load_default_model, model_from_bytes
-from learner.continual.avalanche_model import MaskedInputNet
-from learner.continual.base_sets import load_base_set
+from learner.checkpoint import model_from_bytes
 from learner.continual.ewc_state import EwcState, StateFileError
 from learner.continual.replay import BufferedSample, Sample, split_holdout
 from learner.continual.strategies import STRATEGIES, bootstrap_ewc_state, train_candidate
@@ -79,30 +76,3 @@ def test_the_holdout_is_a_seeded_share_of_each_label():
     assert len(train) + len(held) == len(samples)
     again, _ = split_holdout(samples, 0.2, np.random.default_rng(1))
     assert [s.feedback_id for s in again] == [s.feedback_id for s in train]
-
-
-def test_distillation_reads_the_encoder_states_of_the_step_and_trains_as_if_run_whole(
-        monkeypatch, tmp_path):
-    """Replayed exemplars' starting-model answers come from the states the trained model just
-    encoded (no second encoder pass): on the bundled int8 encoder and real speech, the candidate
-    is the very one trained with the starting model run whole on those exemplars."""
-    start = load_default_model()
-    replay = load_base_set("replay", kind=WHISPER_KIND)
-    rows = np.random.default_rng(14).choice(len(replay), 12, replace=False)
-    samples = [Sample(replay.features[i], replay.labels[i],
-                      ExemplarRow("base", replay.labels[i], 0.0, base_index=int(i)))
-               for i in rows]
-    buffer = [BufferedSample(s, 0.5) for s in samples[:8]]
-    settings = toy_learner_settings(tmp_path, steps=2, batch_size=4, replay_batch_size=4,
-                                    mem_size=8, crop_frames=150)
-
-    def train():
-        return train_candidate(start.net, start.labels, samples[8:], buffer, None, settings,
-                               strategy="replay", seed=5).net.downstream.state_dict()
-
-    shared = train()
-    monkeypatch.setattr(MaskedInputNet, "forward_rows", lambda self, x, rows, encoded_by:
-                        self(x[rows]))
-    whole = train()
-    for key, value in whole.items():
-        assert torch.equal(shared[key], value), key

@@ -1,0 +1,94 @@
+"""What a round computes once on the frozen encoder and shares: the gate's two models read one
+pass of the encoder over the gate set and the held-out feedback, and replay distillation reads
+the states its training step already encoded. Both change only the time a round takes: on the
+bundled int8 encoder and real speech (clips of the shipped base sets, seeded), the answers and
+the trained candidate are bit for bit those of each model run whole."""
+import copy
+
+import numpy as np
+import torch
+
+from learner.checkpoint import WHISPER_KIND, LoadedModel, load_default_model
+from learner.continual.avalanche_model import MaskedInputNet
+from learner.continual.base_sets import load_base_set
+from learner.continual.gate import Answers
+from learner.continual.replay import BufferedSample, Sample
+from learner.continual.strategies import train_candidate
+from learner.inference import EmotionPredictor, logits_batches
+from learner.model import EmotionNet, ModelConfig
+from learner.speech_model import SpeechEmotionModel
+from storage.runs import ExemplarRow
+from tests.learner.toy_learning import TOY_LABELS, toy_features, toy_learner_settings
+
+
+def _whisper_pair() -> tuple[EmotionPredictor, EmotionPredictor]:
+    """The bundled model and a candidate on the same encoder whose downstream is the bundled
+    one moved by seeded noise, so the two answer differently."""
+    active = EmotionPredictor(load_default_model())
+    net = active.model.net
+    downstream = copy.deepcopy(net.downstream)
+    torch.manual_seed(14)
+    with torch.no_grad():
+        for p in downstream.parameters():
+            p.add_(0.1 * torch.randn_like(p) * p.abs().mean())
+    candidate = SpeechEmotionModel(net.encoder, downstream.eval(), net.encoder_sha256)
+    return active, EmotionPredictor(LoadedModel(candidate, active.labels, "", WHISPER_KIND))
+
+
+def _shipped(name: str, n: int) -> list[Sample]:
+    clips = load_base_set(name, kind=WHISPER_KIND)
+    rows = np.random.default_rng(14).choice(len(clips), n, replace=False)
+    return [Sample(clips.features[i], clips.labels[i],
+                   ExemplarRow("base", clips.labels[i], 0.0, base_index=int(i))) for i in rows]
+
+
+def test_gate_answers_from_shared_encoder_states_are_each_models_answers_run_whole():
+    active, candidate = _whisper_pair()
+    samples = _shipped("gate", 40)
+    gate, holdout = samples[:30], samples[30:]
+
+    answers = Answers.of(active, candidate, gate, holdout)
+
+    def alone(predictor, group):  # each model whole, each clip on its own
+        return [predictor.predict_features(np.asarray(s.features, np.float32)).emotion
+                for s in group]
+
+    assert answers.truth == [s.label for s in gate]
+    assert (answers.before, answers.after) == (alone(active, gate), alone(candidate, gate))
+    assert (answers.holdout_before, answers.holdout_after) == (alone(active, holdout),
+                                                               alone(candidate, holdout))
+    assert answers.before != answers.after  # the two models do differ on these clips
+    # Logits too, bit for bit, against each model run whole on the same batches.
+    features = [s.features for s in samples]
+    shared = logits_batches([active, candidate], features, batch_size=8)
+    np.testing.assert_array_equal(shared[0], active.logits_batch(features, batch_size=8))
+    np.testing.assert_array_equal(shared[1], candidate.logits_batch(features, batch_size=8))
+
+
+def test_models_without_a_shared_encoder_answer_each_on_their_own():
+    torch.manual_seed(0)
+    logmel = [EmotionPredictor(LoadedModel(EmotionNet(ModelConfig(n_classes=2)).eval(),
+                                           TOY_LABELS, "")) for _ in range(2)]
+    features = [toy_features(label, 20 + k) for k, label in enumerate(TOY_LABELS * 3)]
+    for predictor, logits in zip(logmel, logits_batches(logmel, features)):
+        np.testing.assert_array_equal(logits, predictor.logits_batch(features))
+
+
+def test_distillation_reads_the_states_of_the_step_and_trains_as_if_run_whole(monkeypatch,
+                                                                              tmp_path):
+    start = load_default_model()
+    samples = _shipped("replay", 12)
+    buffer = [BufferedSample(s, 0.5) for s in samples[:8]]
+    settings = toy_learner_settings(tmp_path, steps=2, batch_size=4, replay_batch_size=4,
+                                    mem_size=8, crop_frames=150, distill_weight=3.0)
+
+    def train() -> dict:
+        return train_candidate(start.net, start.labels, samples[8:], buffer, None, settings,
+                               strategy="replay", seed=5).net.downstream.state_dict()
+
+    shared = train()
+    monkeypatch.setattr(MaskedInputNet, "forward_rows",  # the starting model run whole
+                        lambda self, x, rows, encoded_by: self(x[rows]))
+    whole = train()
+    for key, value in whole.items():
+        assert torch.equal(shared[key], value), key
