@@ -87,7 +87,7 @@ def logits_batches(predictors: Sequence, features: list[np.ndarray],
     the same batch (the same ops on the same states: the answers are identical), for the cost of
     one encoder pass instead of one per model; the encoder is nearly all of a model's time. Any
     other predictor (the log-mel kind, a personal head) answers through its own logits_batch, with
-its own batching."""
+    its own batching."""
     out: list[np.ndarray | None] = [None] * len(predictors)
     by_encoder: dict[str, list[int]] = {}
     for i, predictor in enumerate(predictors):

@@ -124,7 +124,8 @@ class SpeechEmotionModel(nn.Module):
         self.encoder.eval()  # frozen: never in training mode, whatever the caller does
         return self
 
-    def encode(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, mel: torch.Tensor,
+               lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, 80) Whisper log-mel, (B,) frame counts -> (B, N, T', D) pooled encoder states
         and (B,) their lengths: what the downstream reads. Every model on the same encoder file
         reads the same states (learner.inference.logits_batches computes them once for all)."""

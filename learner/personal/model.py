@@ -26,7 +26,7 @@ from torch import nn
 
 from learner.checkpoint import FEATURES_BY_KIND, ModelFileError
 from learner.file_metadata import read_metadata, save_with_metadata
-from learner.inference import EmotionPredictor, pad_batch
+from learner.inference import EmotionPredictor, length_batches
 from storage.files import sha256_bytes
 
 PERSONAL_KIND = "personal-head-v1"
@@ -116,9 +116,6 @@ def embed_batch(net: nn.Module, features: list[np.ndarray], batch_size: int = 32
     """Many clips' (frames_i, F) features -> (n, D) embeddings, batched by similar length
     (padding never changes an embedding, it only costs time)."""
     out = torch.zeros(len(features), net.head.in_features)
-    order = sorted(range(len(features)), key=lambda i: features[i].shape[0])
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        x, lengths = pad_batch([features[i] for i in chunk])
+    for chunk, x, lengths in length_batches(features, batch_size):
         out[chunk] = net.embed(x, lengths)
     return out
