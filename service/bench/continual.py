@@ -124,6 +124,7 @@ def _summary(runs: dict[int, dict], rng: np.random.Generator) -> dict:
     out = {"accepted": [sum(r["status"] == "accepted" for r in run["rounds"][1:])
                         for run in runs.values()]}
     for name in ("newcomers", "old_test"):
+        start = next(iter(runs.values()))["right"][0][name]  # round 0: the same for every seed
         change = np.stack([run["right"][-1][name].astype(float) - run["right"][0][name]
                            for run in runs.values()])  # seeds x clips
         per_seed = 100 * change.mean(axis=1)
@@ -131,7 +132,7 @@ def _summary(runs: dict[int, dict], rng: np.random.Generator) -> dict:
         medians = np.median(100 * change[:, picks].mean(axis=2), axis=0)
         low, high = np.percentile(medians, [2.5, 97.5])
         out[name] = {"clips": int(change.shape[1]),
-                     "start": round(100 * float(runs[next(iter(runs))]["right"][0][name].mean()), 2),
+                     "start": round(100 * float(start.mean()), 2),
                      "median_change": round(float(np.median(per_seed)), 2),
                      "interval_95": [round(float(low), 2), round(float(high), 2)],
                      "per_seed": [round(float(x), 2) for x in per_seed]}
