@@ -20,6 +20,7 @@ class CorpusClip:
     emotion: str
     source_label: str
     duration_s: float
+    text_id: str = ""  # which sentence or word was spoken (the manifest's own numbering)
 
 
 class CorpusError(ValueError):
@@ -53,6 +54,7 @@ def read_manifest(manifest: Path) -> list[CorpusClip]:
                     emotion=canonical_label(row["emotion"]),
                     source_label=row.get("source_label") or "",
                     duration_s=float(row.get("duration_s") or 0.0),
+                    text_id=row.get("text_id") or "",
                 ))
             except (KeyError, ValueError) as err:
                 raise CorpusError(f"{manifest}:{line}: {err}") from err

@@ -197,8 +197,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from service.bench.continual import run_continual_bench
 
         report = run_continual_bench(
-            args.data or REPO_ROOT.parent / "shared" / "data", rounds=args.rounds,
+            args.data or REPO_ROOT.parent / "shared" / "data", newcomers=args.newcomers,
+            rounds=args.rounds,
             strategies=args.strategies.split(",") if args.strategies else None,
+            seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
             timing_corrections=args.timing_corrections, threads=args.threads)
     if args.what == "gate":
         from service.bench.gate import run_gate_bench
@@ -569,9 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "corpora (default ../shared/data)")
     p.add_argument("--versions", type=int, default=10_000,
                    help="personalization: personal versions stored for the cost figures")
-    p.add_argument("--rounds", type=int, default=3, help="continual: learning rounds")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="continual: learning rounds (0: only the timed round)")
     p.add_argument("--strategies", help="continual: comma-separated (default: ewc+replay, "
                    "replay, naive, joint)")
+    p.add_argument("--newcomers", default="ased", help="continual: the corpus whose test "
+                   "speakers (in the bundled model's recipe) are the newcomers: ased or nemo")
+    p.add_argument("--seeds", help="continual: comma-separated learner seeds (default "
+                   "20261121,1,2; figures are medians over them)")
     p.add_argument("--timing-corrections", type=int, default=500,
                    help="continual: corrections in the timed round (0: skip it)")
     p.add_argument("--threads", type=int, default=1,

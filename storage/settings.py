@@ -146,6 +146,11 @@ class LearnerSettings(Section):
     # A round trains this many steps whatever its size, so its time stays bounded: each step
     # `batch_size` new clips and `replay_batch_size` replayed exemplars.
     steps: int = 60
+    # Or, with `passes`, steps that follow the round's size: this many passes over its new
+    # clips (each step `batch_size` of them), within [min_steps, max_steps]. None: `steps`.
+    passes: float | None = Field(None, gt=0)
+    min_steps: int = Field(20, ge=1)
+    max_steps: int = Field(150, ge=1)
     batch_size: int = 16
     replay_batch_size: int = 16
     lr: float = 3e-3  # falls linearly to 0 over the round

@@ -10,7 +10,8 @@ buffer and EWCPlugin in online mode as the configured strategy asks.
 
 Replay rehearses each exemplar's label and, with `distill_weight`, the answer the starting model
 gives it (ReplayDistillation): labels alone let borderline old clips flip, which the gate's
-per-class recall check then refuses. Every round takes `steps` steps with the learning rate
+per-class recall check then refuses. Every round takes `steps` steps (or, with `passes`, as many
+as that many passes over its new clips need, within bounds: round_steps) with the learning rate
 falling linearly to zero, and keeps BatchNorm statistics as they were.
 
 The buffer and the EWC state come in restored from storage and go out as plain values; the
@@ -161,8 +162,10 @@ def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample]
     ewc = EWCPlugin(settings.ewc_lambda, mode="online", decay_factor=settings.ewc_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
-    plugins = _plugins(strategy, settings, model, optimizer, policy, ewc, len(buffer), stop)
-    epochs = math.ceil(settings.steps / max(1, math.ceil(len(new) / settings.batch_size)))
+    steps = round_steps(settings, len(new))
+    plugins = _plugins(strategy, settings, model, optimizer, policy, ewc, len(buffer), steps,
+                       stop)
+    epochs = math.ceil(steps / max(1, math.ceil(len(new) / settings.batch_size)))
     with warnings.catch_warnings():
         # Avalanche warns that no metric loggers are set (on purpose) and about its own
         # deprecations; the round's log says what happened.
@@ -195,9 +198,19 @@ def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample]
                      ewc=ewc_after, epochs=epochs, steps=naive.clock.train_exp_iterations)
 
 
+def round_steps(settings: LearnerSettings, n_new: int) -> int:
+    """The steps a round over `n_new` clips takes: `settings.steps`, or with `settings.passes`
+    that many passes over the clips, within [min_steps, max_steps] (the upper bound keeps a
+    round's time bounded)."""
+    if settings.passes is None:
+        return settings.steps
+    steps = round(settings.passes * math.ceil(n_new / settings.batch_size))
+    return int(min(settings.max_steps, max(settings.min_steps, steps)))
+
+
 def _plugins(strategy: str, settings: LearnerSettings, model: MaskedInputNet,
              optimizer: torch.optim.Optimizer, policy: ClassBalancedBuffer, ewc: EWCPlugin,
-             n_buffer: int, stop: threading.Event | None) -> list[SupervisedPlugin]:
+             n_buffer: int, steps: int, stop: threading.Event | None) -> list[SupervisedPlugin]:
     use_replay, use_ewc = STRATEGIES[strategy]
     plugins: list[SupervisedPlugin] = []
     if use_replay:
@@ -214,9 +227,8 @@ def _plugins(strategy: str, settings: LearnerSettings, model: MaskedInputNet,
         plugins.append(StopWhenAsked(stop))
     # The learning rate falls linearly to zero over the round: the last steps, which decide
     # where the candidate ends up, are small ones.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                 lambda step: 1.0 - step / settings.steps)
-    return plugins + [StepBudget(settings.steps),
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    return plugins + [StepBudget(steps),
                       LRSchedulerPlugin(schedule, step_granularity="iteration")]
 
 

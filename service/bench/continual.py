@@ -1,17 +1,26 @@
 """`emoloop bench continual`: the learning loop on real speech, strategy against strategy.
 
-Newcomers are the default model's validation speakers (configs/base-training.yaml: it never
-trained on them). Per newcomer and emotion, half of their clips are for corrections and the other
-half only ever measured. For each strategy (same seed, same rounds, same clips) a fresh service
-(SQLite in a temporary folder, the bundled model as version 1, the configured learner with only
-the strategy changed) runs in-process; every round sends its share of the correction clips as
-predictions (POST /v1/predictions, the FLAC file as it is) and corrects each with its true label
-(POST .../feedback; a right answer is confirmed, which counts too), then starts a round with
-POST /v1/admin/learner/run and waits for it on GET /v1/admin/runs/{id}. After each round it
-measures, with the project's evaluation protocol (learner.evaluation: per corpus, answers
-restricted to the corpus's labels), the candidate the round trained and the version then served,
-on the newcomers' measured clips and on the old test speakers, and it reports per-class recall
-and the round's own time.
+Newcomers are one corpus's test speakers in the bundled model's recipe (`--newcomers ased`, the
+default, or `nemo`; configs/speech-training.yaml for the Whisper-encoder model): it never trained
+on them, and its shipped gate set (its validation speakers) holds none of their clips. Their clips
+are split by sentence: within each emotion, each sentence (the manifest's `text_id`), with every
+newcomer's clips of it, goes either to the corrections or to the measured side, about half each
+way, so no measured clip's words were ever corrected with its label (in ASED a sentence carries
+its emotion: the same sentence on both sides would measure memorised words, not a learnt voice).
+The old test speakers are the recipe's other test speakers, which no round and no gate set sees.
+
+For each strategy and learner seed (same rounds, same clips; the seed changes the training order,
+crops and held-out share) a fresh service (SQLite in a temporary folder, the bundled model as
+version 1, the configured learner with only the strategy and seed changed) runs in-process; every
+round sends its share of the corrections as predictions (POST /v1/predictions, the clip as it is)
+and corrects each with its true label (POST .../feedback; a right answer is confirmed, which
+counts too), then starts a round with POST /v1/admin/learner/run and waits for it on
+GET /v1/admin/runs/{id}. After each round it measures, with the project's evaluation protocol
+(learner.evaluation: per corpus, answers restricted to the corpus's labels), the candidate the
+round trained and the version then served, on the newcomers' measured clips and on the old test
+speakers. The summary is the served model's change from round 0 to the last round, the median
+over seeds, with a 95% interval from a bootstrap over the clips (the same resampled clips for
+every seed, so the interval is the median's).
 
 Then, timing alone: one ewc+replay round over `timing_corrections` corrections of other clips
 (training speakers; their content does not matter there), on a fresh service.
@@ -30,38 +39,59 @@ from learner.corpora import CorpusClip, read_corpora
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 TARGETS = {"newcomer_gain_points": 10.0, "old_test_loss_points_ewc_replay": 1.0,
            "round_500_corrections_s": 60.0}
+SEEDS = (20261121, 1, 2)  # learner seeds: the default one and two more
+BOOTSTRAP = 2000  # resamples of the clips for the 95% intervals
 
 
-def run_continual_bench(data_dir: Path, *, rounds: int = 3, strategies: list[str] | None = None,
-                        seed: int = 20261121, timing_corrections: int = 500, threads: int = 1,
-                        progress: bool = True) -> dict:
+def run_continual_bench(data_dir: Path, *, newcomers: str = "ased", rounds: int = 3,
+                        strategies: list[str] | None = None, seeds: list[int] | None = None,
+                        split_seed: int = 20261121, timing_corrections: int = 500,
+                        threads: int = 1, progress: bool = True) -> dict:
+    from learner.continual.base_sets import load_base_set
     from learner.inference import limit_threads
     from learner.training import load_training_config
+    from service.learner_commands import recipe_for_kind
 
     # One thread, as a service worker runs (service.app): the round shares the process with
     # the API, and the second core stays for requests.
     limit_threads(threads)
     strategies = strategies or list(STRATEGIES)
-    config = load_training_config(REPO_ROOT / "configs" / "base-training.yaml")
+    seeds = list(seeds or SEEDS)
+    kind = _bundled_kind()
+    config = load_training_config(recipe_for_kind(kind))
     clips = [c for c in read_corpora(data_dir, config.get("corpora"))
              if c.emotion in config["labels"]]
-    newcomers = [c for c in clips if c.speaker in config["split"]["validation_speakers"]]
-    old = [c for c in clips if c.speaker in config["split"]["test_speakers"]]
-    chunks, measured = split_newcomers(newcomers, rounds, np.random.default_rng(seed))
+    test_speakers = set(config["split"]["test_speakers"])
+    new = [c for c in clips if c.speaker in test_speakers and c.corpus == newcomers]
+    if not new:
+        raise ValueError(f"no test speakers of corpus {newcomers!r} in {recipe_for_kind(kind)}")
+    if in_gate := {c.speaker for c in new} & set(load_base_set("gate", None, kind=kind).speakers):
+        raise ValueError(f"newcomers {sorted(in_gate)} are in the shipped gate set")
+    old = [c for c in clips if c.speaker in test_speakers and c.corpus != newcomers]
     say = _printer(progress)
-    say(f"newcomers {len(newcomers)} clips: {sum(map(len, chunks))} corrected over {rounds} "
-        f"rounds, {len(measured)} measured; old test speakers {len(old)} clips")
-    features = _features({c.path: c for c in measured + old}.values(), _bundled_kind())
-    report = {"data": str(data_dir), "rounds": rounds, "seed": seed, "threads": threads,
-              "newcomers": sorted({c.speaker for c in newcomers}),
-              "old_test_speakers": sorted({c.speaker for c in old}),
+    if not rounds:  # `--rounds 0`: the timed round alone
+        strategies, chunks, measured, features = [], [], [], None
+    else:
+        chunks, measured = split_newcomers(new, rounds, np.random.default_rng(split_seed))
+        say(f"newcomers {len(new)} clips: {sum(map(len, chunks))} corrected over {rounds} "
+            f"rounds, {len(measured)} measured; old test speakers {len(old)} clips; seeds "
+            f"{seeds}")
+        features = _features({c.path: c for c in measured + old}.values(), kind)
+    report = {"data": str(data_dir), "model_kind": kind, "rounds": rounds,
+              "split_seed": split_seed, "seeds": seeds, "threads": threads,
+              "newcomers": sorted({c.speaker for c in new}),
+              "old_test_speakers": sorted({c.speaker for c in old}), "old_test_clips": len(old),
               "corrections_per_round": [len(c) for c in chunks], "measured_clips": len(measured),
               "targets": TARGETS, "strategies": {}}
     for strategy in strategies:
-        report["strategies"][strategy] = _run_strategy(strategy, chunks, measured, old,
-                                                       features, say)
+        runs = {seed: _run_strategy(strategy, seed, chunks, measured, old, features, say)
+                for seed in seeds}
+        report["strategies"][strategy] = {
+            "summary": _summary(runs, np.random.default_rng(split_seed)),
+            "seeds": {str(seed): {k: v for k, v in run.items() if k != "right"}
+                      for seed, run in runs.items()}}
     if timing_corrections:
-        timing_clips = _timing_clips(clips, config, timing_corrections, seed)
+        timing_clips = _timing_clips(clips, config, timing_corrections, split_seed)
         report["timing"] = _timing_round(timing_clips, say)
     report["lines"] = _lines(report)
     return report
@@ -69,45 +99,76 @@ def run_continual_bench(data_dir: Path, *, rounds: int = 3, strategies: list[str
 
 def split_newcomers(newcomers: list[CorpusClip], rounds: int,
                     rng: np.random.Generator) -> tuple[list[list[CorpusClip]], list[CorpusClip]]:
-    """Per speaker and emotion, half the clips (rounded down) to correct, the rest to measure;
-    the corrections are shuffled and dealt into `rounds` equal shares."""
-    groups: dict[tuple[str, str], list[CorpusClip]] = defaultdict(list)
+    """Per emotion, whole sentences (`text_id`, all speakers' clips of it) to correct or to
+    measure: the sentences in a random order, each to the side with fewer of the emotion's clips
+    so far, so each side holds about half (a tie goes to corrections for every other emotion, to
+    the measured side for the rest: ASED has 5 sentences an emotion). The corrections are
+    shuffled and dealt into `rounds` equal shares."""
+    sentences: dict[tuple[str, str, str], list[CorpusClip]] = defaultdict(list)
     for clip in sorted(newcomers, key=lambda c: str(c.path)):
-        groups[(clip.speaker, clip.emotion)].append(clip)
+        sentences[(clip.emotion, clip.corpus, clip.text_id)].append(clip)
     corrected, measured = [], []
-    for key in sorted(groups):
-        group = groups[key]
-        order = rng.permutation(len(group))
-        half = len(group) // 2
-        corrected += [group[i] for i in order[:half]]
-        measured += [group[i] for i in order[half:]]
+    for n, emotion in enumerate(sorted({key[0] for key in sentences})):
+        keys = sorted(key for key in sentences if key[0] == emotion)
+        sides: tuple[list, list] = ([], [])
+        for i in rng.permutation(len(keys)):
+            fewer = len(sides[0]) - len(sides[1])
+            sides[fewer > 0 or (fewer == 0 and n % 2 == 1)].extend(sentences[keys[i]])
+        corrected += sides[0]
+        measured += sides[1]
     corrected = [corrected[i] for i in rng.permutation(len(corrected))]
     return [list(share) for share in np.array_split(np.array(corrected, dtype=object),
                                                     rounds)], measured
 
 
-def _run_strategy(strategy: str, chunks, measured, old, features, say) -> dict:
+def _summary(runs: dict[int, dict], rng: np.random.Generator) -> dict:
+    """The served model's change from round 0 to the last round on each clip set, in points:
+    the median over seeds, each seed's, and a 95% interval of the median from a bootstrap over
+    the clips (one resampling shared by the seeds: they were measured on the same clips)."""
+    out = {"accepted": [sum(r["status"] == "accepted" for r in run["rounds"][1:])
+                        for run in runs.values()]}
+    for name in ("newcomers", "old_test"):
+        start = next(iter(runs.values()))["right"][0][name]  # round 0: the same for every seed
+        change = np.stack([run["right"][-1][name].astype(float) - run["right"][0][name]
+                           for run in runs.values()])  # seeds x clips
+        per_seed = 100 * change.mean(axis=1)
+        picks = rng.integers(0, change.shape[1], size=(BOOTSTRAP, change.shape[1]))
+        medians = np.median(100 * change[:, picks].mean(axis=2), axis=0)
+        low, high = np.percentile(medians, [2.5, 97.5])
+        out[name] = {"clips": int(change.shape[1]),
+                     "start": round(100 * float(start.mean()), 2),
+                     "median_change": round(float(np.median(per_seed)), 2),
+                     "interval_95": [round(float(low), 2), round(float(high), 2)],
+                     "per_seed": [round(float(x), 2) for x in per_seed]}
+    return out
+
+
+def _run_strategy(strategy: str, seed: int, chunks, measured, old, features, say) -> dict:
+    """Rounds of one strategy and learner seed; "right": per round, the served model's
+    per-clip outcomes (for the summary, not the JSON)."""
     from fastapi.testclient import TestClient
 
     with tempfile.TemporaryDirectory(prefix="emoloop-bench-continual-") as folder:
-        app, keys, settings = _service(Path(folder), strategy=strategy)
+        app, keys, settings = _service(Path(folder), strategy=strategy, seed=seed)
         with TestClient(app) as client:
             _wait_ready(client)
-            rows = [{"round": 0, **_measure(app, None, 1, measured, old, features)}]
-            say(_round_line(strategy, rows[0]))
+            row, right = _measure(app, None, 1, measured, old, features)
+            rows, rights = [{"round": 0, **row}], [right]
+            say(_round_line(strategy, seed, rows[0]))
             for number, share in enumerate(chunks, start=1):
                 _correct(client, keys, share)
                 run, wall_s = _run_round(client, keys)
                 served = _active_version(app)
-                row = {"round": number, "status": run["status"],
-                       "reason": (run["gate_report"] or {}).get("reason") or run["error"],
-                       "round_s": run["counts"].get("seconds", {}).get("total_s"),
-                       "wall_s": round(wall_s, 2), "counts": run["counts"],
-                       **_measure(app, run["candidate_version"], served, measured, old,
-                                  features)}
-                rows.append(row)
-                say(_round_line(strategy, row))
-    return {"learner": settings.learner.model_dump(mode="json"), "rounds": rows}
+                row, right = _measure(app, run["candidate_version"], served, measured, old,
+                                      features)
+                rows.append({"round": number, "status": run["status"],
+                             "reason": (run["gate_report"] or {}).get("reason") or run["error"],
+                             "round_s": run["counts"].get("seconds", {}).get("total_s"),
+                             "wall_s": round(wall_s, 2), "counts": run["counts"], **row})
+                rights.append(right)
+                say(_round_line(strategy, seed, rows[-1]))
+    return {"learner": settings.learner.model_dump(mode="json"), "rounds": rows,
+            "right": rights}
 
 
 def _service(folder: Path, **learner):
@@ -176,27 +237,35 @@ def _run_round(client, keys: dict, timeout_s: float = 1800) -> tuple[dict, float
         time.sleep(0.2)
 
 
-def _measure(app, candidate: int | None, served: int, measured, old, features) -> dict:
-    out = {"served_version": served, "served": _evaluate(app, served, measured, old, features)}
+def _measure(app, candidate: int | None, served: int, measured, old,
+             features) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the figures of the served version and the candidate, the served one's per-clip
+    outcomes)."""
+    figures, right = _evaluate(app, served, measured, old, features)
+    out = {"served_version": served, "served": figures}
     if candidate is not None:
         out["candidate_version"] = candidate
-        out["candidate"] = _evaluate(app, candidate, measured, old, features)
-    return out
+        out["candidate"] = _evaluate(app, candidate, measured, old, features)[0]
+    return out, right
 
 
-def _evaluate(app, version: int, measured, old, features) -> dict:
-    from learner.evaluation import evaluate_features
+def _evaluate(app, version: int, measured, old,
+              features) -> tuple[dict, dict[str, np.ndarray]]:
+    from learner.evaluation import build_report, outcomes_from_logits
     from learner.inference import EmotionPredictor
     from learner.continual.rounds import load_version
 
     predictor = EmotionPredictor(load_version(app.state.artifacts, _version(app, version)))
-    result = {}
+    result, right = {}, {}
     for name, clips in (("newcomers", measured), ("old_test", old)):
-        report = evaluate_features(predictor, clips, [features[c.path] for c in clips])
+        logits = predictor.logits_batch([features[c.path] for c in clips])
+        outcomes, skipped = outcomes_from_logits(clips, predictor.labels, logits)
+        report = build_report(outcomes, skipped, predictor.labels)
         result[name] = {"accuracy": round(report["accuracy"], 4),
                         "recall": {k: round(v["recall"], 3)
                                    for k, v in report["per_class"].items()}}
-    return result
+        right[name] = np.array([o.truth == o.predicted for o in outcomes], dtype=bool)
+    return result, right
 
 
 def _version(app, number: int):
@@ -256,10 +325,11 @@ def _timing_round(clips: list[CorpusClip], say) -> dict:
     return timing
 
 
-def _round_line(strategy: str, row: dict) -> str:
+def _round_line(strategy: str, seed: int, row: dict) -> str:
     served = row["served"]
-    text = (f"{strategy:<11} round {row['round']}: served v{row['served_version']} newcomers "
-            f"{served['newcomers']['accuracy']:.3f} old {served['old_test']['accuracy']:.3f}")
+    text = (f"{strategy:<11} seed {seed} round {row['round']}: served v{row['served_version']} "
+            f"newcomers {served['newcomers']['accuracy']:.3f} "
+            f"old {served['old_test']['accuracy']:.3f}")
     if "candidate" in row:
         cand = row["candidate"]
         text += (f" | candidate v{row['candidate_version']} {row['status']}: newcomers "
@@ -271,33 +341,44 @@ def _round_line(strategy: str, row: dict) -> str:
 
 
 def _lines(report: dict) -> list[str]:
+    if not report["rounds"]:
+        return _timing_lines(report)
     lines = [f"newcomers {', '.join(report['newcomers'])}: corrections per round "
              f"{report['corrections_per_round']}, {report['measured_clips']} clips measured; "
-             f"old test speakers {len(report['old_test_speakers'])}; {report['threads']} thread",
-             f"{'strategy':<11} {'newcomers':>18} {'old test':>18} {'accepted':>9} "
-             f"{'round s (median)':>17}   (served model: round 0 -> last; candidates in JSON)"]
+             f"old test speakers {len(report['old_test_speakers'])} "
+             f"({report['old_test_clips']} clips); seeds {report['seeds']}; "
+             f"{report['threads']} thread",
+             "served model, round 0 -> last, points: median over seeds [95% interval] "
+             "(each seed)"]
     for strategy, result in report["strategies"].items():
-        rows = result["rounds"]
-        first, last = rows[0]["served"], rows[-1]["served"]
-        times = [r["round_s"] for r in rows[1:] if r.get("round_s") is not None]
-        accepted = sum(r["status"] == "accepted" for r in rows[1:])
-        lines.append(
-            f"{strategy:<11} {first['newcomers']['accuracy']:>7.3f} -> "
-            f"{last['newcomers']['accuracy']:.3f} {first['old_test']['accuracy']:>7.3f} -> "
-            f"{last['old_test']['accuracy']:.3f} {accepted:>5}/{len(rows) - 1:<3} "
-            f"{float(np.median(times)) if times else float('nan'):>13.1f}")
-        worst = min((r for r in rows[1:] if "candidate" in r),
+        summary = result["summary"]
+        figures = []
+        for name in ("newcomers", "old_test"):
+            part = summary[name]
+            figures.append(f"{name} {part['start']:.1f}% {part['median_change']:+.1f} "
+                           f"[{part['interval_95'][0]:+.1f}, {part['interval_95'][1]:+.1f}] "
+                           f"({', '.join(f'{x:+.1f}' for x in part['per_seed'])})")
+        rounds = report["rounds"]
+        accepted = ", ".join(f"{a}/{rounds}" for a in summary["accepted"])
+        lines.append(f"{strategy:<11} {'; '.join(figures)}; accepted {accepted}")
+        rows = [r for run in result["seeds"].values() for r in run["rounds"][1:]]
+        times = [r["round_s"] for r in rows if r.get("round_s") is not None]
+        worst = min((r for r in rows if "candidate" in r),
                     key=lambda r: r["candidate"]["old_test"]["accuracy"], default=None)
         if worst is not None:
-            lines.append(f"{'':<11} worst candidate: round {worst['round']} old test "
-                         f"{worst['candidate']['old_test']['accuracy']:.3f} "
+            lines.append(f"{'':<11} median round {float(np.median(times)):.1f} s; worst "
+                         f"candidate old test {worst['candidate']['old_test']['accuracy']:.3f} "
                          f"({worst['status']}: {worst['reason']})")
-    if "timing" in report:
-        t = report["timing"]
-        lines.append(f"a round over {t['corrections']} corrections: {t['round_s']:.1f} s "
-                     f"(target {TARGETS['round_500_corrections_s']:.0f} s; phases "
-                     f"{json.dumps(t['seconds'])})")
-    return lines
+    return lines + _timing_lines(report)
+
+
+def _timing_lines(report: dict) -> list[str]:
+    if "timing" not in report:
+        return []
+    t = report["timing"]
+    return [f"a round over {t['corrections']} corrections: {t['round_s']:.1f} s "
+            f"(target {TARGETS['round_500_corrections_s']:.0f} s; phases "
+            f"{json.dumps(t['seconds'])}; {t['status']})"]
 
 
 def _printer(progress: bool):

@@ -7,7 +7,8 @@ import torch
 from learner.checkpoint import model_from_bytes
 from learner.continual.ewc_state import EwcState, StateFileError
 from learner.continual.replay import BufferedSample, Sample, split_holdout
-from learner.continual.strategies import STRATEGIES, bootstrap_ewc_state, train_candidate
+from learner.continual.strategies import (STRATEGIES, bootstrap_ewc_state, round_steps,
+                                          train_candidate)
 from storage.runs import ExemplarRow
 from tests.learner.toy_learning import (TOY_LABELS, toy_base_sets, toy_features,  # noqa: F401
                                         toy_learner_settings, toy_model)
@@ -54,6 +55,17 @@ def test_training_is_deterministic_for_a_seed(toy_model, toy_base_sets):
     for a, b in zip(runs[0].net.state_dict().values(), runs[1].net.state_dict().values()):
         assert torch.equal(a, b)
     assert [x.weight for x in runs[0].buffer] == [x.weight for x in runs[1].buffer]
+
+
+def test_with_passes_a_round_takes_steps_that_follow_its_size(toy_model, toy_base_sets):
+    settings = toy_learner_settings(toy_base_sets, steps=3, batch_size=4, passes=2,
+                                    min_steps=3, max_steps=7)
+    assert [round_steps(settings, n) for n in (1, 8, 12, 100)] == [3, 4, 6, 7]
+    start = model_from_bytes(toy_model)
+    candidate = train_candidate(start.net, start.labels, _samples(["happy", "sad"] * 6, seed=30),
+                                _buffer(), None, settings, strategy="replay", seed=5)
+    assert candidate.steps == 6  # 12 clips, 3 batches of 4, twice over
+    assert round_steps(toy_learner_settings(toy_base_sets, steps=3), 100) == 3  # no passes
 
 
 def test_ewc_state_round_trips_through_its_file_and_refuses_damage():
