@@ -139,4 +139,4 @@ class SpeechEmotionModel(nn.Module):
         return self.downstream.embed(*self.encode(mel, lengths))
 
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.downstream.head(self.downstream.dropout(self.embed(mel, lengths)))
+        return self.downstream(*self.encode(mel, lengths))
