@@ -206,11 +206,12 @@ def _plot_roc(outcomes: Sequence[Outcome], aucs: dict[str, float | None], path: 
 
 def evaluate_features(predictor, clips: Sequence[CorpusClip], features: Sequence[np.ndarray]) -> dict:
     """Report for clips whose features are already computed (one array per clip)."""
-    return build_report(*_outcomes(predictor, clips, features), predictor.labels)
+    return build_report(*feature_outcomes(predictor, clips, features), predictor.labels)
 
 
-def _outcomes(predictor, clips: Sequence[CorpusClip],
-              features: Sequence[np.ndarray]) -> tuple[list[Outcome], int]:
+def feature_outcomes(predictor, clips: Sequence[CorpusClip],
+                     features: Sequence[np.ndarray]) -> tuple[list[Outcome], int]:
+    """Each clip's outcome from its computed features, and how many were skipped."""
     logits = predictor.logits_batch(list(features)) if len(features) else []
     return outcomes_from_logits(clips, predictor.labels, logits)
 
@@ -272,7 +273,8 @@ def evaluate_folder(data_dir: Path, model_path: Path | None = None, *,
     features = clip_features([str(c.path) for c in clips], kind=predictor.model.kind,
                              workers=workers, progress=progress)
     readable = [(c, f) for c, f in zip(clips, features) if f is not None]
-    outcomes, skipped = _outcomes(predictor, [c for c, _ in readable], [f for _, f in readable])
+    outcomes, skipped = feature_outcomes(predictor, [c for c, _ in readable],
+                                         [f for _, f in readable])
     report = build_report(outcomes, skipped + len(clips) - len(readable), predictor.labels)
     report["unreadable"] = len(clips) - len(readable)
     report["model_sha256"] = predictor.model.sha256

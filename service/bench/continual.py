@@ -251,21 +251,32 @@ def _measure(app, candidate: int | None, served: int, measured, old,
 
 def _evaluate(app, version: int, measured, old,
               features) -> tuple[dict, dict[str, np.ndarray]]:
-    from learner.evaluation import build_report, outcomes_from_logits
-    from learner.inference import EmotionPredictor
-    from learner.continual.rounds import load_version
-
-    predictor = EmotionPredictor(load_version(app.state.artifacts, _version(app, version)))
+    predictor = _predictor(app, version)
     result, right = {}, {}
     for name, clips in (("newcomers", measured), ("old_test", old)):
-        logits = predictor.logits_batch([features[c.path] for c in clips])
-        outcomes, skipped = outcomes_from_logits(clips, predictor.labels, logits)
-        report = build_report(outcomes, skipped, predictor.labels)
+        report, right[name] = clip_results(predictor, clips, features)
         result[name] = {"accuracy": round(report["accuracy"], 4),
                         "recall": {k: round(v["recall"], 3)
                                    for k, v in report["per_class"].items()}}
-        right[name] = np.array([o.truth == o.predicted for o in outcomes], dtype=bool)
     return result, right
+
+
+def _predictor(app, version: int):
+    """The service's model version `version`, loaded to answer."""
+    from learner.continual.rounds import load_version
+    from learner.inference import EmotionPredictor
+
+    return EmotionPredictor(load_version(app.state.artifacts, _version(app, version)))
+
+
+def clip_results(predictor, clips: list[CorpusClip], features) -> tuple[dict, np.ndarray]:
+    """The evaluation report on `clips` (learner.evaluation: answers restricted to each clip's
+    corpus's labels) and, per clip, whether the answer was right."""
+    from learner.evaluation import build_report, feature_outcomes
+
+    outcomes, skipped = feature_outcomes(predictor, clips, [features[c.path] for c in clips])
+    return (build_report(outcomes, skipped, predictor.labels),
+            np.array([o.truth == o.predicted for o in outcomes], dtype=bool))
 
 
 def _version(app, number: int):

@@ -32,8 +32,8 @@ import numpy as np
 
 from learner.continual.base_sets import load_base_set
 from learner.corpora import CorpusClip, read_corpora
-from service.bench.continual import (REPO_ROOT, _bundled_kind, _features, _printer, _run_round,
-                                     _service, _version, _wait_ready)
+from service.bench.continual import (REPO_ROOT, _bundled_kind, _features, _predictor, _printer,
+                                     _run_round, _service, _wait_ready, clip_results)
 from service.learner_commands import recipe_for_kind
 
 SHOULD_PASS = ("confirm", "newcomers")
@@ -132,14 +132,7 @@ def _gate_round(kind: str, clips: list[CorpusClip], rng: np.random.Generator, ol
 def _old_right(app, version: int, old: list[CorpusClip], features) -> np.ndarray:
     """Per old test clip, whether `version` answers it right (the model card's protocol:
     answers restricted to the clip's corpus's labels)."""
-    from learner.evaluation import outcomes_from_logits
-    from learner.inference import EmotionPredictor
-    from learner.continual.rounds import load_version
-
-    predictor = EmotionPredictor(load_version(app.state.artifacts, _version(app, version)))
-    logits = predictor.logits_batch([features[c.path] for c in old])
-    outcomes, _ = outcomes_from_logits(old, predictor.labels, logits)
-    return np.array([o.truth == o.predicted for o in outcomes], dtype=bool)
+    return clip_results(_predictor(app, version), old, features)[1]
 
 
 def _old_test_change(before: np.ndarray, after: np.ndarray) -> dict:
