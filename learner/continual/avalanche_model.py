@@ -1,9 +1,12 @@
 """A model as Avalanche trains it, and back: an EmotionNet, or a SpeechEmotionModel whose
-downstream is trained on its frozen encoder.
+downstream is trained on its frozen encoder's states.
 
 Avalanche hands a model one tensor (`model(mb_x)`, also in EWC's importance pass), but the model
 needs each clip's length to mask padding. So a batch travels as one tensor with the mask as an
-extra channel: (B, T, F + 1), the last channel 1 on real frames and 0 on padding. The head
+extra channel: (B, T, F + 1), the last channel 1 on real frames and 0 on padding. What a row
+holds is `inputs()`: log-mel frames for an EmotionNet; for a SpeechEmotionModel, the states its
+frozen encoder gives the whole clip, computed once a round (the encoder is nearly all of the
+model's time, and every step, replay distillation and EWC's importance pass read them again). The head
 becomes Avalanche's IncrementalClassifier, which grows when an experience brings a label the
 model does not know (its old rows are kept). `export()` gives back a plain model of the same
 kind, the only thing ever saved or served: nothing of Avalanche reaches a model file.
@@ -12,6 +15,7 @@ Only what a round trains is a parameter here: a frozen encoder's weights are nev
 an optimizer, never weighed by EWC, and never written to a state file.
 """
 import copy
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -19,6 +23,7 @@ import torch
 from avalanche.models import IncrementalClassifier
 from torch import nn
 
+from learner.inference import length_batches
 from learner.model import EmotionNet
 from learner.speech_model import SpeechEmotionModel
 
@@ -32,34 +37,37 @@ class MaskedInputNet(nn.Module):
         head.classifier.load_state_dict(owner.head.state_dict())
         owner.head = head
         self.net = net
-        # (batch, its encoder states, their lengths) of the batch this model last read, on the
-        # speech encoder: another model on the same encoder reads the same batch's states from
-        # here instead of running the encoder again (`forward_rows`).
-        self.encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def inputs(self, features: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
+        """What this model reads of each clip, given the clip's features: the features
+        themselves for an EmotionNet; for a SpeechEmotionModel its encoder's states of the whole
+        clip, (frames at 25 a second, n_blocks * D) float16 (as the base training cache keeps
+        them). A crop of those states is what serving computes on the whole clip, cropped."""
+        if not isinstance(self.net, SpeechEmotionModel):
+            return list(features)
+        out: list[np.ndarray | None] = [None] * len(features)
+        for chunk, x, lengths in length_batches(features, batch_size):
+            states, state_lengths = self.net.encode(x, lengths)  # (B, N, T', D)
+            rows = states.transpose(1, 2).flatten(2).to(torch.float16).numpy()
+            for j, i in enumerate(chunk):
+                out[i] = rows[j, : int(state_lengths[j])]
+        return out
+
+    def input_frames(self, feature_frames: int) -> int:
+        """The rows of `inputs()` that `feature_frames` frames of features become (a crop's
+        length in the model's own frames): 4 feature frames a state for the speech encoder."""
+        if not isinstance(self.net, SpeechEmotionModel):
+            return feature_frames
+        return math.ceil(feature_frames / 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, F + 1) features plus mask channel -> (B, n_classes) logits."""
+        """(B, T, F + 1) rows of `inputs()` plus mask channel -> (B, n_classes) logits."""
         lengths = x[..., -1].sum(dim=1).round().long()
         if not isinstance(self.net, SpeechEmotionModel):
             return self.net(x[..., :-1], lengths)
-        # SpeechEmotionModel.forward in its two steps, keeping the states between them.
-        states, state_lengths = self.net.encode(x[..., :-1], lengths)
-        self.encoded = (x, states, state_lengths)
-        return self.net.downstream(states, state_lengths)
-
-    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor,
-                     encoded_by: "MaskedInputNet") -> torch.Tensor:
-        """This model's logits on x[rows], as `self(x[rows])` gives them. When `encoded_by`
-        last read x and runs the same frozen encoder file, its states of those rows are read
-        instead of encoding them again: the int8 encoder encodes each clip alone and padding is
-        zeroed, so they are the very states the rows alone would get (cut to the rows' longest)."""
-        encoded = encoded_by.encoded
-        if (not isinstance(self.net, SpeechEmotionModel) or encoded is None or encoded[0] is not x
-                or encoded_by.net.encoder_sha256 != self.net.encoder_sha256):
-            return self(x[rows])
-        _, states, lengths = encoded
-        lengths = lengths[rows]
-        return self.net.downstream(states[rows][:, :, : int(lengths.max())], lengths)
+        b, t = x.shape[:2]
+        states = x[..., :-1].reshape(b, t, self.net.config.n_blocks, -1).transpose(1, 2)
+        return self.net.downstream(states, lengths)
 
     def named_parameters(self, *args, **kwargs):
         """The trainable parameters only. Avalanche's optimizer reset and EWC (importances,

@@ -16,8 +16,9 @@ falling linearly to zero, and keeps BatchNorm statistics as they were.
 
 The buffer and the EWC state come in restored from storage and go out as plain values; the
 strategy object lives for one round only and is never saved. Either kind of model trains the
-same way; on the speech encoder only the downstream is trained, and only its parameters are in
-the optimizer and the EWC state (learner.continual.avalanche_model). Only the learner imports
+same way; on the speech encoder only the downstream is trained, on the encoder's states of each
+clip computed once a round and cropped at every read (as base training crops its cache), and
+only its parameters are in the optimizer and the EWC state (learner.continual.avalanche_model). Only the learner imports
 this module: inference never loads Avalanche.
 """
 import math
@@ -90,8 +91,8 @@ class ReplayDistillation(SupervisedPlugin):
         replayed = strategy.mbatch[2] < self.n_buffer
         if not replayed.any():
             return
-        with torch.no_grad():  # on the states the trained model's forward just encoded
-            start = self.start.forward_rows(strategy.mb_x, replayed, strategy.model)
+        with torch.no_grad():
+            start = self.start(strategy.mb_x[replayed])
             target = torch.softmax(start / self.temperature, dim=1)
         out = strategy.mb_output[replayed][:, : target.shape[1]] / self.temperature
         loss = nn.functional.kl_div(torch.log_softmax(out, dim=1), target,
@@ -123,18 +124,25 @@ class StopWhenAsked(SupervisedPlugin):
             strategy.stop_training()
 
 
-class _CroppedFeatures(Dataset):
-    """The round's samples; each read takes a random crop of at most `crop_frames` frames."""
+class _CroppedInputs(Dataset):
+    """What the model reads of the round's samples (MaskedInputNet.inputs); each read takes a
+    random crop of at most `crop_frames` of its frames."""
 
-    def __init__(self, samples: list[Sample], targets: list[int], crop_frames: int,
+    def __init__(self, inputs: list[np.ndarray], targets: list[int], crop_frames: int,
                  rng: np.random.Generator):
-        self.samples, self.targets, self.crop_frames, self.rng = samples, targets, crop_frames, rng
+        self.inputs, self.targets, self.crop_frames, self.rng = inputs, targets, crop_frames, rng
+
+    @classmethod
+    def of(cls, model: MaskedInputNet, samples: list[Sample], targets: list[int],
+           settings: LearnerSettings, rng: np.random.Generator) -> "_CroppedInputs":
+        return cls(model.inputs([s.features for s in samples]), targets,
+                   model.input_frames(settings.crop_frames), rng)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.inputs)
 
     def __getitem__(self, i: int):
-        features = self.samples[i].features
+        features = self.inputs[i]
         if features.shape[0] > self.crop_frames:
             start = int(self.rng.integers(0, features.shape[0] - self.crop_frames + 1))
             features = features[start : start + self.crop_frames]
@@ -154,11 +162,11 @@ def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample]
     buffer = [b for b in buffer if b.sample.label in all_labels]
     pool = [b.sample for b in buffer] + list(new)
     targets = [all_labels.index(s.label) for s in pool]
-    full = _avalanche_dataset(_CroppedFeatures(pool, targets, settings.crop_frames, rng), targets)
+    model = MaskedInputNet(copy_for_training(start))
+    full = _avalanche_dataset(_CroppedInputs.of(model, pool, targets, settings, rng), targets)
     new_data = full.subset(list(range(len(buffer), len(pool))))
     policy = _restore_buffer(buffer, targets, full, settings.mem_size)
 
-    model = MaskedInputNet(copy_for_training(start))
     ewc = EWCPlugin(settings.ewc_lambda, mode="online", decay_factor=settings.ewc_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
@@ -232,7 +240,7 @@ def _plugins(strategy: str, settings: LearnerSettings, model: MaskedInputNet,
                       LRSchedulerPlugin(schedule, step_granularity="iteration")]
 
 
-def _avalanche_dataset(data: _CroppedFeatures, targets: list[int]):
+def _avalanche_dataset(data: _CroppedInputs, targets: list[int]):
     n = len(targets)
     return TaskAwareSupervisedClassificationDataset(
         [data], collate_fn=collate_masked,
@@ -292,10 +300,9 @@ def bootstrap_ewc_state(start: nn.Module, labels: tuple[str, ...],
         return None
     torch.manual_seed(seed)
     targets = [labels.index(b.sample.label) for b in buffer]
-    data = _avalanche_dataset(_CroppedFeatures([b.sample for b in buffer], targets,
-                                               settings.crop_frames,
-                                               np.random.default_rng(seed)), targets)
     model = MaskedInputNet(copy_for_training(start))
+    data = _avalanche_dataset(_CroppedInputs.of(model, [b.sample for b in buffer], targets,
+                                                settings, np.random.default_rng(seed)), targets)
     ewc = EWCPlugin(settings.ewc_lambda, mode="online", decay_factor=settings.ewc_decay)
     importances = ewc.compute_importances(
         model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0), data, "cpu",
