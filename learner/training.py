@@ -84,7 +84,7 @@ def balanced_weights(clips: list[CorpusClip]) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _random_crop(features: np.ndarray, max_frames: int, rng: np.random.Generator) -> np.ndarray:
+def random_crop(features: np.ndarray, max_frames: int, rng: np.random.Generator) -> np.ndarray:
     if features.shape[0] <= max_frames:
         return features
     start = int(rng.integers(0, features.shape[0] - max_frames + 1))
@@ -123,7 +123,7 @@ def train_epoch(
     batches = _length_bucketed_batches(bank, weights, train_cfg["batch_size"], rng)
     total = 0.0
     for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        feats = [_random_crop(bank.variants[i][rng.integers(len(bank.variants[i]))],
+        feats = [random_crop(bank.variants[i][rng.integers(len(bank.variants[i]))],
                               train_cfg["max_frames"], rng) for i in idx]
         x, lengths = pad_batch(feats)
         x = spec_augment(x, lengths, generator, **mask_cfg)

@@ -49,8 +49,8 @@ class MaskedInputNet(nn.Module):
         for chunk, x, lengths in length_batches(features, batch_size):
             states, state_lengths = self.net.encode(x, lengths)  # (B, N, T', D)
             rows = states.transpose(1, 2).flatten(2).to(torch.float16).numpy()
-            for j, i in enumerate(chunk):
-                out[i] = rows[j, : int(state_lengths[j])]
+            for j, i in enumerate(chunk):  # each its own array: no row holds its batch alive
+                out[i] = rows[j, : int(state_lengths[j])].copy()
         return out
 
     def input_frames(self, feature_frames: int) -> int:

@@ -46,6 +46,7 @@ from learner.continual.avalanche_model import (MaskedInputNet, as_float_tensor, 
                                      copy_for_training)
 from learner.continual.ewc_state import EwcState
 from learner.continual.replay import BufferedSample, Sample
+from learner.training import random_crop
 from storage.settings import LearnerSettings
 
 # strategy -> (replay, EWC)
@@ -135,18 +136,22 @@ class _CroppedInputs(Dataset):
     @classmethod
     def of(cls, model: MaskedInputNet, samples: list[Sample], targets: list[int],
            settings: LearnerSettings, rng: np.random.Generator) -> "_CroppedInputs":
-        return cls(model.inputs([s.features for s in samples]), targets,
-                   model.input_frames(settings.crop_frames), rng)
+        """Each sample's inputs, a long clip's cut once to a random window of three crops: a
+        round holds them all in memory (the speech encoder's states are about 100 KB a second,
+        and a clip may be 30 s), and three crops' worth still gives every step a new one."""
+        crop = model.input_frames(settings.crop_frames)
+        features, inputs = [s.features for s in samples], []
+        for start in range(0, len(features), 64):  # a few uncut clips in memory at a time
+            inputs += [random_crop(row, 3 * crop, rng).copy()  # a copy frees the uncut rows
+                       for row in model.inputs(features[start : start + 64])]
+        return cls(inputs, targets, crop, rng)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def __getitem__(self, i: int):
-        features = self.inputs[i]
-        if features.shape[0] > self.crop_frames:
-            start = int(self.rng.integers(0, features.shape[0] - self.crop_frames + 1))
-            features = features[start : start + self.crop_frames]
-        return as_float_tensor(features), self.targets[i]
+        rows = random_crop(self.inputs[i], self.crop_frames, self.rng)
+        return as_float_tensor(rows), self.targets[i]
 
 
 def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample],
