@@ -179,8 +179,17 @@ class PersonalSettings(Section):
     lr: float = 0.01
     ewc_lambda: float = 300.0  # pull toward the global head (weighted by its Fisher information)
     replay_size: int = 400  # global exemplars replayed beside the user's corrections
-    # Serving, per worker process: personal heads kept in memory (about 9 KB each), and global
-    # versions other than the active one kept loaded for personal versions built on them.
+    replay_batch_size: int = 8  # of them beside each batch of the user's 32 (more holds it near)
+    # The memory of the user's corrections (learner/personal/model.CorrectionMemory): its share
+    # of the answer (0: the head alone) for a clip whose embedding is at least `memory_threshold`
+    # similar (cosine) to a correction's, the corrections voting, and how many are kept.
+    memory_weight: float = Field(0.5, ge=0.0, le=1.0)
+    memory_threshold: float = Field(0.7, ge=-1.0, le=1.0)
+    memory_neighbours: int = Field(3, ge=1)
+    memory_size: int = Field(200, ge=1)  # the newest corrections; 512 bytes each in the file
+    # Serving, per worker process: personal versions kept in memory (a head, 8 KB, and its
+    # memory, up to 100 KB), and global versions other than the active one kept loaded for
+    # personal versions built on them.
     cache_size: int = Field(1000, ge=1)
     global_cache_size: int = Field(2, ge=1)
 

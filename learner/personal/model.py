@@ -1,18 +1,27 @@
-"""What a personal version is: a new linear head on top of one named global version.
+"""What a personal version is: a new linear head on top of one named global version, and a
+memory of the user's corrected clips.
 
 A personal version keeps the global version's whole feature extractor (CNN, BiLSTM, attention
 pooling, and the speech encoder under them in a version of that kind) frozen and replaces only
 its head: `logits = W @ embed(features) + b`, with `embed` the parent global version's
 256-dimensional utterance embedding of its own kind's features. The file holds W and b (8 x 256
-+ 8 floats, about 9 KB with its metadata) plus the parent version's number and sha256, so it can
-only ever be served on the network it was trained on.
++ 8 floats) plus the parent version's number and sha256, so it can only ever be served on the
+network it was trained on.
 
-Why the head only: a speaker's clips sit together in embedding space; what a user's corrections
+Why the head: a speaker's clips sit together in embedding space; what a user's corrections
 teach is where, for this voice, one emotion ends and the next begins, which is what the head
 draws. Training it needs the embeddings once, then milliseconds; thousands of users cost
 kilobytes each; and a user's corrections cannot reach the shared feature extractor at all. (A
 residual adapter before the head was measured too: no larger gain, and more lost on the global
 gate set.)
+
+Why a memory beside it (CorrectionMemory): a user says the same things in the same voice again,
+and a clip close to one they corrected is best answered by that correction; a linear head,
+held near the global one, draws one boundary for all of a voice's clips and cannot. So the
+answer blends the head's probabilities with the labels of the user's nearest corrected clips,
+but only for a clip that close to one of them (cosine similarity of the embeddings at least
+`threshold`): other voices, and the global gate set, are answered by the head alone. The file
+adds the corrections' embeddings (float16, at most `personal.memory_size`, 512 bytes each).
 
 This module is imported by the service: no Avalanche here.
 """
@@ -29,12 +38,52 @@ from learner.file_metadata import read_metadata, save_with_metadata
 from learner.inference import EmotionPredictor, length_batches
 from storage.files import sha256_bytes
 
-PERSONAL_KIND = "personal-head-v1"
+# v2 adds the memory; a v1 file (a head alone, written before) still loads and serves as one.
+PERSONAL_KIND = "personal-head-v2"
+_READABLE_KINDS = ("personal-head-v1", PERSONAL_KIND)
+
+
+@dataclass(frozen=True)
+class CorrectionMemory:
+    """A user's corrected clips as embeddings, and how their answers blend with the head's."""
+
+    embeddings: torch.Tensor  # (n, D) float32, unit length
+    labels: torch.Tensor  # (n,) label indices
+    weight: float  # the memory's share of the answer for a clip close to a correction
+    threshold: float  # cosine similarity a clip needs to a correction for the memory to speak
+    neighbours: int  # corrections voting, each by its similarity
+
+    @classmethod
+    def of(cls, embeddings: torch.Tensor, labels: torch.Tensor, *, weight: float,
+           threshold: float, neighbours: int, size: int) -> "CorrectionMemory":
+        """The memory of the last `size` of these corrections (oldest first)."""
+        return cls(nn.functional.normalize(embeddings[-size:].float(), dim=1),
+                   labels[-size:].long(), weight, threshold, neighbours)
+
+    @property
+    def nbytes(self) -> int:
+        return self.embeddings.nbytes + self.labels.nbytes
+
+    def blend(self, logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, L) head logits and the clips' (B, D) embeddings -> (B, L) log-probabilities:
+        `(1 - weight) * softmax(logits) + weight * votes` where a clip's nearest correction is
+        at least `threshold` similar (votes: the `neighbours` nearest corrections' labels, each
+        weighted by its similarity), `log_softmax(logits)` elsewhere."""
+        probabilities = torch.softmax(logits, dim=1)
+        if not len(self.labels) or self.weight <= 0:
+            return torch.log(probabilities)
+        similarity = nn.functional.normalize(embeddings.float(), dim=1) @ self.embeddings.T
+        nearest = similarity.topk(min(self.neighbours, len(self.labels)), dim=1)
+        votes = torch.zeros_like(probabilities).scatter_add_(
+            1, self.labels[nearest.indices], nearest.values.clamp(min=0.0))
+        votes = votes / votes.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        share = self.weight * (nearest.values[:, :1] >= self.threshold).float()
+        return torch.log((1 - share) * probabilities + share * votes)
 
 
 @dataclass(frozen=True)
 class PersonalHead:
-    """A loaded personal version: the head's weights and the global version it sits on."""
+    """A loaded personal version: the head's weights, the memory, the global version it sits on."""
 
     weight: torch.Tensor  # (n_labels, embedding_dim)
     bias: torch.Tensor  # (n_labels,)
@@ -42,21 +91,40 @@ class PersonalHead:
     parent_version: int
     parent_sha256: str
     sha256: str
+    memory: CorrectionMemory | None = None  # None in a v1 file
 
     @property
     def nbytes(self) -> int:
-        return self.weight.nbytes + self.bias.nbytes
+        return (self.weight.nbytes + self.bias.nbytes
+                + (self.memory.nbytes if self.memory is not None else 0))
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, D) embeddings of the parent network -> (B, n_labels) this version's answer, as
+        log-probabilities when the memory blends in."""
+        return personal_logits(self.weight, self.bias, self.memory, embeddings)
+
+
+def personal_logits(weight: torch.Tensor, bias: torch.Tensor, memory: CorrectionMemory | None,
+                    embeddings: torch.Tensor) -> torch.Tensor:
+    logits = nn.functional.linear(embeddings, weight, bias)
+    return logits if memory is None else memory.blend(logits, embeddings)
 
 
 def personal_head_bytes(head: nn.Linear, labels: tuple[str, ...], *, parent_version: int,
-                        parent_sha256: str, parent_kind: str) -> bytes:
-    """The file of a personal version: safetensors with the head and its parent (whose kind
-    says which features the head's embeddings were computed from)."""
+                        parent_sha256: str, parent_kind: str,
+                        memory: CorrectionMemory | None = None) -> bytes:
+    """The file of a personal version: safetensors with the head, the memory (if any) and its
+    parent (whose kind says which features the embeddings were computed from)."""
     metadata = {"kind": PERSONAL_KIND, "labels": json.dumps(list(labels)),
                 "parent_version": str(int(parent_version)), "parent_sha256": parent_sha256,
                 "features": FEATURES_BY_KIND[parent_kind]}
     state = {"weight": head.weight.detach().float().contiguous().cpu(),
              "bias": head.bias.detach().float().contiguous().cpu()}
+    if memory is not None:
+        state["memory"] = memory.embeddings.to(torch.float16).contiguous()
+        state["memory_labels"] = memory.labels.to(torch.int16).contiguous()
+        metadata["memory"] = json.dumps({"weight": memory.weight, "threshold": memory.threshold,
+                                         "neighbours": memory.neighbours})
     return save_with_metadata(state, metadata)
 
 
@@ -68,7 +136,7 @@ def personal_head_from_bytes(data: bytes, expected_sha256: str | None = None) ->
                              f"got {digest}")
     try:
         metadata = read_metadata(data)
-        if metadata.get("kind") != PERSONAL_KIND:
+        if metadata.get("kind") not in _READABLE_KINDS:
             raise ModelFileError(f"not a personal model file (kind {metadata.get('kind')!r})")
         labels = tuple(json.loads(metadata["labels"]))
         tensors = load_safetensors(data)
@@ -77,11 +145,27 @@ def personal_head_from_bytes(data: bytes, expected_sha256: str | None = None) ->
             raise ModelFileError(f"personal head shapes {tuple(weight.shape)}, "
                                  f"{tuple(bias.shape)} do not fit {len(labels)} labels")
         return PersonalHead(weight, bias, labels, int(metadata["parent_version"]),
-                            metadata["parent_sha256"], digest)
+                            metadata["parent_sha256"], digest,
+                            _read_memory(tensors, metadata, weight.shape))
     except ModelFileError:
         raise
     except Exception as err:  # any parse error means the file is not a usable personal model
         raise ModelFileError(f"not a valid personal model file: {err}") from err
+
+
+def _read_memory(tensors: dict, metadata: dict, head_shape) -> CorrectionMemory | None:
+    if "memory" not in metadata:
+        return None
+    embeddings, labels = tensors["memory"].float(), tensors["memory_labels"].long()
+    n_labels, width = head_shape
+    if (embeddings.ndim != 2 or embeddings.shape[1] != width
+            or labels.shape != (embeddings.shape[0],)
+            or bool(((labels < 0) | (labels >= n_labels)).any())):
+        raise ModelFileError(f"personal memory shapes {tuple(embeddings.shape)}, "
+                             f"{tuple(labels.shape)} do not fit the head")
+    blend = json.loads(metadata["memory"])
+    return CorrectionMemory(embeddings, labels, float(blend["weight"]),
+                            float(blend["threshold"]), int(blend["neighbours"]))
 
 
 class PersonalPredictor(EmotionPredictor):
@@ -108,7 +192,7 @@ class PersonalPredictor(EmotionPredictor):
         return self._head(embed_batch(self.model.net, features, batch_size)).numpy()
 
     def _head(self, embedding: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(embedding, self.head.weight, self.head.bias)
+        return self.head.logits(embedding)
 
 
 @torch.inference_mode()

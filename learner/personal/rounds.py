@@ -52,7 +52,8 @@ from learner.continual.rounds import (
     restore_buffer,
     settle_candidate,
 )
-from learner.personal.model import embed_batch, personal_head_bytes, personal_head_from_bytes
+from learner.personal.model import (CorrectionMemory, embed_batch, personal_head_bytes,
+                                    personal_head_from_bytes, personal_logits)
 from storage.artifacts import ArtifactStore
 from storage.models import Feedback, ModelVersion
 from storage.personal import PersonalRepository
@@ -65,17 +66,19 @@ _EPS = 1e-9  # figures are compared after rounding away float noise, as the glob
 
 
 class EmbeddingHead:
-    """A head judged on embeddings: what the gate compares, without running the network again
-    for every round (gate and replay sets are embedded once per global version)."""
+    """A head (and a personal version's memory) judged on embeddings: what the gate compares,
+    without running the network again for every round (gate and replay sets are embedded once
+    per global version)."""
 
-    def __init__(self, head: torch.nn.Linear, labels: tuple[str, ...]):
-        self.weight, self.bias = head.weight.detach(), head.bias.detach()
+    def __init__(self, head: torch.nn.Linear, labels: tuple[str, ...],
+                 memory: CorrectionMemory | None = None):
+        self.weight, self.bias, self.memory = head.weight.detach(), head.bias.detach(), memory
         self.labels = labels
 
     @torch.inference_mode()
     def logits_batch(self, embeddings: list[np.ndarray]) -> np.ndarray:
         x = torch.from_numpy(np.stack(embeddings))
-        return torch.nn.functional.linear(x, self.weight, self.bias).numpy()
+        return personal_logits(self.weight, self.bias, self.memory, x).numpy()
 
 
 class PersonalGate(RegressionGate):
@@ -196,7 +199,8 @@ def training_config(personal: PersonalSettings, seed: int):
 
     return PersonalTrainingConfig(epochs=personal.epochs, lr=personal.lr,
                                   ewc_lambda=personal.ewc_lambda,
-                                  replay_size=personal.replay_size, seed=seed)
+                                  replay_size=personal.replay_size,
+                                  replay_batch_size=personal.replay_batch_size, seed=seed)
 
 
 class PersonalRound:
@@ -245,15 +249,18 @@ class PersonalRound:
         targets = torch.tensor([model.labels.index(s.label) for s in samples])
         cross_validated = self._cross_validate(model, embeddings, targets, reference)
         head = self._train(model, embeddings, targets, reference)
+        memory = self._memory(embeddings, targets)
         self.timings["train_s"] = time.perf_counter() - mark
 
         report = PersonalGate(self.personal.max_recall_drop).judge_personal(
-            EmbeddingHead(model.net.head, model.labels), EmbeddingHead(head, model.labels),
+            EmbeddingHead(model.net.head, model.labels),
+            EmbeddingHead(head, model.labels, memory),
             reference.gate, samples, cross_validated, user_id=self.user_id)
         counts.update({"trained": len(samples), "folds": self.personal.folds,
                        "replay": len(reference.replay_y), "gate_set": len(reference.gate)})
         data = personal_head_bytes(head, model.labels, parent_version=active.version,
-                                   parent_sha256=model.sha256, parent_kind=model.kind)
+                                   parent_sha256=model.sha256, parent_kind=model.kind,
+                                   memory=memory)
         return self._commit(active, data, report, counts, started)
 
     def _train(self, model: LoadedModel, x: torch.Tensor, y: torch.Tensor,
@@ -263,17 +270,25 @@ class PersonalRound:
         return train_personal_head(model.net.head, x, y, reference.replay_x, reference.replay_y,
                                    training_config(self.personal, self.seed))
 
+    def _memory(self, x: torch.Tensor, y: torch.Tensor) -> CorrectionMemory | None:
+        if self.personal.memory_weight <= 0:
+            return None
+        return CorrectionMemory.of(x, y, weight=self.personal.memory_weight,
+                                   threshold=self.personal.memory_threshold,
+                                   neighbours=self.personal.memory_neighbours,
+                                   size=self.personal.memory_size)
+
     def _cross_validate(self, model: LoadedModel, x: torch.Tensor, y: torch.Tensor,
                         reference: "GlobalReference") -> list[str]:
-        """Each correction answered by the recipe trained on the other folds."""
+        """Each correction answered by the recipe (head and memory) built on the other folds."""
         folds = stratified_folds([model.labels[i] for i in y.tolist()], self.personal.folds,
                                  np.random.default_rng(self.seed))
         answers = np.zeros(len(y), dtype=int)
         for fold in range(self.personal.folds):
             out = torch.from_numpy(folds == fold)
             head = self._train(model, x[~out], y[~out], reference)
-            with torch.no_grad():
-                answers[out.numpy()] = head(x[out]).argmax(dim=1).numpy()
+            judged = EmbeddingHead(head, model.labels, self._memory(x[~out], y[~out]))
+            answers[out.numpy()] = judged.logits_batch(list(x[out].numpy())).argmax(axis=1)
         return [model.labels[i] for i in answers]
 
     def _commit(self, active: ModelVersion, data: bytes, report: dict, counts: dict,

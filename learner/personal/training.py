@@ -33,7 +33,7 @@ class PersonalTrainingConfig:
     dropout: float = 0.2  # on the embedding, as in base training
     ewc_lambda: float = 1000.0
     replay_size: int = 400  # global exemplars in the buffer, split evenly over classes
-    replay_batch_size: int = 32  # replayed exemplars beside each batch of the user's
+    replay_batch_size: int = 8  # replayed exemplars beside each batch of the user's
     seed: int = 0
 
 

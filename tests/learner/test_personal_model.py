@@ -1,14 +1,18 @@
 """What a personal version holds, what it costs on disk, and that it only ever runs on the global
 network it was trained on."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from learner.checkpoint import LoadedModel, ModelFileError
+from learner.checkpoint import FEATURES_BY_KIND, LoadedModel, ModelFileError
 from learner.inference import EmotionPredictor
 from learner.labels import DEFAULT_LABELS
 from learner.model import EmotionNet, ModelConfig
-from learner.personal.model import PersonalPredictor, personal_head_bytes, personal_head_from_bytes
+from learner.file_metadata import save_with_metadata
+from learner.personal.model import (CorrectionMemory, PersonalPredictor, personal_head_bytes,
+                                    personal_head_from_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +69,73 @@ def test_the_head_runs_on_its_own_global_network_only(global_model):
     with pytest.raises(ModelFileError, match="trained on a global model"):
         PersonalPredictor(EmotionPredictor(other), head)
 
+
+
+def memory_of(embeddings: torch.Tensor, labels: list[int], size: int = 200) -> CorrectionMemory:
+    return CorrectionMemory.of(embeddings, torch.tensor(labels), weight=0.5, threshold=0.7,
+                               neighbours=3, size=size)
+
+
+def test_the_memory_answers_clips_like_a_correction_and_leaves_other_clips_to_the_head():
+    torch.manual_seed(3)
+    head = personal_head()
+    corrected = torch.randn(6, 256)
+    memory = memory_of(corrected, [2] * 3 + [5] * 3)
+    with torch.no_grad():
+        own = head(corrected)
+    # A clip that is (nearly) one of the corrected ones: half the answer is the memory's vote.
+    near = corrected[:1] + 0.01 * torch.randn(1, 256)
+    probabilities = torch.exp(memory.blend(head(near).detach(), near))
+    assert probabilities[0, 2] >= 0.5 and torch.isclose(probabilities.sum(), torch.tensor(1.0))
+    # A clip unlike every correction (cosine similarity below 0.7): the head's answer alone.
+    far = torch.randn(1, 256)
+    assert float((nn_cosine(far, corrected)).max()) < 0.7
+    assert torch.allclose(memory.blend(head(far).detach(), far),
+                          torch.log_softmax(head(far).detach(), dim=1), atol=1e-6)
+    # Each corrected clip itself is answered with the label it was given, whatever the head says.
+    assert memory.blend(own, corrected).argmax(dim=1).tolist() == [2] * 3 + [5] * 3
+
+
+def nn_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+
+
+def test_a_version_with_its_memory_round_trips_and_stays_small(global_model):
+    torch.manual_seed(4)
+    memory = memory_of(torch.randn(300, 256), [i % 8 for i in range(300)], size=200)
+    assert len(memory.labels) == 200 and memory.labels[0] == 100 % 8  # the newest 200
+    data = personal_head_bytes(personal_head(), DEFAULT_LABELS, parent_version=3,
+                               parent_sha256=global_model.sha256,
+                               parent_kind=global_model.kind, memory=memory)
+    assert len(data) <= 120_000  # 200 corrections of 512 bytes, the head, the metadata
+    loaded = personal_head_from_bytes(data).memory
+    assert torch.equal(loaded.labels, memory.labels)
+    assert torch.allclose(loaded.embeddings, memory.embeddings, atol=1e-3)  # float16 on disk
+    assert (loaded.weight, loaded.threshold, loaded.neighbours) == (0.5, 0.7, 3)
+
+
+def test_a_version_written_before_the_memory_still_serves_as_a_head(global_model):
+    head_layer = personal_head()
+    state = {"weight": head_layer.weight.detach().clone(),
+             "bias": head_layer.bias.detach().clone()}
+    data = save_with_metadata(state, {
+        "kind": "personal-head-v1", "labels": json.dumps(list(DEFAULT_LABELS)),
+        "parent_version": "3", "parent_sha256": global_model.sha256,
+        "features": FEATURES_BY_KIND[global_model.kind]})
+    head = personal_head_from_bytes(data)
+    assert head.memory is None
+    clip = np.random.default_rng(0).standard_normal((120, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = head_layer(global_model.net.embed(torch.from_numpy(clip)[None],
+                                                     torch.tensor([120])))[0].numpy()
+    assert np.allclose(PersonalPredictor(EmotionPredictor(global_model), head).logits(clip),
+                       expected, atol=1e-5)
+
+
+def test_a_memory_that_does_not_fit_its_head_is_refused(global_model):
+    memory = memory_of(torch.randn(4, 256), [0, 1, 2, 9])  # label 9: the head has 8
+    data = personal_head_bytes(personal_head(), DEFAULT_LABELS, parent_version=3,
+                               parent_sha256=global_model.sha256,
+                               parent_kind=global_model.kind, memory=memory)
+    with pytest.raises(ModelFileError, match="memory"):
+        personal_head_from_bytes(data)

@@ -99,6 +99,10 @@ def test_enough_corrections_give_a_user_a_small_personal_head_on_the_global_vers
     [mine] = versions(world, scope="user")
     assert (mine.user_id, mine.parent_version, mine.status) == ("alice", 1, "active")
     assert world.artifacts.path(mine.artifact_path).stat().st_size <= 1_000_000
+    memory = head_of(world, mine).memory  # her 12 corrections, as the version remembers them
+    assert sorted(memory.labels.tolist()) == [0] * 6 + [1] * 6
+    assert (memory.weight, memory.threshold, memory.neighbours) == (
+        PERSONAL.memory_weight, PERSONAL.memory_threshold, PERSONAL.memory_neighbours)
     report = outcome.gate_report
     assert REPORT_KEYS <= set(report) and (report["scope"], report["user_id"]) == ("user", "alice")
     assert report["new_feedback_accuracy_after"] > report["new_feedback_accuracy_before"]
@@ -121,6 +125,22 @@ def test_enough_corrections_give_a_user_a_small_personal_head_on_the_global_vers
                       for c in clips]
     assert mine_answers.count("happy") > global_answers.count("happy")
     assert rounds(world) == []  # nothing new: she is not due again
+
+
+def test_a_personal_version_remembers_only_the_newest_corrections_or_none(world):
+    alice_corrects(world)
+    [outcome] = run_personal_rounds(world.session_factory, world.artifacts, world.settings,
+                                    PERSONAL.model_copy(update={"memory_size": 5}),
+                                    trigger="manual")
+    [mine] = versions(world, scope="user")
+    assert len(head_of(world, mine).memory.labels) == 5
+    assert head_of(world, mine).memory.labels.tolist() == [1] * 5  # her sad clips came last
+
+    alice_corrects(world, seed=2)  # due again, with the memory off: the head alone
+    run_personal_rounds(world.session_factory, world.artifacts, world.settings,
+                        PERSONAL.model_copy(update={"memory_weight": 0.0}), trigger="manual")
+    [newest] = [v for v in versions(world, scope="user") if v.status == "active"]
+    assert newest.version != mine.version and head_of(world, newest).memory is None
 
 
 def test_a_user_below_min_feedback_is_not_due_and_an_explicit_round_is_skipped(world):
