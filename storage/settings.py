@@ -186,9 +186,9 @@ class PersonalSettings(Section):
     memory_weight: float = Field(0.5, ge=0.0, le=1.0)
     memory_threshold: float = Field(0.7, ge=-1.0, le=1.0)
     memory_neighbours: int = Field(3, ge=1)
-    memory_size: int = Field(200, ge=1)  # the newest corrections; 512 bytes each in the file
+    memory_size: int = Field(100, ge=1)  # the newest corrections; 512 bytes each in the file
     # Serving, per worker process: personal versions kept in memory (a head, 8 KB, and its
-    # memory, up to 100 KB), and global versions other than the active one kept loaded for
+    # memory, up to 50 KB), and global versions other than the active one kept loaded for
     # personal versions built on them.
     cache_size: int = Field(1000, ge=1)
     global_cache_size: int = Field(2, ge=1)

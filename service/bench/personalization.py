@@ -234,7 +234,7 @@ def _test_accuracy(test: list, answers: dict) -> dict:
 def _cost_bench(root: Path, versions: int, probes: int) -> dict:
     import torch
 
-    from learner.personal.model import personal_head_bytes
+    from learner.personal.model import CorrectionMemory, personal_head_bytes
     from service.bench.clips import to_wav, voiced_clip
     from storage.registry import ModelRegistry
 
@@ -244,16 +244,26 @@ def _cost_bench(root: Path, versions: int, probes: int) -> dict:
         base_head = store.engine.serving.predictor.model.net.head
         labels = store.engine.serving.predictor.labels
         kind = store.engine.serving.predictor.model.kind
+        personal = store.settings.personal
         generator = torch.Generator().manual_seed(0)
 
         def personal_file() -> bytes:
+            """A head near the global one and a full memory (`personal.memory_size`
+            corrections: the largest a version gets, so sizes and cache figures are bounds)."""
             head = torch.nn.Linear(base_head.in_features, base_head.out_features)
             with torch.no_grad():
                 head.weight.copy_(base_head.weight + 0.05 * torch.randn(
                     head.weight.shape, generator=generator))
                 head.bias.copy_(base_head.bias)
+            n = personal.memory_size
+            memory = CorrectionMemory.of(
+                torch.randn(n, base_head.in_features, generator=generator),
+                torch.randint(len(labels), (n,), generator=generator),
+                weight=personal.memory_weight, threshold=personal.memory_threshold,
+                neighbours=personal.memory_neighbours, size=n)
             return personal_head_bytes(head, labels, parent_version=global_version,
-                                       parent_sha256=global_sha, parent_kind=kind)
+                                       parent_sha256=global_sha, parent_kind=kind,
+                                       memory=memory)
 
         # The first ones through the registry as a round registers them (file fsynced, row,
         # activation with its audit entry): that is the throughput figure. The rest in bulk,
