@@ -124,7 +124,7 @@ def train_epoch(
     total = 0.0
     for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         feats = [random_crop(bank.variants[i][rng.integers(len(bank.variants[i]))],
-                              train_cfg["max_frames"], rng) for i in idx]
+                             train_cfg["max_frames"], rng) for i in idx]
         x, lengths = pad_batch(feats)
         x = spec_augment(x, lengths, generator, **mask_cfg)
         loss = loss_fn(net(x, lengths), torch.from_numpy(bank.targets[idx]))

@@ -6,10 +6,10 @@ needs each clip's length to mask padding. So a batch travels as one tensor with 
 extra channel: (B, T, F + 1), the last channel 1 on real frames and 0 on padding. What a row
 holds is `inputs()`: log-mel frames for an EmotionNet; for a SpeechEmotionModel, the states its
 frozen encoder gives the whole clip, computed once a round (the encoder is nearly all of the
-model's time, and every step, replay distillation and EWC's importance pass read them again). The head
-becomes Avalanche's IncrementalClassifier, which grows when an experience brings a label the
-model does not know (its old rows are kept). `export()` gives back a plain model of the same
-kind, the only thing ever saved or served: nothing of Avalanche reaches a model file.
+model's time, and every step, replay distillation and EWC's importance pass read them again).
+The head becomes Avalanche's IncrementalClassifier, which grows when an experience brings a
+label the model does not know (its old rows are kept). `export()` gives back a plain model of
+the same kind, the only thing ever saved or served: nothing of Avalanche reaches a model file.
 
 Only what a round trains is a parameter here: a frozen encoder's weights are never handed to
 an optimizer, never weighed by EWC, and never written to a state file.

@@ -18,8 +18,8 @@ The buffer and the EWC state come in restored from storage and go out as plain v
 strategy object lives for one round only and is never saved. Either kind of model trains the
 same way; on the speech encoder only the downstream is trained, on the encoder's states of each
 clip computed once a round and cropped at every read (as base training crops its cache), and
-only its parameters are in the optimizer and the EWC state (learner.continual.avalanche_model). Only the learner imports
-this module: inference never loads Avalanche.
+only its parameters are in the optimizer and the EWC state (learner.continual.avalanche_model).
+Only the learner imports this module: inference never loads Avalanche.
 """
 import math
 import threading

@@ -90,6 +90,6 @@ def test_a_round_reads_each_clips_encoder_states_as_serving_computes_them():
     assert (read.argmax(1) == served.argmax(1)).all()
     # A crop of 3 s of features is 75 of those rows; each clip keeps its own length.
     assert model.input_frames(300) == 75
-    config = start.net.config
+    width = start.net.config.n_blocks * start.net.config.width
     for row, sample in zip(inputs, samples):
-        assert row.shape == (math.ceil(sample.features.shape[0] / 4), config.n_blocks * config.width)
+        assert row.shape == (math.ceil(sample.features.shape[0] / 4), width)
