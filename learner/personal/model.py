@@ -21,7 +21,7 @@ held near the global one, draws one boundary for all of a voice's clips and cann
 answer blends the head's probabilities with the labels of the user's nearest corrected clips,
 but only for a clip that close to one of them (cosine similarity of the embeddings at least
 `threshold`): other voices, and the global gate set, are answered by the head alone. The file
-adds the corrections' embeddings (float16, at most `personal.memory_size`, 512 bytes each).
+adds the corrections' embeddings (float16: 2 bytes a dimension; at most `personal.memory_size`).
 
 This module is imported by the service: no Avalanche here.
 """
