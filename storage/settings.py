@@ -187,9 +187,9 @@ class PersonalSettings(Section):
     memory_threshold: float = Field(0.7, ge=-1.0, le=1.0)
     memory_neighbours: int = Field(3, ge=1)
     memory_size: int = Field(100, ge=1)  # the newest corrections; 2 bytes a dimension each
-    # Serving, per worker process: personal versions kept in memory (a head, 8 KB, and its
-    # memory, up to 50 KB), and global versions other than the active one kept loaded for
-    # personal versions built on them.
+    # Serving, per worker process: personal versions kept in memory (a head and its memory, at
+    # most 56 KB each on the bundled model), and global versions other than the active one kept
+    # loaded for personal versions built on them.
     cache_size: int = Field(1000, ge=1)
     global_cache_size: int = Field(2, ge=1)
 

@@ -133,6 +133,7 @@ def test_a_personal_version_remembers_only_the_newest_corrections_or_none(world)
                                     PERSONAL.model_copy(update={"memory_size": 5}),
                                     trigger="manual")
     [mine] = versions(world, scope="user")
+    assert outcome.status == "accepted", outcome.gate_report
     assert len(head_of(world, mine).memory.labels) == 5
     assert head_of(world, mine).memory.labels.tolist() == [1] * 5  # her sad clips came last
 
