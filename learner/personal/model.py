@@ -70,7 +70,7 @@ class CorrectionMemory:
         at least `threshold` similar (votes: the `neighbours` nearest corrections' labels, each
         weighted by its similarity), `log_softmax(logits)` elsewhere."""
         probabilities = torch.softmax(logits, dim=1)
-        if not len(self.labels) or self.weight <= 0:
+        if not len(self.labels):
             return torch.log(probabilities)
         similarity = nn.functional.normalize(embeddings.float(), dim=1) @ self.embeddings.T
         nearest = similarity.topk(min(self.neighbours, len(self.labels)), dim=1)

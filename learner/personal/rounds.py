@@ -287,8 +287,10 @@ class PersonalRound:
         for fold in range(self.personal.folds):
             out = torch.from_numpy(folds == fold)
             head = self._train(model, x[~out], y[~out], reference)
-            judged = EmbeddingHead(head, model.labels, self._memory(x[~out], y[~out]))
-            answers[out.numpy()] = judged.logits_batch(list(x[out].numpy())).argmax(axis=1)
+            with torch.no_grad():
+                logits = personal_logits(head.weight, head.bias,
+                                         self._memory(x[~out], y[~out]), x[out])
+            answers[out.numpy()] = logits.argmax(dim=1).numpy()
         return [model.labels[i] for i in answers]
 
     def _commit(self, active: ModelVersion, data: bytes, report: dict, counts: dict,
