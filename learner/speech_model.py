@@ -17,6 +17,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from learner.model import AttentionPooling, time_mask
 
+# What a personal version re-fits for its user's voice (learner.personal.model): the layers that
+# carry the encoder's states into the downstream, where a voice's and a microphone's offsets sit.
+ADAPTABLE = ("in_norm.weight", "in_norm.bias", "project.weight", "project.bias")
+
 
 @dataclass(frozen=True)
 class DownstreamConfig:
@@ -81,13 +85,20 @@ class SpeechEmotionNet(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(2 * config.lstm_hidden, config.n_classes)
 
-    def embed(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, N, T, D) pooled encoder states, (B,) frame counts -> (B, 2*lstm_hidden)."""
+    def embed(self, states: torch.Tensor, lengths: torch.Tensor,
+              adapter: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, N, T, D) pooled encoder states, (B,) frame counts -> (B, 2*lstm_hidden).
+        `adapter`: a personal version's own values of the ADAPTABLE parameters, used in place
+        of these (passed, not swapped in: other requests read this network meanwhile)."""
         weights = torch.softmax(self.block_logits, dim=0)
-        x = self.in_norm(torch.einsum("n,bntd->btd", weights, states))  # (B, T, D)
+        x = torch.einsum("n,bntd->btd", weights, states)  # (B, T, D)
+        p = dict(self.named_parameters()) if adapter is None else adapter
+        x = nn.functional.layer_norm(x, self.in_norm.normalized_shape, p["in_norm.weight"],
+                                     p["in_norm.bias"], self.in_norm.eps)
+        x = nn.functional.linear(x, p["project.weight"], p["project.bias"])
         t = x.shape[1]
         mask = time_mask(lengths, t)
-        x = self.input_dropout(self.project(x)).transpose(1, 2) * mask[:, None, :]  # (B, C, T)
+        x = self.input_dropout(x).transpose(1, 2) * mask[:, None, :]  # (B, C, T)
         for conv in self.convs:
             x = conv(x, mask)
         x = x.transpose(1, 2)  # (B, T, C)
@@ -134,9 +145,10 @@ class SpeechEmotionModel(nn.Module):
             states, lengths = pool_frames(states, lengths)
         return states.transpose(0, 1), lengths
 
-    def embed(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def embed(self, mel: torch.Tensor, lengths: torch.Tensor,
+              adapter: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, T, 80) Whisper log-mel, (B,) frame counts -> (B, 2*lstm_hidden)."""
-        return self.downstream.embed(*self.encode(mel, lengths))
+        return self.downstream.embed(*self.encode(mel, lengths), adapter=adapter)
 
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.downstream(*self.encode(mel, lengths))

@@ -174,12 +174,17 @@ class PersonalSettings(Section):
     # The gate: most macro recall (mean over the old classes) the personal model may lose on the
     # global gate set. Looser than learner.max_recall_drop: this model answers one user only.
     max_recall_drop: float = Field(0.03, ge=0.0, le=1.0)
-    max_users_per_tick: int = 100  # personal rounds one scheduler tick runs, oldest requests first
-    epochs: int = 40
-    lr: float = 0.01
-    ewc_lambda: float = 300.0  # pull toward the global head (weighted by its Fisher information)
-    replay_size: int = 400  # global exemplars replayed beside the user's corrections
-    replay_batch_size: int = 8  # of them beside each batch of the user's 32 (more holds it near)
+    # Personal rounds one scheduler tick runs, oldest requests first. A round on the bundled
+    # model takes about a minute on one core (five trainings: four for cross-validation), under
+    # the learner's lock: ten keep a tick within `learner.interval_s` (README).
+    max_users_per_tick: int = 10
+    # Training (learner/personal/training.py): steps of `batch_size` of the user's clips and
+    # `replay_batch_size` of the global version's replay exemplars (they hold it near the global
+    # model), at a constant learning rate; chosen on the validation users (README).
+    steps: int = Field(120, ge=1)
+    batch_size: int = Field(16, ge=1)
+    replay_batch_size: int = Field(16, ge=1)
+    lr: float = 0.001
     # The memory of the user's corrections (learner/personal/model.CorrectionMemory): its share
     # of the answer (0: the head alone) for a clip whose embedding is at least `memory_threshold`
     # similar (cosine) to a correction's, the corrections voting, and how many are kept.
@@ -187,8 +192,9 @@ class PersonalSettings(Section):
     memory_threshold: float = Field(0.7, ge=-1.0, le=1.0)
     memory_neighbours: int = Field(3, ge=1)
     memory_size: int = Field(100, ge=1)  # the newest corrections; 2 bytes a dimension each
-    # Serving, per worker process: personal versions kept in memory (a head and its memory, at
-    # most 56 KB each on the bundled model), and global versions other than the active one kept
+    # Serving, per worker process: personal versions kept in memory (a head, input layers and
+    # memory, at most 124 KB each on the bundled model), and global versions other than the
+    # active one kept
     # loaded for personal versions built on them.
     cache_size: int = Field(1000, ge=1)
     global_cache_size: int = Field(2, ge=1)

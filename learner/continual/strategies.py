@@ -125,7 +125,7 @@ class StopWhenAsked(SupervisedPlugin):
             strategy.stop_training()
 
 
-class _CroppedInputs(Dataset):
+class CroppedInputs(Dataset):
     """What the model reads of the round's samples (MaskedInputNet.inputs); each read takes a
     random crop of at most `crop_frames` of its frames."""
 
@@ -135,16 +135,13 @@ class _CroppedInputs(Dataset):
 
     @classmethod
     def of(cls, model: MaskedInputNet, samples: list[Sample], targets: list[int],
-           settings: LearnerSettings, rng: np.random.Generator) -> "_CroppedInputs":
+           settings: LearnerSettings, rng: np.random.Generator) -> "CroppedInputs":
         """Each sample's inputs, a long clip's cut once to a random window of three crops: a
         round holds them all in memory (the speech encoder's states are about 100 KB a second,
         and a clip may be 30 s), and three crops' worth still gives every step a new one."""
         crop = model.input_frames(settings.crop_frames)
-        features, inputs = [s.features for s in samples], []
-        for start in range(0, len(features), 64):  # a few uncut clips in memory at a time
-            inputs += [random_crop(row, 3 * crop, rng).copy()  # a copy frees the uncut rows
-                       for row in model.inputs(features[start : start + 64])]
-        return cls(inputs, targets, crop, rng)
+        return cls(cut_inputs(model, [s.features for s in samples], crop, rng), targets, crop,
+                   rng)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -152,6 +149,17 @@ class _CroppedInputs(Dataset):
     def __getitem__(self, i: int):
         rows = random_crop(self.inputs[i], self.crop_frames, self.rng)
         return as_float_tensor(rows), self.targets[i]
+
+
+def cut_inputs(model: MaskedInputNet, features: list[np.ndarray], crop: int,
+               rng: np.random.Generator) -> list[np.ndarray]:
+    """What `model` reads of each clip (MaskedInputNet.inputs), a long clip's cut once to a
+    random window of three crops of `crop` frames."""
+    inputs = []
+    for start in range(0, len(features), 64):  # a few uncut clips in memory at a time
+        inputs += [random_crop(row, 3 * crop, rng).copy()  # a copy frees the uncut rows
+                   for row in model.inputs(features[start : start + 64])]
+    return inputs
 
 
 def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample],
@@ -168,7 +176,7 @@ def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample]
     pool = [b.sample for b in buffer] + list(new)
     targets = [all_labels.index(s.label) for s in pool]
     model = MaskedInputNet(copy_for_training(start))
-    full = _avalanche_dataset(_CroppedInputs.of(model, pool, targets, settings, rng), targets)
+    full = avalanche_dataset(CroppedInputs.of(model, pool, targets, settings, rng), targets)
     new_data = full.subset(list(range(len(buffer), len(pool))))
     policy = _restore_buffer(buffer, targets, full, settings.mem_size)
 
@@ -245,7 +253,7 @@ def _plugins(strategy: str, settings: LearnerSettings, model: MaskedInputNet,
                       LRSchedulerPlugin(schedule, step_granularity="iteration")]
 
 
-def _avalanche_dataset(data: _CroppedInputs, targets: list[int]):
+def avalanche_dataset(data: CroppedInputs, targets: list[int]):
     n = len(targets)
     return TaskAwareSupervisedClassificationDataset(
         [data], collate_fn=collate_masked,
@@ -306,7 +314,7 @@ def bootstrap_ewc_state(start: nn.Module, labels: tuple[str, ...],
     torch.manual_seed(seed)
     targets = [labels.index(b.sample.label) for b in buffer]
     model = MaskedInputNet(copy_for_training(start))
-    data = _avalanche_dataset(_CroppedInputs.of(model, [b.sample for b in buffer], targets,
+    data = avalanche_dataset(CroppedInputs.of(model, [b.sample for b in buffer], targets,
                                                 settings, np.random.default_rng(seed)), targets)
     ewc = EWCPlugin(settings.ewc_lambda, mode="online", decay_factor=settings.ewc_decay)
     importances = ewc.compute_importances(

@@ -1,19 +1,18 @@
-"""What a personal version is: a new linear head on top of one named global version, and a
-memory of the user's corrected clips.
+"""What a personal version is: its own head on top of one named global version, on a
+speech-encoder version also its own input layers, and a memory of the user's corrected clips.
 
-A personal version keeps the global version's whole feature extractor (CNN, BiLSTM, attention
-pooling, and the speech encoder under them in a version of that kind) frozen and replaces only
-its head: `logits = W @ embed(features) + b`, with `embed` the parent global version's
-256-dimensional utterance embedding of its own kind's features. The file holds W and b (8 x 256
-+ 8 floats) plus the parent version's number and sha256, so it can only ever be served on the
-network it was trained on.
-
-Why the head: a speaker's clips sit together in embedding space; what a user's corrections
-teach is where, for this voice, one emotion ends and the next begins, which is what the head
-draws. Training it needs the embeddings once, then milliseconds; thousands of users cost
-kilobytes each; and a user's corrections cannot reach the shared feature extractor at all. (A
-residual adapter before the head was measured too: no larger gain, and more lost on the global
-gate set.)
+A personal version keeps the rest of the global version's network (the speech encoder, or the
+log-mel CNN; the convolutions, BiLSTM and attention pooling) frozen and shared, and holds:
+- the head: `logits = W @ embed(features) + b`, with `embed` the parent global version's
+  utterance embedding;
+- on a speech-encoder version, the downstream's input layers (LayerNorm and projection of the
+  encoder's states, learner.speech_model.ADAPTABLE, about 34,000 numbers in float16), which
+  `embed` then uses in place of the parent's. A voice, and the microphone it comes through,
+  shift the encoder's states as a whole; re-fitting the layers that read them moves every later
+  stage onto the user's voice, which a head on the fixed embedding cannot (README, "Personal
+  models": 93.1% against 89.7% on the validation users' other clips);
+- the parent version's number and sha256, so it can only ever be served on the network it
+  was trained on.
 
 Why a memory beside it (CorrectionMemory): a user says the same things in the same voice again,
 and a clip close to one they corrected is best answered by that correction; a linear head,
@@ -38,9 +37,10 @@ from learner.file_metadata import read_metadata, save_with_metadata
 from learner.inference import EmotionPredictor, length_batches
 from storage.files import sha256_bytes
 
-# v2 adds the memory; a v1 file (a head alone, written before) still loads and serves as one.
-PERSONAL_KIND = "personal-head-v2"
-_READABLE_KINDS = ("personal-head-v1", PERSONAL_KIND)
+# v2 added the memory, v3 the input layers; older files still load and serve as what they hold.
+PERSONAL_KIND = "personal-head-v3"
+_READABLE_KINDS = ("personal-head-v1", "personal-head-v2", PERSONAL_KIND)
+_ADAPTER_PREFIX = "adapter."
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,18 @@ class PersonalHead:
     parent_sha256: str
     sha256: str
     memory: CorrectionMemory | None = None  # None in a v1 file
+    # Input layers of a speech-encoder parent (float16, as stored); None: the parent's own.
+    adapter: dict[str, torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
         return (self.weight.nbytes + self.bias.nbytes
-                + (self.memory.nbytes if self.memory is not None else 0))
+                + (self.memory.nbytes if self.memory is not None else 0)
+                + sum(t.nbytes for t in (self.adapter or {}).values()))
+
+    def input_layers(self) -> dict[str, torch.Tensor] | None:
+        """The adapter as the network computes with it (float32)."""
+        return None if self.adapter is None else {k: v.float() for k, v in self.adapter.items()}
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings of the parent network -> (B, n_labels) this version's answer, as
@@ -112,9 +119,12 @@ def personal_logits(weight: torch.Tensor, bias: torch.Tensor, memory: Correction
 
 def personal_head_bytes(head: nn.Linear, labels: tuple[str, ...], *, parent_version: int,
                         parent_sha256: str, parent_kind: str,
-                        memory: CorrectionMemory | None = None) -> bytes:
-    """The file of a personal version: safetensors with the head, the memory (if any) and its
-    parent (whose kind says which features the embeddings were computed from)."""
+                        memory: CorrectionMemory | None = None,
+                        adapter: dict[str, torch.Tensor] | None = None) -> bytes:
+    """The file of a personal version: safetensors with the head, the memory and the input
+    layers (if any) and its parent (whose kind says which features the embeddings were computed
+    from). The input layers are stored in float16: pass them already rounded (`as_stored`) so
+    the version that was judged is the one that serves."""
     metadata = {"kind": PERSONAL_KIND, "labels": json.dumps(list(labels)),
                 "parent_version": str(int(parent_version)), "parent_sha256": parent_sha256,
                 "features": FEATURES_BY_KIND[parent_kind]}
@@ -125,7 +135,16 @@ def personal_head_bytes(head: nn.Linear, labels: tuple[str, ...], *, parent_vers
         state["memory_labels"] = memory.labels.to(torch.int16).contiguous()
         metadata["memory"] = json.dumps({"weight": memory.weight, "threshold": memory.threshold,
                                          "neighbours": memory.neighbours})
+    for name, tensor in (adapter or {}).items():
+        state[_ADAPTER_PREFIX + name] = tensor.detach().to(torch.float16).contiguous().cpu()
     return save_with_metadata(state, metadata)
+
+
+def as_stored(adapter: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Input layers rounded as a personal version's file keeps them (float16), in float32."""
+    if adapter is None:
+        return None
+    return {k: v.detach().to(torch.float16).float() for k, v in adapter.items()}
 
 
 def personal_head_from_bytes(data: bytes, expected_sha256: str | None = None) -> PersonalHead:
@@ -144,9 +163,11 @@ def personal_head_from_bytes(data: bytes, expected_sha256: str | None = None) ->
         if weight.ndim != 2 or bias.shape != (weight.shape[0],) or weight.shape[0] != len(labels):
             raise ModelFileError(f"personal head shapes {tuple(weight.shape)}, "
                                  f"{tuple(bias.shape)} do not fit {len(labels)} labels")
+        adapter = {k[len(_ADAPTER_PREFIX):]: v for k, v in tensors.items()
+                   if k.startswith(_ADAPTER_PREFIX)}
         return PersonalHead(weight, bias, labels, int(metadata["parent_version"]),
                             metadata["parent_sha256"], digest,
-                            _read_memory(tensors, metadata, weight.shape))
+                            _read_memory(tensors, metadata, weight.shape), adapter or None)
     except ModelFileError:
         raise
     except Exception as err:  # any parse error means the file is not a usable personal model
@@ -177,29 +198,36 @@ class PersonalPredictor(EmotionPredictor):
                                  f"{head.parent_sha256}, not {base.model.sha256}")
         if head.weight.shape[1] != base.model.net.head.in_features:
             raise ModelFileError("personal head does not fit the global model's embedding")
+        if head.adapter is not None:
+            own = dict(getattr(base.model.net, "downstream", base.model.net).named_parameters())
+            if any(k not in own or own[k].shape != v.shape for k, v in head.adapter.items()):
+                raise ModelFileError("personal input layers do not fit the global model")
         super().__init__(base.model)
         self.head = head
         self.labels = head.labels
+        self.input_layers = head.input_layers()
 
     @torch.inference_mode()
     def logits(self, features: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(features).unsqueeze(0)
-        embedding = self.model.net.embed(x, torch.tensor([features.shape[0]]))
-        return self._head(embedding)[0].numpy()
+        return self.logits_batch([features])[0]
 
     @torch.inference_mode()
     def logits_batch(self, features: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        return self._head(embed_batch(self.model.net, features, batch_size)).numpy()
+        return self._head(embed_batch(self.model.net, features, batch_size,
+                                      adapter=self.input_layers)).numpy()
 
     def _head(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.head.logits(embedding)
 
 
 @torch.inference_mode()
-def embed_batch(net: nn.Module, features: list[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+def embed_batch(net: nn.Module, features: list[np.ndarray], batch_size: int = 32, *,
+                adapter: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Many clips' (frames_i, F) features -> (n, D) embeddings, batched by similar length
-    (padding never changes an embedding, it only costs time)."""
+    (padding never changes an embedding, it only costs time); with a personal version's input
+    layers (`adapter`, speech-encoder models only) in place of the network's own."""
+    extra = {} if adapter is None else {"adapter": adapter}
     out = torch.zeros(len(features), net.head.in_features)
     for chunk, x, lengths in length_batches(features, batch_size):
-        out[chunk] = net.embed(x, lengths)
+        out[chunk] = net.embed(x, lengths, **extra)
     return out

@@ -1,16 +1,18 @@
 """Personal rounds: a user with at least `personal.min_feedback` corrections gets a personal
-version, a new head on the active global version (learner.personal.model says why a head).
+version, a new head (and on a speech-encoder version new input layers) on the active global
+version (learner.personal.model says why those).
 
 One round, for one user, holding the learner lock like a global round (one round at a time
 across processes; the scheduler runs the users who are due right after its global check):
 1. Read the user's corrections (only feedback whose `user_id` is theirs: nobody else's data ever
    trains it; personal rounds never mark feedback consumed, that is the global learner's
    bookkeeping) and the active global version.
-2. Embed the user's clips once with the global network (frozen), and the global version's
-   replay buffer and gate set (once per global version, cached in this process).
-3. Train the head with Avalanche: Naive + ReplayPlugin (the global exemplars) + EWCPlugin
-   anchored at the global head (learner.personal.training); the same recipe once per fold to
-   judge it, then on all the corrections for the version that serves.
+2. Compute what the global network reads of the user's clips once (the frozen speech
+   encoder's states, or log-mel frames), and of the global version's replay buffer and gate set
+   (once per global version, cached in this process).
+3. Train the personal part with Avalanche: Naive + ReplayPlugin (the global exemplars)
+   (learner.personal.training); the same recipe once per fold to judge it, then on all the
+   corrections for the version that serves.
 4. The gate (PersonalGate): strictly better than the global model on the user's corrections
    (cross-validated), and on the global gate set macro recall within `personal.max_recall_drop`.
    So a user who floods wrong labels can at most change their own model, and only while it
@@ -52,7 +54,7 @@ from learner.continual.rounds import (
     restore_buffer,
     settle_candidate,
 )
-from learner.personal.model import (CorrectionMemory, embed_batch, personal_head_bytes,
+from learner.personal.model import (CorrectionMemory, as_stored, personal_head_bytes,
                                     personal_head_from_bytes, personal_logits)
 from storage.artifacts import ArtifactStore
 from storage.models import Feedback, ModelVersion
@@ -65,20 +67,25 @@ log = logging.getLogger("emoloop.learner")
 _EPS = 1e-9  # figures are compared after rounding away float noise, as the global gate does
 
 
-class EmbeddingHead:
-    """A head (and a personal version's memory) judged on embeddings: what the gate compares,
-    without running the network again for every round (gate and replay sets are embedded once
-    per global version)."""
+class PersonalAnswers:
+    """A version's answers on clips given as the network's inputs (learner.personal.training.
+    round_inputs): the global version (its head alone) or a personal one (head, input layers,
+    memory). What the gate compares; the inputs are computed once per round (the gate and replay
+    sets' once per global version)."""
 
-    def __init__(self, head: torch.nn.Linear, labels: tuple[str, ...],
+    def __init__(self, net: torch.nn.Module, head: torch.nn.Linear, labels: tuple[str, ...],
+                 adapter: dict[str, torch.Tensor] | None = None,
                  memory: CorrectionMemory | None = None):
-        self.weight, self.bias, self.memory = head.weight.detach(), head.bias.detach(), memory
+        self.net, self.head, self.adapter, self.memory = net, head, adapter, memory
+        self.weight, self.bias = head.weight.detach(), head.bias.detach()
         self.labels = labels
 
-    @torch.inference_mode()
-    def logits_batch(self, embeddings: list[np.ndarray]) -> np.ndarray:
-        x = torch.from_numpy(np.stack(embeddings))
-        return personal_logits(self.weight, self.bias, self.memory, x).numpy()
+    def logits_batch(self, inputs: list[np.ndarray]) -> np.ndarray:
+        from learner.personal.training import embed_inputs  # Avalanche: learner only
+
+        embeddings = embed_inputs(self.net, inputs, self.adapter)
+        with torch.no_grad():
+            return personal_logits(self.weight, self.bias, self.memory, embeddings).numpy()
 
 
 class PersonalGate(RegressionGate):
@@ -94,7 +101,7 @@ class PersonalGate(RegressionGate):
        knows. A flood of wrong labels fails here. Recall per class is reported; a personal
        model may move one class's boundary for its user's voice, which is its purpose."""
 
-    def judge_personal(self, active: "EmbeddingHead", candidate: "EmbeddingHead",
+    def judge_personal(self, active: PersonalAnswers, candidate: PersonalAnswers,
                        gate_set: list[Sample], corrections: list[Sample],
                        cross_validated: list[str], *, user_id: str) -> dict:
         report = self.figures(list(active.labels), list(candidate.labels),
@@ -155,35 +162,42 @@ def stratified_folds(labels: list[str], folds: int, rng: np.random.Generator) ->
 
 @dataclass(frozen=True)
 class GlobalReference:
-    """What every personal round on one global version needs of the old data, as embeddings."""
+    """What every personal round on one global version needs of the old data, as the network's
+    inputs (learner.personal.training.round_inputs)."""
     version: int
-    replay_x: torch.Tensor
-    replay_y: torch.Tensor
-    gate: list[Sample]  # features are embeddings
+    replay_inputs: list[np.ndarray]
+    replay_y: list[int]
+    gate: list[Sample]  # features are the network's inputs, whole clips
 
 
 class _ReferenceCache:
-    """The last few global versions' references: embedding them takes seconds, a round with
-    them well under one."""
+    """The last few global versions' references: computing them takes seconds (the speech
+    encoder over the replay and gate sets), once per global version."""
 
     def __init__(self, size: int = 2):
         self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
 
     def get(self, session_factory, artifacts, row: ModelVersion, model: LoadedModel,
             learner: LearnerSettings) -> GlobalReference:
+        from learner.personal.training import round_inputs  # Avalanche: learner only
+
         key = (row.version, model.sha256, learner.base_sets_dir)
         with self._lock:
             if key in self._items:
                 return self._items[key]
         buffer = restore_buffer(session_factory, artifacts, row, model.labels, kind=model.kind,
                                 seed=learner.seed, base_sets_dir=learner.base_sets_dir)
-        replay_x = embed_batch(model.net, [b.sample.features for b in buffer])
-        replay_y = torch.tensor([model.labels.index(b.sample.label) for b in buffer])
+        rng = np.random.default_rng(learner.seed)
+        replay = round_inputs(model.net, [b.sample.features for b in buffer],
+                              learner.crop_frames, rng)
+        replay_y = [model.labels.index(b.sample.label) for b in buffer]
         gate = load_gate_set(session_factory, artifacts, model.labels, kind=model.kind,
                              base_sets_dir=learner.base_sets_dir)
-        gate_x = embed_batch(model.net, [s.features for s in gate]).numpy()
-        reference = GlobalReference(row.version, replay_x, replay_y,
-                                    [Sample(x, s.label, s.origin) for x, s in zip(gate_x, gate)])
+        # Whole clips (no window is cut of a gate clip: it is answered as serving would).
+        gate_inputs = round_inputs(model.net, [s.features for s in gate], 10**9, rng)
+        reference = GlobalReference(row.version, replay, replay_y,
+                                    [Sample(x, s.label, s.origin)
+                                     for x, s in zip(gate_inputs, gate)])
         with self._lock:
             self._items[key] = reference
             while len(self._items) > self.size:
@@ -194,13 +208,12 @@ class _ReferenceCache:
 REFERENCES = _ReferenceCache()
 
 
-def training_config(personal: PersonalSettings, seed: int):
+def training_config(personal: PersonalSettings, crop_frames: int, seed: int):
     from learner.personal.training import PersonalTrainingConfig
 
-    return PersonalTrainingConfig(epochs=personal.epochs, lr=personal.lr,
-                                  ewc_lambda=personal.ewc_lambda,
-                                  replay_size=personal.replay_size,
-                                  replay_batch_size=personal.replay_batch_size, seed=seed)
+    return PersonalTrainingConfig(steps=personal.steps, batch_size=personal.batch_size,
+                                  replay_batch_size=personal.replay_batch_size, lr=personal.lr,
+                                  crop_frames=crop_frames, seed=seed)
 
 
 class PersonalRound:
@@ -244,53 +257,59 @@ class PersonalRound:
         self.timings["load_s"] = time.perf_counter() - started
 
         mark = time.perf_counter()
-        embeddings = embed_batch(model.net, [s.features for s in samples])
-        samples = [Sample(x, s.label, s.origin) for x, s in zip(embeddings.numpy(), samples)]
-        targets = torch.tensor([model.labels.index(s.label) for s in samples])
-        cross_validated = self._cross_validate(model, embeddings, targets, reference)
-        head = self._train(model, embeddings, targets, reference)
-        memory = self._memory(embeddings, targets)
+        from learner.personal.training import round_inputs  # Avalanche: learner only
+
+        inputs = round_inputs(model.net, [s.features for s in samples], self.learner.crop_frames,
+                              np.random.default_rng(self.seed))
+        samples = [Sample(x, s.label, s.origin) for x, s in zip(inputs, samples)]
+        targets = [model.labels.index(s.label) for s in samples]
+        cross_validated = self._cross_validate(model, inputs, targets, reference)
+        personal = self._answers(model, inputs, targets, reference)
         self.timings["train_s"] = time.perf_counter() - mark
 
         report = PersonalGate(self.personal.max_recall_drop).judge_personal(
-            EmbeddingHead(model.net.head, model.labels),
-            EmbeddingHead(head, model.labels, memory),
+            PersonalAnswers(model.net, model.net.head, model.labels), personal,
             reference.gate, samples, cross_validated, user_id=self.user_id)
         counts.update({"trained": len(samples), "folds": self.personal.folds,
                        "replay": len(reference.replay_y), "gate_set": len(reference.gate)})
-        data = personal_head_bytes(head, model.labels, parent_version=active.version,
+        data = personal_head_bytes(personal.head, model.labels, parent_version=active.version,
                                    parent_sha256=model.sha256, parent_kind=model.kind,
-                                   memory=memory)
+                                   memory=personal.memory, adapter=personal.adapter)
         return self._commit(active, data, report, counts, started)
 
-    def _train(self, model: LoadedModel, x: torch.Tensor, y: torch.Tensor,
-               reference: "GlobalReference") -> torch.nn.Linear:
-        from learner.personal.training import train_personal_head  # Avalanche: learner only
+    def _answers(self, model: LoadedModel, inputs: list[np.ndarray], targets: list[int],
+                 reference: GlobalReference) -> PersonalAnswers:
+        """The personal version the recipe builds on these corrections, as the gate judges and
+        the file keeps it (input layers rounded to float16 first)."""
+        from learner.personal.training import embed_inputs, train_personal
 
-        return train_personal_head(model.net.head, x, y, reference.replay_x, reference.replay_y,
-                                   training_config(self.personal, self.seed))
+        part = train_personal(model.net, inputs, targets, reference.replay_inputs,
+                              reference.replay_y,
+                              training_config(self.personal, self.learner.crop_frames, self.seed))
+        adapter = as_stored(part.adapter)
+        memory = None
+        if self.personal.memory_weight > 0:
+            memory = CorrectionMemory.of(embed_inputs(model.net, inputs, adapter),
+                                         torch.tensor(targets),
+                                         weight=self.personal.memory_weight,
+                                         threshold=self.personal.memory_threshold,
+                                         neighbours=self.personal.memory_neighbours,
+                                         size=self.personal.memory_size)
+        return PersonalAnswers(model.net, part.head, model.labels, adapter, memory)
 
-    def _memory(self, x: torch.Tensor, y: torch.Tensor) -> CorrectionMemory | None:
-        if self.personal.memory_weight <= 0:
-            return None
-        return CorrectionMemory.of(x, y, weight=self.personal.memory_weight,
-                                   threshold=self.personal.memory_threshold,
-                                   neighbours=self.personal.memory_neighbours,
-                                   size=self.personal.memory_size)
-
-    def _cross_validate(self, model: LoadedModel, x: torch.Tensor, y: torch.Tensor,
-                        reference: "GlobalReference") -> list[str]:
-        """Each correction answered by the recipe (head and memory) built on the other folds."""
-        folds = stratified_folds([model.labels[i] for i in y.tolist()], self.personal.folds,
+    def _cross_validate(self, model: LoadedModel, inputs: list[np.ndarray], targets: list[int],
+                        reference: GlobalReference) -> list[str]:
+        """Each correction answered by the recipe (head, input layers and memory) built on the
+        other folds."""
+        folds = stratified_folds([model.labels[i] for i in targets], self.personal.folds,
                                  np.random.default_rng(self.seed))
-        answers = np.zeros(len(y), dtype=int)
+        answers = np.zeros(len(targets), dtype=int)
         for fold in range(self.personal.folds):
-            out = torch.from_numpy(folds == fold)
-            head = self._train(model, x[~out], y[~out], reference)
-            with torch.no_grad():
-                logits = personal_logits(head.weight, head.bias,
-                                         self._memory(x[~out], y[~out]), x[out])
-            answers[out.numpy()] = logits.argmax(dim=1).numpy()
+            kept = np.flatnonzero(folds != fold)
+            out = np.flatnonzero(folds == fold)
+            version = self._answers(model, [inputs[i] for i in kept],
+                                    [targets[i] for i in kept], reference)
+            answers[out] = version.logits_batch([inputs[i] for i in out]).argmax(axis=1)
         return [model.labels[i] for i in answers]
 
     def _commit(self, active: ModelVersion, data: bytes, report: dict, counts: dict,

@@ -114,16 +114,17 @@ def test_a_version_with_its_memory_round_trips_and_stays_small(global_model):
     assert (loaded.weight, loaded.threshold, loaded.neighbours) == (0.5, 0.7, 3)
 
 
-def test_a_version_written_before_the_memory_still_serves_as_a_head(global_model):
+@pytest.mark.parametrize("kind", ["personal-head-v1", "personal-head-v2"])
+def test_a_version_written_by_an_earlier_release_still_serves_as_a_head(global_model, kind):
     head_layer = personal_head()
     state = {"weight": head_layer.weight.detach().clone(),
              "bias": head_layer.bias.detach().clone()}
     data = save_with_metadata(state, {
-        "kind": "personal-head-v1", "labels": json.dumps(list(DEFAULT_LABELS)),
+        "kind": kind, "labels": json.dumps(list(DEFAULT_LABELS)),
         "parent_version": "3", "parent_sha256": global_model.sha256,
         "features": FEATURES_BY_KIND[global_model.kind]})
     head = personal_head_from_bytes(data)
-    assert head.memory is None
+    assert head.memory is None and head.adapter is None
     clip = np.random.default_rng(0).standard_normal((120, 64)).astype(np.float32)
     with torch.no_grad():
         expected = head_layer(global_model.net.embed(torch.from_numpy(clip)[None],

@@ -30,8 +30,7 @@ def database_backend() -> str:
     return "sqlite"
 
 
-PERSONAL = PersonalSettings(min_feedback=8, folds=2, epochs=8, lr=0.05, ewc_lambda=10.0,
-                            replay_size=16)
+PERSONAL = PersonalSettings(min_feedback=8, folds=2, steps=20, lr=0.05)
 ALICE_HAPPY_PITCH = 0.8  # toy 'sad' is 0.6, 'happy' 1.7: the global model hears 0.8 as sad
 
 
@@ -205,7 +204,7 @@ def test_a_user_forgotten_while_their_round_runs_leaves_nothing_behind(world, mo
     from storage.forget import forget_user
 
     alice_corrects(world)
-    real_training = training.train_personal_head
+    real_training = training.train_personal
 
     def forget_her_meanwhile(*args, **kwargs):
         with world.session_factory() as session:
@@ -213,7 +212,7 @@ def test_a_user_forgotten_while_their_round_runs_leaves_nothing_behind(world, mo
             session.commit()
         return real_training(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_personal_head", forget_her_meanwhile)
+    monkeypatch.setattr(training, "train_personal", forget_her_meanwhile)
     [outcome] = rounds(world)
     assert outcome.status == "skipped" and "forgotten" in outcome.error
     with world.session_factory() as session:

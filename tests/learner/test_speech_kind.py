@@ -18,16 +18,18 @@ from learner.continual.ewc_state import EwcState
 from learner.continual.rounds import run_round
 from learner.file_metadata import read_metadata
 from learner.inference import EmotionPredictor, pad_batch
-from learner.personal.model import (PersonalPredictor, embed_batch, personal_head_bytes,
-                                    personal_head_from_bytes)
+from learner.personal.model import (PersonalPredictor, as_stored, embed_batch,
+                                    personal_head_bytes, personal_head_from_bytes)
+from learner.personal.rounds import run_personal_rounds
 from learner.serving_net import for_serving
 from learner.speech_encoder.weights import load_encoder
 from learner.speech_encoder.whisper_mel import extract_speech_features
-from learner.speech_model import SpeechEmotionModel
+from learner.speech_model import ADAPTABLE, SpeechEmotionModel
 from storage.registry import ModelRegistry
 from tests.learner.tiny_speech import (bundled_tiny_encoder, speech_world,  # noqa: F401
                                        tiny_encoder_file, tiny_speech_model, toy_speech_base_sets,
                                        toy_speech_model)
+from tests.learner.test_personal_rounds import PERSONAL, correct
 from tests.learner.toy_learning import (TOY_LABELS, make_world, toy_base_sets,  # noqa: F401
                                         toy_features, toy_model, toy_wave, write_toy_base_sets)
 
@@ -150,24 +152,69 @@ def test_a_round_trains_the_downstream_only_and_registers_a_version_of_the_kind(
         p.numel() for p in model.net.downstream.parameters())
 
 
-def test_a_personal_head_runs_on_its_embedding(tiny_encoder_file, bundled_tiny_encoder):
+def test_a_personal_version_runs_on_its_embedding_through_its_own_input_layers(
+        tiny_encoder_file, bundled_tiny_encoder):
     net = tiny_speech_model(tiny_encoder_file).eval()
     global_model = model_from_bytes(model_bytes(net, TOY_LABELS))
     torch.manual_seed(1)
     head_layer = torch.nn.Linear(global_model.net.head.in_features, len(TOY_LABELS))
+    own = dict(global_model.net.downstream.named_parameters())
+    adapter = as_stored({k: own[k].detach() + 0.5 * torch.randn(own[k].shape) for k in ADAPTABLE})
     data = personal_head_bytes(head_layer, TOY_LABELS, parent_version=2,
-                               parent_sha256=global_model.sha256, parent_kind=global_model.kind)
+                               parent_sha256=global_model.sha256, parent_kind=global_model.kind,
+                               adapter=adapter)
     assert read_metadata(data)["features"] == read_metadata(model_bytes(net, TOY_LABELS))["features"]
     predictor = PersonalPredictor(EmotionPredictor(global_model), personal_head_from_bytes(data))
 
     clips = _clips()
     with torch.no_grad():
-        expected = head_layer(embed_batch(global_model.net, clips)).numpy()
+        expected = head_layer(embed_batch(global_model.net, clips, adapter=adapter)).numpy()
+        parents_layers = head_layer(embed_batch(global_model.net, clips)).numpy()
     assert np.allclose(predictor.logits_batch(clips), expected, atol=1e-5)
     assert np.allclose(predictor.logits(clips[0]), expected[0], atol=1e-5)
+    assert not np.allclose(expected, parents_layers, atol=1e-3)  # its own layers, not the parent's
+    # The network other requests share is left as it was.
+    for name, tensor in own.items():
+        torch.testing.assert_close(global_model.net.downstream.state_dict()[name], tensor)
     wave = toy_wave("sad", 3)
     assert predictor.predict_wave(wave) == predictor.predict_features(extract_speech_features(wave))
 
     other = LoadedModel(global_model.net, TOY_LABELS, sha256="b" * 64, kind=WHISPER_KIND)
     with pytest.raises(ModelFileError, match="trained on a global model"):
         PersonalPredictor(EmotionPredictor(other), personal_head_from_bytes(data))
+    misfit = dict(adapter, **{"project.weight": adapter["project.weight"][:, :-1]})
+    data = personal_head_bytes(head_layer, TOY_LABELS, parent_version=2,
+                               parent_sha256=global_model.sha256, parent_kind=global_model.kind,
+                               adapter=misfit)
+    with pytest.raises(ModelFileError, match="input layers do not fit"):
+        PersonalPredictor(EmotionPredictor(global_model), personal_head_from_bytes(data))
+
+
+@sqlite_only
+def test_a_personal_round_on_the_kind_refits_the_input_layers_and_head_only(speech_world):
+    world = speech_world
+    correct(world, "alice", [(toy_wave(label, 300 + i), label)
+                             for label in ("happy", "sad") for i in range(6)])
+    [outcome] = run_personal_rounds(world.session_factory, world.artifacts, world.settings,
+                                    PERSONAL, trigger="manual")
+
+    assert outcome.status in ("accepted", "rejected"), outcome.error
+    with world.session_factory() as session:
+        registry = ModelRegistry(session, world.artifacts)
+        row, parent = registry.get(outcome.candidate_version), registry.active_global()
+        global_model = model_from_bytes(world.artifacts.read_model(parent.artifact_path,
+                                                                   parent.sha256))
+        personal = personal_head_from_bytes(world.artifacts.read_model(row.artifact_path,
+                                                                       row.sha256))
+    own = dict(global_model.net.downstream.named_parameters())
+    assert set(personal.adapter) == set(ADAPTABLE)
+    assert any(not torch.allclose(personal.adapter[k].float(), own[k].detach(), atol=1e-3)
+               for k in ADAPTABLE)  # re-fitted to her voice
+    assert personal.adapter["project.weight"].dtype == torch.float16  # as the file keeps it
+    # Served through its own layers, as stored.
+    predictor = PersonalPredictor(EmotionPredictor(global_model), personal)
+    clips = [extract_speech_features(toy_wave("happy", 900 + i)) for i in range(3)]
+    with torch.no_grad():
+        expected = personal.logits(embed_batch(global_model.net, clips,
+                                               adapter=personal.input_layers())).numpy()
+    assert np.allclose(predictor.logits_batch(clips), expected, atol=1e-5)

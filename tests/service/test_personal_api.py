@@ -25,8 +25,7 @@ from storage.repositories import AuditLog
 from tests.learner.toy_learning import TOY_LABELS, toy_wave
 from tests.service.conftest import bearer, files_under, predict, wait_ready
 
-PERSONAL = {"min_feedback": 8, "folds": 2, "epochs": 8, "lr": 0.05, "ewc_lambda": 10.0,
-            "replay_size": 16}
+PERSONAL = {"min_feedback": 8, "folds": 2, "steps": 20, "lr": 0.05}
 
 
 def alice_happy(seed: int) -> bytes:
