@@ -179,7 +179,7 @@ class _ReferenceCache:
 
     def get(self, session_factory, artifacts, row: ModelVersion, model: LoadedModel,
             learner: LearnerSettings) -> GlobalReference:
-        from learner.personal.training import round_inputs  # Avalanche: learner only
+        from learner.personal.training import clip_inputs, round_inputs  # learner only
 
         key = (row.version, model.sha256, learner.base_sets_dir)
         with self._lock:
@@ -193,8 +193,7 @@ class _ReferenceCache:
         replay_y = [model.labels.index(b.sample.label) for b in buffer]
         gate = load_gate_set(session_factory, artifacts, model.labels, kind=model.kind,
                              base_sets_dir=learner.base_sets_dir)
-        # Whole clips (no window is cut of a gate clip: it is answered as serving would).
-        gate_inputs = round_inputs(model.net, [s.features for s in gate], 10**9, rng)
+        gate_inputs = clip_inputs(model.net, [s.features for s in gate])  # as serving hears
         reference = GlobalReference(row.version, replay, replay_y,
                                     [Sample(x, s.label, s.origin)
                                      for x, s in zip(gate_inputs, gate)])

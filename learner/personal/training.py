@@ -38,7 +38,7 @@ class PersonalTrainingConfig:
     batch_size: int = 16  # of the user's clips a step
     replay_batch_size: int = 16  # global exemplars beside them
     lr: float = 0.001
-    crop_frames: int = 400  # feature frames of a training crop (4 s)
+    crop_frames: int = 300  # feature frames of a training crop (learner.crop_frames: 3 s)
     label_smoothing: float = 0.1
     seed: int = 0
 
@@ -68,10 +68,17 @@ def personal_names(net: nn.Module) -> tuple[str, ...]:
     return ADAPTABLE + head if isinstance(net, SpeechEmotionModel) else head
 
 
+def clip_inputs(net: nn.Module, features: list[np.ndarray]) -> list[np.ndarray]:
+    """What `net` reads of each whole clip (for a speech-encoder model, its encoder's states;
+    the encoder is nearly all of the time): what the gate's clips are answered from."""
+    return MaskedInputNet(copy_for_training(net)).inputs(features)  # never the served net's head
+
+
 def round_inputs(net: nn.Module, features: list[np.ndarray], crop_frames: int,
                  rng: np.random.Generator) -> list[np.ndarray]:
-    """What `net` reads of each clip, computed once a round (for a speech-encoder model, its
-    encoder's states; the encoder is nearly all of the time); a long clip's cut to three crops."""
+    """clip_inputs for clips to train on, computed once a round; a long clip's cut once to a
+    random window of three crops (a round holds them all; a correction longer than that is also
+    answered on its window in cross-validation)."""
     model = MaskedInputNet(copy_for_training(net))  # it swaps the head: never the served net's
     return cut_inputs(model, features, model.input_frames(crop_frames), rng)
 
