@@ -218,10 +218,11 @@ def training_config(personal: PersonalSettings, crop_frames: int, seed: int):
 class PersonalRound:
     def __init__(self, session_factory: sessionmaker[Session], artifacts: ArtifactStore,
                  learner: LearnerSettings, personal: PersonalSettings, *, run_id: int,
-                 user_id: str, holder: str):
+                 user_id: str, holder: str, stop: threading.Event | None = None):
         self.session_factory, self.artifacts = session_factory, artifacts
         self.learner, self.personal = learner, personal
         self.run_id, self.user_id, self.holder = run_id, user_id, holder
+        self.stop = stop  # set when the process shuts down: training ends, the user stays due
         self.timings: dict[str, float] = {}
 
     def run(self) -> RoundOutcome:
@@ -282,9 +283,9 @@ class PersonalRound:
         the file keeps it (input layers rounded to float16 first)."""
         from learner.personal.training import embed_inputs, train_personal
 
+        config = training_config(self.personal, self.learner.crop_frames, self.seed)
         part = train_personal(model.net, inputs, targets, reference.replay_inputs,
-                              reference.replay_y,
-                              training_config(self.personal, self.learner.crop_frames, self.seed))
+                              reference.replay_y, config, stop=self.stop)
         adapter = as_stored(part.adapter)
         memory = None
         if self.personal.memory_weight > 0:
@@ -403,7 +404,8 @@ def execute_personal_runs(session_factory: sessionmaker[Session], artifacts: Art
                 start_run(session_factory, user_id, trigger)
             try:
                 outcome = PersonalRound(session_factory, artifacts, learner, personal,
-                                        run_id=run_id, user_id=user_id, holder=holder).run()
+                                        run_id=run_id, user_id=user_id, holder=holder,
+                                        stop=stop).run()
             except LockLost:
                 raise
             except Exception as err:  # recorded on the run; the user's current model stays

@@ -12,6 +12,7 @@ the input layers re-fitted for a voice answer its other clips better than a head
 A round computes every clip's inputs once (`cut_inputs`); each step reads random crops of them.
 """
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -27,8 +28,9 @@ from torch import nn
 
 from learner.continual.avalanche_model import (MaskedInputNet, as_float_tensor,
                                                copy_for_training, head_owner, pad_with_mask)
-from learner.continual.strategies import (CroppedInputs, FrozenBatchNorm, StepBudget,
-                                          avalanche_dataset, cut_inputs)
+from learner.continual.strategies import (CroppedInputs, FrozenBatchNorm, RoundStopped,
+                                          StepBudget, StopWhenAsked, avalanche_dataset,
+                                          cut_inputs)
 from learner.speech_model import ADAPTABLE, SpeechEmotionModel
 
 
@@ -85,9 +87,11 @@ def round_inputs(net: nn.Module, features: list[np.ndarray], crop_frames: int,
 
 def train_personal(net: nn.Module, user_inputs: list[np.ndarray], user_y: list[int],
                    replay_inputs: list[np.ndarray], replay_y: list[int],
-                   config: PersonalTrainingConfig = PersonalTrainingConfig()) -> PersonalPart:
+                   config: PersonalTrainingConfig = PersonalTrainingConfig(), *,
+                   stop: threading.Event | None = None) -> PersonalPart:
     """The personal part of a copy of `net`, fine-tuned on the user's inputs (round_inputs) and
-    label indices with the global exemplars replayed. Deterministic for a given seed."""
+    label indices with the global exemplars replayed. Deterministic for a given seed. Raises
+    RoundStopped when `stop` is set meanwhile (the process is shutting down)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = MaskedInputNet(copy_for_training(net))
@@ -113,10 +117,13 @@ def train_personal(net: nn.Module, user_inputs: list[np.ndarray], user_y: list[i
                                                batch_size=config.batch_size,
                                                batch_size_mem=config.replay_batch_size,
                                                storage_policy=buffer),
-                                  FrozenBatchNorm(), StepBudget(config.steps)],
+                                  FrozenBatchNorm(), StepBudget(config.steps),
+                                  *([StopWhenAsked(stop)] if stop is not None else [])],
                          evaluator=EvaluationPlugin(loggers=[]), eval_every=-1)
         strategy.train(with_task_labels(with_classes_timeline(
             benchmark_from_datasets(train=[user_data]))).train_stream[0], eval_streams=[])
+    if stop is not None and stop.is_set():
+        raise RoundStopped("the learner was asked to stop")
     classifier = owner.head.classifier
     head = nn.Linear(classifier.in_features, classifier.out_features)
     head.load_state_dict(classifier.state_dict())

@@ -219,3 +219,23 @@ def test_a_user_forgotten_while_their_round_runs_leaves_nothing_behind(world, mo
         runs = session.scalars(select(TrainingRun).where(TrainingRun.user_id == "alice")).all()
     assert runs == []
     assert versions(world, scope="user") == []
+
+
+def test_a_shutdown_during_a_personal_round_ends_it_and_keeps_the_user_due(world, monkeypatch):
+    import threading
+
+    import learner.personal.training as training
+    from learner.personal.rounds import due_users
+
+    alice_corrects(world)
+    stop, real_training = threading.Event(), training.train_personal
+
+    def shut_down_meanwhile(*args, **kwargs):
+        stop.set()
+        return real_training(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_personal", shut_down_meanwhile)
+    [outcome] = rounds(world, stop=stop)
+    assert outcome.status == "failed" and "asked to stop" in outcome.error
+    assert versions(world, scope="user") == []
+    assert due_users(world.session_factory, world.artifacts, PERSONAL) == ["alice"]
