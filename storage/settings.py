@@ -175,13 +175,13 @@ class PersonalSettings(Section):
     # global gate set. Looser than learner.max_recall_drop: this model answers one user only.
     max_recall_drop: float = Field(0.03, ge=0.0, le=1.0)
     # Personal rounds one scheduler tick runs, oldest requests first. A round on the bundled
-    # model takes about a minute on one core (five trainings: four for cross-validation), under
-    # the learner's lock: ten keep a tick within `learner.interval_s` (README).
+    # model takes about half a minute on one core (five trainings: four for cross-validation),
+    # under the learner's lock: ten keep a tick well within `learner.interval_s` (README).
     max_users_per_tick: int = 10
     # Training (learner/personal/training.py): steps of `batch_size` of the user's clips and
     # `replay_batch_size` of the global version's replay exemplars (they hold it near the global
     # model), at a constant learning rate; chosen on the validation users (README).
-    steps: int = Field(120, ge=1)
+    steps: int = Field(60, ge=1)
     batch_size: int = Field(16, ge=1)
     replay_batch_size: int = Field(16, ge=1)
     lr: float = 0.001

@@ -36,7 +36,7 @@ from learner.speech_model import ADAPTABLE, SpeechEmotionModel
 
 @dataclass(frozen=True)
 class PersonalTrainingConfig:
-    steps: int = 120
+    steps: int = 60
     batch_size: int = 16  # of the user's clips a step
     replay_batch_size: int = 16  # global exemplars beside them
     lr: float = 0.001
