@@ -299,10 +299,13 @@ def test_two_nodes_and_a_learner_share_only_the_database_and_survive_kill_9(
             feedback = dict(session.execute(
                 select(Feedback.id, Feedback.consumed_by_run_id)).all())
         # Not one correction lost: the first twelve consumed by the accepted round, the rest
-        # waiting for the next.
+        # waiting for the next, or taken by it if the learner (still serving, every 2 s) got to
+        # them first; never by the killed round.
         assert {i: feedback.get(i) for i in corrections} == {i: run["id"] for i in corrections}
         later = [*load.a_feedback, *load.b_feedback]
-        assert {i: feedback.get(i, "lost") for i in later} == {i: None for i in later}
+        assert all(i in feedback for i in later)
+        later_rounds = {r["id"] for r in b.runs(keys.admin)} - {killed["id"], run["id"]}
+        assert {feedback[i] for i in later} <= {None} | later_rounds
 
         # Nothing of the shared state on the nodes' disks.
         assert [p for name in ("a", "b") for p in (tmp_path / name).rglob("*")
