@@ -65,9 +65,7 @@ class MaskedInputNet(nn.Module):
         lengths = x[..., -1].sum(dim=1).round().long()
         if not isinstance(self.net, SpeechEmotionModel):
             return self.net(x[..., :-1], lengths)
-        b, t = x.shape[:2]
-        states = x[..., :-1].reshape(b, t, self.net.config.n_blocks, -1).transpose(1, 2)
-        return self.net.downstream(states, lengths)
+        return self.net.downstream(states_of_rows(self.net, x[..., :-1]), lengths)
 
     def named_parameters(self, *args, **kwargs):
         """The trainable parameters only. Avalanche's optimizer reset and EWC (importances,
@@ -92,6 +90,13 @@ class MaskedInputNet(nn.Module):
         if isinstance(self.net, SpeechEmotionModel):
             out = SpeechEmotionModel(self.net.encoder, out, self.net.encoder_sha256)
         return out.eval()
+
+
+def states_of_rows(net: SpeechEmotionModel, rows: torch.Tensor) -> torch.Tensor:
+    """(B, T, n_blocks * D) rows of `MaskedInputNet.inputs` -> (B, n_blocks, T, D) states, as
+    the downstream reads them."""
+    b, t = rows.shape[:2]
+    return rows.reshape(b, t, net.config.n_blocks, -1).transpose(1, 2)
 
 
 def head_owner(net: nn.Module) -> nn.Module:

@@ -77,7 +77,6 @@ class PersonalAnswers:
                  adapter: dict[str, torch.Tensor] | None = None,
                  memory: CorrectionMemory | None = None):
         self.net, self.head, self.adapter, self.memory = net, head, adapter, memory
-        self.weight, self.bias = head.weight.detach(), head.bias.detach()
         self.labels = labels
 
     def logits_batch(self, inputs: list[np.ndarray]) -> np.ndarray:
@@ -85,7 +84,8 @@ class PersonalAnswers:
 
         embeddings = embed_inputs(self.net, inputs, self.adapter)
         with torch.no_grad():
-            return personal_logits(self.weight, self.bias, self.memory, embeddings).numpy()
+            return personal_logits(self.head.weight, self.head.bias, self.memory,
+                                   embeddings).numpy()
 
 
 class PersonalGate(RegressionGate):

@@ -26,11 +26,12 @@ from avalanche.training.storage_policy import ClassBalancedBuffer
 from avalanche.training.supervised import Naive
 from torch import nn
 
-from learner.continual.avalanche_model import (MaskedInputNet, as_float_tensor,
-                                               copy_for_training, head_owner, pad_with_mask)
+from learner.continual.avalanche_model import (MaskedInputNet, copy_for_training, head_owner,
+                                               states_of_rows)
 from learner.continual.strategies import (CroppedInputs, FrozenBatchNorm, RoundStopped,
                                           StepBudget, StopWhenAsked, avalanche_dataset,
                                           cut_inputs)
+from learner.inference import length_batches
 from learner.speech_model import ADAPTABLE, SpeechEmotionModel
 
 
@@ -141,15 +142,9 @@ def embed_inputs(net: nn.Module, inputs: list[np.ndarray],
     personal version's input layers) in place of its own; batched by similar length."""
     net.eval()
     out = torch.zeros(len(inputs), net.head.in_features)
-    order = np.argsort([len(x) for x in inputs], kind="stable")
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        x = pad_with_mask([as_float_tensor(inputs[i]) for i in chunk])
-        lengths = x[..., -1].sum(dim=1).round().long()
+    for chunk, x, lengths in length_batches(inputs, batch_size):
         if isinstance(net, SpeechEmotionModel):
-            b, t = x.shape[:2]
-            states = x[..., :-1].reshape(b, t, net.config.n_blocks, -1).transpose(1, 2)
-            out[torch.from_numpy(chunk)] = net.downstream.embed(states, lengths, adapter=adapter)
+            out[chunk] = net.downstream.embed(states_of_rows(net, x), lengths, adapter=adapter)
         else:
-            out[torch.from_numpy(chunk)] = net.embed(x[..., :-1], lengths)
+            out[chunk] = net.embed(x, lengths)
     return out

@@ -235,7 +235,7 @@ def _cost_bench(root: Path, versions: int, probes: int) -> dict:
     import torch
 
     from learner.personal.model import CorrectionMemory, personal_head_bytes
-    from learner.speech_model import ADAPTABLE
+    from learner.speech_model import ADAPTABLE, SpeechEmotionModel
     from service.bench.clips import to_wav, voiced_clip
     from storage.registry import ModelRegistry
 
@@ -265,7 +265,7 @@ def _cost_bench(root: Path, versions: int, probes: int) -> dict:
                 weight=personal.memory_weight, threshold=personal.memory_threshold,
                 neighbours=personal.memory_neighbours, size=n)
             adapter = None
-            if hasattr(base_net, "downstream"):
+            if isinstance(base_net, SpeechEmotionModel):
                 own = dict(base_net.downstream.named_parameters())
                 adapter = {k: own[k].detach() + 0.01 * torch.randn(own[k].shape,
                                                                    generator=generator)
