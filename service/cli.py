@@ -202,6 +202,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             strategies=args.strategies.split(",") if args.strategies else None,
             seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
             timing_corrections=args.timing_corrections, threads=args.threads)
+    if args.what == "round-settings":
+        from service.bench.round_settings import (learner_variants, parse_variant,
+                                                  run_round_settings_bench)
+
+        try:  # before the model and the clips load
+            variants = [parse_variant(v) for v in args.variant]
+            learner_variants(variants)
+        except ValueError as err:
+            raise SystemExit(f"emoloop bench round-settings: {err}") from None
+        report = run_round_settings_bench(
+            args.data or REPO_ROOT.parent / "shared" / "data", variants=variants,
+            seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+            threads=args.threads)
     if args.what == "gate":
         from service.bench.gate import run_gate_bench
 
@@ -555,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print medians")
     p.add_argument("what", choices=["latency", "serve", "abuse", "personalization", "continual",
-                                    "gate", "stream", "prune"])
+                                    "round-settings", "gate", "stream", "prune"])
     p.add_argument("--model", type=Path)
     p.add_argument("--runs", type=int, default=200, help="timed runs after warm-up")
     p.add_argument("--cold-starts", type=int, default=3, help="fresh interpreters timed")
@@ -567,8 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "times in turn (medians, and each repeat's worker shares and 2/1 ratio)")
     p.add_argument("--scale", type=float, default=1.0, help="abuse: share of the stalled "
                    "connections opened (1: 2,000, 2,000, 200 and 2,000)")
-    p.add_argument("--data", type=Path, help="personalization, continual, gate, stream: the "
-                   "corpora (default ../shared/data)")
+    p.add_argument("--data", type=Path, help="personalization, continual, round-settings, "
+                   "gate, stream: the corpora (default ../shared/data)")
     p.add_argument("--versions", type=int, default=10_000,
                    help="personalization: personal versions stored for the cost figures")
     p.add_argument("--rounds", type=int, default=3,
@@ -577,12 +590,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "replay, naive, joint)")
     p.add_argument("--newcomers", default="ased", help="continual: the corpus whose test "
                    "speakers (in the bundled model's recipe) are the newcomers: ased or nemo")
-    p.add_argument("--seeds", help="continual: comma-separated learner seeds (default "
-                   "20261121,1,2; figures are medians over them)")
+    p.add_argument("--seeds", help="continual, round-settings: comma-separated learner seeds "
+                   "(default 20261121,1,2; figures are medians over them)")
+    p.add_argument("--variant", action="append", default=[], help="round-settings: learner "
+                   "keys changed from the configured ones, key=value[,key=value]; repeat for "
+                   "more variants (the configured learner is always measured first)")
     p.add_argument("--timing-corrections", type=int, default=500,
                    help="continual: corrections in the timed round (0: skip it)")
     p.add_argument("--threads", type=int, default=1,
-                   help="continual, gate: torch threads (1, as in a service worker)")
+                   help="continual, round-settings, gate: torch threads (1, as in a "
+                   "service worker)")
     p.add_argument("--should-pass", type=int, default=3,
                    help="gate: rounds of each kind that should pass (confirm, newcomers)")
     p.add_argument("--must-fail", type=int, default=2, help="gate: rounds of each kind that "

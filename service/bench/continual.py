@@ -121,13 +121,15 @@ def split_newcomers(newcomers: list[CorpusClip], rounds: int,
                                                     rounds)], measured
 
 
-def _summary(runs: dict[int, dict], rng: np.random.Generator) -> dict:
-    """The served model's change from round 0 to the last round on each clip set, in points:
-    the median over seeds, each seed's, and a 95% interval of the median from a bootstrap over
-    the clips (one resampling shared by the seeds: they were measured on the same clips)."""
+def _summary(runs: dict[int, dict], rng: np.random.Generator,
+             names: tuple[str, ...] = ("newcomers", "old_test")) -> dict:
+    """The served model's change from round 0 to the last round on each clip set (`names`), in
+    points: the median over seeds, each seed's, and a 95% interval of the median from a
+    bootstrap over the clips (one resampling shared by the seeds: they were measured on the same
+    clips)."""
     out = {"accepted": [sum(r["status"] == "accepted" for r in run["rounds"][1:])
                         for run in runs.values()]}
-    for name in ("newcomers", "old_test"):
+    for name in names:
         start = next(iter(runs.values()))["right"][0][name]  # round 0: the same for every seed
         change = np.stack([run["right"][-1][name].astype(float) - run["right"][0][name]
                            for run in runs.values()])  # seeds x clips
