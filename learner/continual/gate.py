@@ -35,8 +35,10 @@ that even answers agreeing with every one would not be significant (prod(count_l
 alpha: fewer than 6 clips of two labels, say) no model could pass it, so it is not applied and
 the report says so (`signal`: `decidable` false). The report says how small a loss the gate
 set can see: per class, the fewest clips a candidate could lose with no gain (and the recall
-that is) and still be refused. Every point figure (recall and macro-F1 per model, new-feedback
-accuracy) stays in the report. Old classes are the labels the active model knows; labels it
+that is) and still be refused, and where each old class's lost clips are (`lost_by_group`: a
+shipped gate clip's speaker, or `feedback`), so a refusal says whether one voice or many pay for
+the round. Every point figure (recall and macro-F1 per model, new-feedback accuracy) stays in
+the report. Old classes are the labels the active model knows; labels it
 does not know are new classes: reported, not guarded. Answers are the models' unrestricted
 argmax, as the service gives them. The report's shape is shared with the dashboard (see the
 README's "Learner" section).
@@ -118,6 +120,7 @@ class Answers:
     holdout_truth: list[str] = field(default_factory=list)
     holdout_before: list[str] = field(default_factory=list)
     holdout_after: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)  # whose each gate clip is (Sample.group)
 
     @classmethod
     def of(cls, active: EmotionPredictor, candidate: EmotionPredictor,
@@ -126,7 +129,7 @@ class Answers:
         before, after = _answers(active, candidate, gate)
         holdout_before, holdout_after = _answers(active, candidate, new_holdout)
         return cls([s.label for s in gate], before, after, [s.label for s in new_holdout],
-                   holdout_before, holdout_after)
+                   holdout_before, holdout_after, [s.group for s in gate])
 
 
 class RegressionGate:
@@ -178,18 +181,24 @@ class RegressionGate:
         a, alpha = answers, round(1.0 - self.confidence, 12)  # 0.05, not 0.050000000000000044
         classes = sorted(set(a.truth), key=a.truth.index)
         groups: dict[tuple[str, str], tuple[PairedCounts, float]] = {}
+        lost_where: dict[tuple[str, str], dict[str, int]] = {}
         for label in classes:
             rows = [i for i, t in enumerate(a.truth) if t == label]
-            groups[("paired", label)] = (PairedCounts.of(
-                [label] * len(rows), [a.before[i] for i in rows], [a.after[i] for i in rows]),
-                self.max_recall_drop)
+            truth, before = [label] * len(rows), [a.before[i] for i in rows]
+            after = [a.after[i] for i in rows]
+            groups[("paired", label)] = (PairedCounts.of(truth, before, after),
+                                         self.max_recall_drop)
+            lost_where[("paired", label)] = _lost_by_group(a, rows, truth, before, after)
             # Its false alarms: the clips of the other old classes, 'right' when not called
             # `label`. Corrections that all name one label raise these far more than they
             # lower any one class's recall.
             others = [i for i, t in enumerate(a.truth) if t != label]
-            groups[("false_alarms", label)] = (PairedCounts.of(
-                [_OTHER] * len(others), [_other(a.before[i], label) for i in others],
-                [_other(a.after[i], label) for i in others]), self.max_recall_drop)
+            truth, before = [_OTHER] * len(others), [_other(a.before[i], label) for i in others]
+            after = [_other(a.after[i], label) for i in others]
+            groups[("false_alarms", label)] = (PairedCounts.of(truth, before, after),
+                                               self.max_recall_drop)
+            lost_where[("false_alarms", label)] = _lost_by_group(a, others, truth, before,
+                                                                 after)
         if a.holdout_truth:
             groups[("paired", NEW_FEEDBACK)] = (PairedCounts.of(
                 a.holdout_truth, a.holdout_before, a.holdout_after), 0.0)
@@ -208,6 +217,8 @@ class RegressionGate:
                 "refused": adjusted[(family, key)] <= alpha,
                 "detectable_loss_clips": smallest,
                 "detectable_loss": None if smallest is None else smallest / counts.n}
+            if (family, key) in lost_where:
+                out[family][key]["lost_by_group"] = lost_where[(family, key)]
         out["signal"] = signal_test(a.holdout_truth, a.holdout_after, alpha)
         return out
 
@@ -221,10 +232,10 @@ class RegressionGate:
         family, key, t = min(refused, key=lambda item: item[2]["adjusted_p_value"])
         if family == "false_alarms":
             return (f"it answers '{key}' wrongly on {t['lost']} more of the other old classes' "
-                    f"{t['n']} gate clips ({t['gained']} fewer elsewhere): more than "
-                    f"{t['tolerance']:.3f} of them at {r['confidence']:.0%} confidence (adjusted "
-                    f"p = {t['adjusted_p_value']:.2g}): it learnt to say '{key}' where the "
-                    f"active model rightly did not")
+                    f"{t['n']} gate clips{_most_from(t)} ({t['gained']} fewer elsewhere): more "
+                    f"than {t['tolerance']:.3f} of them at {r['confidence']:.0%} confidence "
+                    f"(adjusted p = {t['adjusted_p_value']:.2g}): it learnt to say '{key}' where "
+                    f"the active model rightly did not")
         if key == NEW_FEEDBACK:
             return (f"on the held-out new feedback it is worse than the active model: "
                     f"{t['lost']} of {t['n']} clips lost, {t['gained']} gained (accuracy "
@@ -232,8 +243,8 @@ class RegressionGate:
                     f"{r['new_feedback_accuracy_after']:.3f}; adjusted p = "
                     f"{t['adjusted_p_value']:.2g} <= {r['alpha']:.2g})")
         return (f"old class '{key}' lost more than {t['tolerance']:.3f} of recall at "
-                f"{r['confidence']:.0%} confidence: {t['lost']} of its {t['n']} gate clips lost, "
-                f"{t['gained']} gained (recall {r['recall_before'][key]:.3f} -> "
+                f"{r['confidence']:.0%} confidence: {t['lost']} of its {t['n']} gate clips lost"
+                f"{_most_from(t)}, {t['gained']} gained (recall {r['recall_before'][key]:.3f} -> "
                 f"{r['recall_after'][key]:.3f}; adjusted p = {t['adjusted_p_value']:.2g})")
 
 
@@ -278,6 +289,29 @@ def _signal_part(s: dict) -> str:
 
 
 _OTHER = "(another class)"
+
+
+def _lost_by_group(a: Answers, rows: list[int], truth: list[str], before: list[str],
+                   after: list[str]) -> dict[str, int]:
+    """Of the clips `rows` (their truth and answers as one test reads them), how many each
+    group lost, most first: where a loss sits (one speaker, or spread over many)."""
+    if len(a.groups) != len(a.truth) or not any(a.groups):  # no clip says whose it is
+        return {}
+    lost: dict[str, int] = {}
+    for i, t, b, c in zip(rows, truth, before, after):
+        if b == t and c != t:
+            group = a.groups[i] or "(unnamed)"
+            lost[group] = lost.get(group, 0) + 1
+    return dict(sorted(lost.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _most_from(t: dict) -> str:
+    """', n of them from X' when one group holds more than half of a test's lost clips."""
+    where = t.get("lost_by_group") or {}
+    if not where:
+        return ""
+    group, n = next(iter(where.items()))
+    return f", {n} of them from {group}" if 2 * n > t["lost"] else ""
 
 
 def _other(answer: str, label: str) -> str:

@@ -17,6 +17,8 @@ class Sample:
     features: np.ndarray  # (frames, 64), float16 or float32
     label: str
     origin: ExemplarRow
+    # Whose clip it is, for the gate's report: a base set's speaker, or "feedback".
+    group: str = ""
 
     @property
     def feedback_id(self) -> int | None:

@@ -484,8 +484,9 @@ def load_gate_set(session_factory: sessionmaker[Session], artifacts: ArtifactSto
     samples = []
     try:
         base = load_base_set("gate", base_sets_dir, kind=kind)
-        samples += [Sample(f, label, ExemplarRow("base", label, 0.0, base_index=i))
-                    for i, (f, label) in enumerate(zip(base.features, base.labels))
+        samples += [Sample(f, label, ExemplarRow("base", label, 0.0, base_index=i), speaker)
+                    for i, (f, label, speaker) in enumerate(zip(base.features, base.labels,
+                                                                base.speakers))
                     if label in labels]
     except BaseSetError as err:
         log.warning("no base gate set: %s", err)
@@ -495,5 +496,5 @@ def load_gate_set(session_factory: sessionmaker[Session], artifacts: ArtifactSto
     for item in items:
         if item.label in labels and (
                 features := clip_features(artifacts, item, kind)) is not None:
-            samples.append(Sample(features, item.label, feedback_origin(item)))
+            samples.append(Sample(features, item.label, feedback_origin(item), "feedback"))
     return samples

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from learner.corpora import read_corpora
-from service.bench.continual import _features, _printer, _summary, split_newcomers
+from service.bench.continual import SEEDS, _features, _printer, _summary, split_newcomers
 
-SEEDS = (20261121, 1, 2)
 # Sentences spoken in several emotions: split by sentence, both sides hold every emotion.
 NEWCOMER_CORPORA = ("ravdess", "banglaser", "nemo")
 PARTS = ("newcomers", "old_validation")

@@ -155,6 +155,36 @@ def test_the_report_keeps_every_figure_and_the_test_behind_the_decision():
     assert report["gate_set_size"] == len(CLASSES) * PER_CLASS
 
 
+def test_the_report_says_whose_clips_a_class_lost_and_a_refusal_names_the_voice_that_paid():
+    truth, before = _table()
+    # Two speakers per class, alternating; the candidate loses 12 right 'sad' clips and says
+    # 'sad' on 30 more clips of other classes (the first right ones of three classes).
+    speakers = [f"speaker-{i % 2}" for i in range(len(truth))]
+    after = _candidate(truth, before, lost={"sad": 12})
+    for label in ("neutral", "calm", "happy"):
+        rows = [i for i, t in enumerate(truth) if t == label and before[i] == label]
+        for i in rows[:10]:
+            after[i] = "sad"
+    report = RegressionGate(0.02, 0.95).judge_answers(
+        CLASSES, CLASSES, Answers(truth, before, after, groups=speakers))
+    sad = report["paired"]["sad"]
+    assert sad["lost_by_group"] == {"speaker-0": 6, "speaker-1": 6}
+    assert sum(report["false_alarms"]["sad"]["lost_by_group"].values()) == 30
+    assert report["paired"]["happy"]["lost_by_group"] == {"speaker-0": 5, "speaker-1": 5}
+    assert report["paired"]["angry"]["lost_by_group"] == {}
+    # Split evenly: no one voice is named.
+    assert report["decision"] == "rejected" and "of them from" not in report["reason"]
+
+    # The same loss of 'sad' from one speaker's clips: the reason names that speaker.
+    one = ["speaker-1" if t == "sad" and before[i] == "sad" and after[i] != "sad" else "other"
+           for i, t in enumerate(truth)]
+    after = _candidate(truth, before, lost={"sad": 20})
+    report = RegressionGate(0.02, 0.95).judge_answers(
+        CLASSES, CLASSES, Answers(truth, before, after, groups=one))
+    assert report["paired"]["sad"]["lost_by_group"] == {"speaker-1": 12, "other": 8}
+    assert "20 of its 50 gate clips lost, 12 of them from speaker-1" in report["reason"]
+
+
 def test_a_stricter_confidence_or_tolerance_needs_a_larger_loss_to_refuse():
     truth, before = _table()
     table = _candidate(truth, before, lost={"sad": 10})
