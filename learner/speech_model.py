@@ -92,7 +92,7 @@ class SpeechEmotionNet(nn.Module):
         of these (passed, not swapped in: other requests read this network meanwhile)."""
         weights = torch.softmax(self.block_logits, dim=0)
         x = torch.einsum("n,bntd->btd", weights, states)  # (B, T, D)
-        p = dict(self.named_parameters()) if adapter is None else adapter
+        p = adapter or {name: self.get_parameter(name) for name in ADAPTABLE}
         x = nn.functional.layer_norm(x, self.in_norm.normalized_shape, p["in_norm.weight"],
                                      p["in_norm.bias"], self.in_norm.eps)
         x = nn.functional.linear(x, p["project.weight"], p["project.bias"])

@@ -194,8 +194,7 @@ class PersonalSettings(Section):
     memory_size: int = Field(100, ge=1)  # the newest corrections; 2 bytes a dimension each
     # Serving, per worker process: personal versions kept in memory (a head, input layers and
     # memory, at most 124 KB each on the bundled model), and global versions other than the
-    # active one kept
-    # loaded for personal versions built on them.
+    # active one kept loaded for personal versions built on them.
     cache_size: int = Field(1000, ge=1)
     global_cache_size: int = Field(2, ge=1)
 

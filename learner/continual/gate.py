@@ -43,6 +43,7 @@ does not know are new classes: reported, not guarded. Answers are the models' un
 argmax, as the service gives them. The report's shape is shared with the dashboard (see the
 README's "Learner" section).
 """
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -68,13 +69,22 @@ class PairedCounts:
     n: int
     lost: int  # right before, wrong after
     gained: int  # wrong before, right after
+    # Whose the lost clips are, most first (None: not asked; empty: no clip was named).
+    lost_by_group: dict[str, int] | None = None
 
     @classmethod
-    def of(cls, truth: Sequence[str], before: Sequence[str], after: Sequence[str]):
+    def of(cls, truth: Sequence[str], before: Sequence[str], after: Sequence[str],
+           groups: Sequence[str] | None = None):
+        """`groups`: whose each clip is (Answers.groups), to count the lost ones by."""
         right_before = np.array([t == b for t, b in zip(truth, before)], dtype=bool)
         right_after = np.array([t == a for t, a in zip(truth, after)], dtype=bool)
-        return cls(len(truth), int(np.sum(right_before & ~right_after)),
-                   int(np.sum(~right_before & right_after)))
+        lost = right_before & ~right_after
+        by_group = None
+        if groups is not None:
+            named = Counter(g or "(unnamed)" for g, was_lost in zip(groups, lost) if was_lost)
+            by_group = dict(sorted(named.items(), key=lambda item: (-item[1], item[0])))
+        return cls(len(truth), int(np.sum(lost)), int(np.sum(~right_before & right_after)),
+                   by_group)
 
 
 def loss_p_value(counts: PairedCounts, tolerance: float) -> float:
@@ -180,34 +190,31 @@ class RegressionGate:
         test of the candidate's answers on the held-out feedback."""
         a, alpha = answers, round(1.0 - self.confidence, 12)  # 0.05, not 0.050000000000000044
         classes = sorted(set(a.truth), key=a.truth.index)
-        groups: dict[tuple[str, str], tuple[PairedCounts, float]] = {}
-        lost_where: dict[tuple[str, str], dict[str, int]] = {}
+        # Whose each gate clip is, when the clips say (answers built from Samples do).
+        named = len(a.groups) == len(a.truth) and any(a.groups)
+        hypotheses: dict[tuple[str, str], tuple[PairedCounts, float]] = {}
         for label in classes:
             rows = [i for i, t in enumerate(a.truth) if t == label]
-            truth, before = [label] * len(rows), [a.before[i] for i in rows]
-            after = [a.after[i] for i in rows]
-            groups[("paired", label)] = (PairedCounts.of(truth, before, after),
-                                         self.max_recall_drop)
-            lost_where[("paired", label)] = _lost_by_group(a, rows, truth, before, after)
+            hypotheses[("paired", label)] = (PairedCounts.of(
+                [label] * len(rows), [a.before[i] for i in rows], [a.after[i] for i in rows],
+                [a.groups[i] for i in rows] if named else []), self.max_recall_drop)
             # Its false alarms: the clips of the other old classes, 'right' when not called
             # `label`. Corrections that all name one label raise these far more than they
             # lower any one class's recall.
             others = [i for i, t in enumerate(a.truth) if t != label]
-            truth, before = [_OTHER] * len(others), [_other(a.before[i], label) for i in others]
-            after = [_other(a.after[i], label) for i in others]
-            groups[("false_alarms", label)] = (PairedCounts.of(truth, before, after),
-                                               self.max_recall_drop)
-            lost_where[("false_alarms", label)] = _lost_by_group(a, others, truth, before,
-                                                                 after)
+            hypotheses[("false_alarms", label)] = (PairedCounts.of(
+                [_OTHER] * len(others), [_other(a.before[i], label) for i in others],
+                [_other(a.after[i], label) for i in others],
+                [a.groups[i] for i in others] if named else []), self.max_recall_drop)
         if a.holdout_truth:
-            groups[("paired", NEW_FEEDBACK)] = (PairedCounts.of(
+            hypotheses[("paired", NEW_FEEDBACK)] = (PairedCounts.of(
                 a.holdout_truth, a.holdout_before, a.holdout_after), 0.0)
-        p_values = {key: loss_p_value(counts, tol) for key, (counts, tol) in groups.items()}
+        p_values = {key: loss_p_value(counts, tol) for key, (counts, tol) in hypotheses.items()}
         adjusted = holm(p_values)
-        first_step = alpha / max(1, len(groups))
+        first_step = alpha / max(1, len(hypotheses))
         out = {"test": TEST_NAME, "confidence": self.confidence, "alpha": alpha,
-               "hypotheses": len(groups), "paired": {}, "false_alarms": {}}
-        for (family, key), (counts, tolerance) in groups.items():
+               "hypotheses": len(hypotheses), "paired": {}, "false_alarms": {}}
+        for (family, key), (counts, tolerance) in hypotheses.items():
             smallest = detectable_loss(counts.n, tolerance, first_step)
             out[family][key] = {
                 "n": counts.n, "lost": counts.lost, "gained": counts.gained,
@@ -217,8 +224,8 @@ class RegressionGate:
                 "refused": adjusted[(family, key)] <= alpha,
                 "detectable_loss_clips": smallest,
                 "detectable_loss": None if smallest is None else smallest / counts.n}
-            if (family, key) in lost_where:
-                out[family][key]["lost_by_group"] = lost_where[(family, key)]
+            if counts.lost_by_group is not None:
+                out[family][key]["lost_by_group"] = counts.lost_by_group
         out["signal"] = signal_test(a.holdout_truth, a.holdout_after, alpha)
         return out
 
@@ -289,20 +296,6 @@ def _signal_part(s: dict) -> str:
 
 
 _OTHER = "(another class)"
-
-
-def _lost_by_group(a: Answers, rows: list[int], truth: list[str], before: list[str],
-                   after: list[str]) -> dict[str, int]:
-    """Of the clips `rows` (their truth and answers as one test reads them), how many each
-    group lost, most first: where a loss sits (one speaker, or spread over many)."""
-    if len(a.groups) != len(a.truth) or not any(a.groups):  # no clip says whose it is
-        return {}
-    lost: dict[str, int] = {}
-    for i, t, b, c in zip(rows, truth, before, after):
-        if b == t and c != t:
-            group = a.groups[i] or "(unnamed)"
-            lost[group] = lost.get(group, 0) + 1
-    return dict(sorted(lost.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _most_from(t: dict) -> str:

@@ -121,18 +121,27 @@ def split_newcomers(newcomers: list[CorpusClip], rounds: int,
                                                     rounds)], measured
 
 
-def _summary(runs: dict[int, dict], rng: np.random.Generator,
-             names: tuple[str, ...] = ("newcomers", "old_test")) -> dict:
-    """The served model's change from round 0 to the last round on each clip set (`names`), in
-    points: the median over seeds, each seed's, and a 95% interval of the median from a
-    bootstrap over the clips (one resampling shared by the seeds: they were measured on the same
-    clips)."""
+def _summary(runs: dict[int, dict], rng: np.random.Generator) -> dict:
+    """The served model's change from round 0 to the last round on each clip set, in points
+    (change_summary), and how many rounds each seed's gate accepted."""
     out = {"accepted": [sum(r["status"] == "accepted" for r in run["rounds"][1:])
                         for run in runs.values()]}
+    out.update(change_summary([(run["right"][0], run["right"][-1]) for run in runs.values()],
+                              rng, ("newcomers", "old_test")))
+    return out
+
+
+def change_summary(outcomes: list[tuple[dict, dict]], rng: np.random.Generator,
+                   names: tuple[str, ...]) -> dict:
+    """Per clip set in `names`, the change from a start to an end in points, given each seed's
+    (start, end) per-clip outcomes: the median over seeds, each seed's, and a 95% interval of
+    the median from a bootstrap over the clips (one resampling shared by the seeds: they were
+    measured on the same clips)."""
+    out = {}
     for name in names:
-        start = next(iter(runs.values()))["right"][0][name]  # round 0: the same for every seed
-        change = np.stack([run["right"][-1][name].astype(float) - run["right"][0][name]
-                           for run in runs.values()])  # seeds x clips
+        start = outcomes[0][0][name]  # the same for every seed
+        change = np.stack([end[name].astype(float) - begin[name]
+                           for begin, end in outcomes])  # seeds x clips
         per_seed = 100 * change.mean(axis=1)
         picks = rng.integers(0, change.shape[1], size=(BOOTSTRAP, change.shape[1]))
         medians = np.median(100 * change[:, picks].mean(axis=2), axis=0)

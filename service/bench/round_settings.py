@@ -15,14 +15,15 @@ is. What the gate would say of a variant is `bench continual`'s and `bench gate`
 Each variant is the configured learner with some keys changed (`--variant batch_size=32`); the
 configured learner itself is always measured first. Figures: the candidate's change from the
 bundled model, in points, the median over seeds with a 95% bootstrap interval over the clips
-(bench continual's summary), each seed's beside it.
+(bench continual's change_summary), each seed's beside it.
 """
 from pathlib import Path
 
 import numpy as np
 
 from learner.corpora import read_corpora
-from service.bench.continual import SEEDS, _features, _printer, _summary, split_newcomers
+from service.bench.continual import (SEEDS, _features, _printer, change_summary,
+                                     split_newcomers)
 
 # Sentences spoken in several emotions: split by sentence, both sides hold every emotion.
 NEWCOMER_CORPORA = ("ravdess", "banglaser", "nemo")
@@ -85,13 +86,15 @@ def run_round_settings_bench(data_dir: Path, *, variants: list[dict[str, str]],
             candidates.append(_candidate(model, learner, corrected, features, replay, seed))
             say(f"variant {number} seed {seed}: trained")
     measured_clips = {"newcomers": measured, "old_validation": old}
+    # The bundled model first, then each variant's candidates seed by seed.
+    predictors = [EmotionPredictor(model)] + [
+        EmotionPredictor(LoadedModel(net, labels, sha256="", kind=model.kind))
+        for net, labels in candidates]
     right = {}
     for name, part in measured_clips.items():
-        predictors = [EmotionPredictor(model)] + [
-            EmotionPredictor(LoadedModel(net, labels, sha256="", kind=model.kind))
-            for net, labels in candidates]
         logits = logits_batches(predictors, [features[c.path] for c in part])
         right[name] = [_right(part, p.labels, x) for p, x in zip(predictors, logits)]
+    start = {name: right[name][0] for name in PARTS}
     report = {"data": str(data_dir), "model_kind": model.kind, "seeds": seeds,
               "split_seed": split_seed, "threads": threads,
               "newcomers": sorted({c.speaker for c in new}),
@@ -100,16 +103,13 @@ def run_round_settings_bench(data_dir: Path, *, variants: list[dict[str, str]],
               "clips": {name: len(part) for name, part in measured_clips.items()},
               "variants": []}
     for number, learner in enumerate(settings):
-        runs = {}
-        for k, seed in enumerate(seeds):
-            index = 1 + number * len(seeds) + k
-            runs[seed] = {"rounds": [{}, {"status": "not gated"}],
-                          "right": [{n: right[n][0] for n in PARTS},
-                                    {n: right[n][index] for n in PARTS}]}
+        first = 1 + number * len(seeds)
+        outcomes = [(start, {name: right[name][first + k] for name in PARTS})
+                    for k in range(len(seeds))]
         report["variants"].append({
             "changed": {} if number == 0 else variants[number - 1],
             "learner": learner.model_dump(mode="json"),
-            "summary": _summary(runs, np.random.default_rng(split_seed), names=PARTS)})
+            "summary": change_summary(outcomes, np.random.default_rng(split_seed), PARTS)})
     report["lines"] = _lines(report)
     return report
 
