@@ -1,12 +1,14 @@
 """POST /v1/recordings and GET /v1/recordings/{id}: a long recording's emotion over time, at once
 or as a job, the app seeing only its own, and bad input refused with nothing stored. Real
 decoding, a real (random-weight) model, SQLite and PostgreSQL."""
+import threading
 import time
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from service import recording_jobs
 from service.bench.clips import to_wav, voiced_clip
 from tests.service.conftest import bearer, files_under, row_counts
 
@@ -129,9 +131,17 @@ def test_too_large_uploads_are_refused_declared_or_streamed(make_client, keys, d
 
 
 def test_a_job_whose_recording_turns_out_bad_fails_and_keeps_only_its_error(make_client, keys,
-                                                                           db, artifacts):
+                                                                           db, artifacts,
+                                                                           monkeypatch):
+    # The job reads its audio only once the route has answered: finding silence takes
+    # milliseconds, and a job already done when the route looks is answered at once (422).
+    answered = threading.Event()
+    chunks = recording_jobs.AudioChunks
+    monkeypatch.setattr(recording_jobs, "AudioChunks",
+                        lambda *args, **kwargs: answered.wait(30) and chunks(*args, **kwargs))
     client = make_client(recording_wait_s=0.0)
     response = post(client, keys.app, recording(("pause", 30)))
+    answered.set()
     assert response.status_code == 202
     failed = poll(client, keys.app, response.json()["recording_id"])
     assert failed["status"] == "failed" and failed["error"]["error"] == "silent_audio"
