@@ -80,14 +80,15 @@ def prediction_from_logits(logits: np.ndarray, labels: tuple[str, ...],
 
 @torch.inference_mode()
 def logits_batches(predictors: Sequence, features: list[np.ndarray],
-                   batch_size: int = 32) -> list[np.ndarray]:
+                   batch_size: int = 32, memo: dict | None = None) -> list[np.ndarray]:
     """Each predictor's `logits_batch(features)`, the frozen encoder run once for all: models
     on the same encoder file (its sha256) read the same states, so each batch is encoded once
     and every such model's downstream reads it. That is what each model run whole computes on
     the same batch (the same ops on the same states: the answers are identical), for the cost of
     one encoder pass instead of one per model; the encoder is nearly all of a model's time. Any
     other predictor (the log-mel kind, a personal head) answers through its own logits_batch, with
-    its own batching."""
+    its own batching. `memo`, a dict the caller keeps, holds each batch's states for the next
+    call on the same clips (a round judges two candidates on one gate set: one encoder pass)."""
     out: list[np.ndarray | None] = [None] * len(predictors)
     by_encoder: dict[str, list[int]] = {}
     for i, predictor in enumerate(predictors):
@@ -96,10 +97,16 @@ def logits_batches(predictors: Sequence, features: list[np.ndarray],
         else:
             by_encoder.setdefault(sha256, []).append(i)
             out[i] = np.zeros((len(features), len(predictor.labels)), dtype=np.float32)
-    for members in by_encoder.values():
+    for sha256, members in by_encoder.items():
         nets = [predictors[i].model.net for i in members]
         for chunk, x, lengths in length_batches(features, batch_size):
-            states, state_lengths = nets[0].encode(x, lengths)
+            key = ("states", sha256, *(id(features[i]) for i in chunk))
+            if memo is not None and key in memo:
+                states, state_lengths = memo[key][0]
+            else:
+                states, state_lengths = nets[0].encode(x, lengths)
+                if memo is not None:  # the clips too: their ids stay theirs while it lives
+                    memo[key] = ((states, state_lengths), [features[i] for i in chunk])
             for i, net in zip(members, nets):
                 out[i][chunk] = net.downstream(states, state_lengths).numpy()
     return out

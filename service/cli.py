@@ -589,7 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", help="continual: comma-separated (default: ewc+replay, "
                    "replay, naive, joint)")
     p.add_argument("--newcomers", default="ased", help="continual: the corpus whose test "
-                   "speakers (in the bundled model's recipe) are the newcomers: ased or nemo")
+                   "speakers (in the bundled model's recipe) are the newcomers, ased or nemo; "
+                   "or validation: its validation speakers of RAVDESS, BanglaSER and nEMO, "
+                   "gated by a set built without them")
     p.add_argument("--seeds", help="continual, round-settings: comma-separated learner seeds "
                    "(default 20261121,1,2; figures are medians over them)")
     p.add_argument("--variant", action="append", default=[], help="round-settings: learner "

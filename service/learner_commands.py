@@ -122,9 +122,11 @@ def build_base_sets(args: argparse.Namespace) -> int:
     # recipe whose training speakers they come from.
     kind = load_model(args.model or Path(args.out) / DEFAULT_MODEL_FILE.name).kind
     config_path = args.config or recipe_for_kind(kind)
-    info = build(Path(args.data), load_training_config(config_path),
-                 replay_per_class=args.replay_per_class, gate_per_class=args.gate_per_class,
-                 kind=kind, max_frames=args.max_frames, out_dir=Path(args.out),
+    per_class = {key: value for key, value in (("replay_per_class", args.replay_per_class),
+                                               ("gate_per_class", args.gate_per_class))
+                 if value is not None}
+    info = build(Path(args.data), load_training_config(config_path), **per_class, kind=kind,
+                 max_frames=args.max_frames, out_dir=Path(args.out),
                  config_name=config_path.relative_to(REPO_ROOT).as_posix()
                  if config_path.is_relative_to(REPO_ROOT) else str(config_path))
     print(json.dumps(info, indent=2))
@@ -152,7 +154,8 @@ def add_parser(sub) -> None:
     a.add_argument("--model", type=Path,
                    help="the model the sets are for (default: OUT/model.safetensors); its kind "
                         "picks the features and the file names")
-    a.add_argument("--replay-per-class", type=int, default=16)
-    a.add_argument("--gate-per-class", type=int, default=50)
+    # Defaults: learner.continual.base_sets.REPLAY_PER_CLASS and GATE_PER_CLASS (16 and 50).
+    a.add_argument("--replay-per-class", type=int)
+    a.add_argument("--gate-per-class", type=int)
     a.add_argument("--max-frames", type=int, default=300, help="crop to this many 10 ms frames")
     p.set_defaults(func=cmd_learner)

@@ -164,6 +164,34 @@ class LearnerSettings(Section):
     ewc_lambda: float = 1e5
     distill_weight: float = 3.0  # replayed exemplars: pull toward the starting model's answers
     ewc_decay: float = 0.9  # online EWC: old importances fade by this factor a round
+    # A round first trains a bolder candidate, with these of the settings above changed; if the
+    # gate refuses it, the candidate of the settings as they are. The default, chosen on
+    # validation speakers (`emoloop bench round-settings`, README "Choosing learner settings"),
+    # learns new voices several times faster where the gate sees no loss, and the fallback keeps
+    # rounds the bolder one would lose. None or {}: one candidate, as configured.
+    bolder: dict[str, float] | None = {"batch_size": 32, "ewc_lambda": 30000.0,
+                                       "distill_weight": 0.0}
+
+    @model_validator(mode="after")
+    def _bolder_is_valid(self) -> "LearnerSettings":
+        if unknown := set(self.bolder or {}) - set(BOLDER_KEYS):
+            raise ValueError(f"learner.bolder may change {', '.join(BOLDER_KEYS)}; not "
+                             f"{', '.join(sorted(unknown))}")
+        self.candidate_settings()  # a bad value fails here, at start-up, not in a round
+        return self
+
+    def candidate_settings(self) -> list["LearnerSettings"]:
+        """The settings of the candidates a round tries in turn: the bolder one, if any, then
+        these."""
+        if not self.bolder:
+            return [self]
+        bolder = LearnerSettings(**{**self.model_dump(), **self.bolder, "bolder": None})
+        return [bolder, self]
+
+
+# What `learner.bolder` may change: how a candidate trains, not what a round takes or keeps.
+BOLDER_KEYS = ("steps", "passes", "min_steps", "max_steps", "batch_size", "replay_batch_size",
+               "lr", "weight_decay", "crop_frames", "ewc_lambda", "distill_weight")
 
 
 class PersonalSettings(Section):

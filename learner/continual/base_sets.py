@@ -39,6 +39,9 @@ from learner.file_metadata import read_metadata, save_with_metadata
 from storage.files import sha256_bytes, write_atomic
 
 SET_NAMES = ("replay", "gate")
+# Clips a class of the training speakers' in each set (the gate set's fill where unseen voices
+# have too few, or the whole gate set for a recipe without a `gate_set` section).
+REPLAY_PER_CLASS, GATE_PER_CLASS = 16, 50
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -155,9 +158,10 @@ def crop_centre(features: np.ndarray, max_frames: int) -> np.ndarray:
     return features[start : start + max_frames]
 
 
-def build_base_sets(data_dir: Path, config: dict, *, replay_per_class: int, gate_per_class: int,
-                    kind: str, max_frames: int = 300, out_dir: Path = DEFAULT_MODEL_DIR,
-                    workers: int = 2, config_name: str = "the recipe") -> dict:
+def build_base_sets(data_dir: Path, config: dict, *, kind: str,
+                    replay_per_class: int = REPLAY_PER_CLASS, gate_per_class: int = GATE_PER_CLASS,
+                    max_frames: int = 300, out_dir: Path = DEFAULT_MODEL_DIR, workers: int = 2,
+                    config_name: str = "the recipe") -> dict:
     """Choose, featurise (as a model of `kind` reads clips: the kind of the model the sets ship
     beside) and write both sets and their JSON, named for `kind`; returns that JSON."""
     from learner.evaluation import clip_features

@@ -134,10 +134,13 @@ class Answers:
 
     @classmethod
     def of(cls, active: EmotionPredictor, candidate: EmotionPredictor,
-           gate_set: Sequence[Sample], new_holdout: Sequence[Sample]) -> "Answers":
+           gate_set: Sequence[Sample], new_holdout: Sequence[Sample],
+           memo: dict | None = None) -> "Answers":
+        """`memo`: encoder states kept for another candidate on the same clips
+        (learner.inference.logits_batches)."""
         gate = [s for s in gate_set if s.label in active.labels]
-        before, after = _answers(active, candidate, gate)
-        holdout_before, holdout_after = _answers(active, candidate, new_holdout)
+        before, after = _answers(active, candidate, gate, memo)
+        holdout_before, holdout_after = _answers(active, candidate, new_holdout, memo)
         return cls([s.label for s in gate], before, after, [s.label for s in new_holdout],
                    holdout_before, holdout_after, [s.group for s in gate])
 
@@ -149,10 +152,11 @@ class RegressionGate:
 
     def judge(self, active: EmotionPredictor, candidate: EmotionPredictor,
               gate_set: Sequence[Sample], new_holdout: Sequence[Sample], *,
-              scope: str = "global", user_id: str | None = None) -> dict:
+              scope: str = "global", user_id: str | None = None,
+              memo: dict | None = None) -> dict:
         """The gate report on two models (decision, reason, every figure and the tests)."""
         return self.judge_answers(list(active.labels), list(candidate.labels),
-                                  Answers.of(active, candidate, gate_set, new_holdout),
+                                  Answers.of(active, candidate, gate_set, new_holdout, memo),
                                   scope=scope, user_id=user_id)
 
     def judge_answers(self, old: list[str], labels: list[str], answers: Answers, *,
@@ -327,12 +331,13 @@ def _acceptance(r: dict) -> str:
     return "; ".join(parts)
 
 
-def _answers(active: EmotionPredictor, candidate: EmotionPredictor,
-             samples: Sequence[Sample]) -> tuple[list[str], list[str]]:
+def _answers(active: EmotionPredictor, candidate: EmotionPredictor, samples: Sequence[Sample],
+             memo: dict | None) -> tuple[list[str], list[str]]:
     """Both models' answers on the same clips; models on one encoder share its states."""
     if not samples:
         return [], []
-    before, after = logits_batches([active, candidate], [s.features for s in samples])
+    before, after = logits_batches([active, candidate], [s.features for s in samples],
+                                   memo=memo)
     return ([active.labels[i] for i in before.argmax(axis=1)],
             [candidate.labels[i] for i in after.argmax(axis=1)])
 

@@ -209,43 +209,70 @@ class LearningRound:
         buffer = restore_buffer(self.session_factory, self.artifacts, active, model.labels,
                                 kind=model.kind, seed=self.seed,
                                 base_sets_dir=self.settings.base_sets_dir)
-        ewc_state, bootstrapped = self._ewc_state(active, model, buffer)
+        # The frozen encoder's states of the round's clips, read by each candidate's EWC
+        # importances, training and gate: computed once (strategies.cut_inputs, the gate's
+        # batches in learner.inference.logits_batches).
+        memo: dict = {}
+        ewc_state, bootstrapped = self._ewc_state(active, model, buffer, memo)
         bootstrapped_state = ewc_state if bootstrapped else None
         self.timings["load_s"] = time.perf_counter() - started
         self._check_stop()
 
-        from learner.continual.strategies import train_candidate  # Avalanche: the learner's only
+        # Avalanche: imported by the learner only, when a round runs
+        from learner.continual.strategies import bootstrap_ewc_state, train_candidate
 
         mark = time.perf_counter()
         start_net, start_labels, data = model.net, model.labels, train
         if self.settings.strategy == "joint":
             start_net, start_labels, data = self._joint_inputs(active, model, train)
-        candidate = train_candidate(start_net, start_labels, data, buffer, ewc_state,
-                                    self.settings, strategy=self.settings.strategy,
-                                    seed=self.seed, stop=self.stop)
-        self.timings["train_s"] = time.perf_counter() - mark
-        self._check_stop()
-
+        self._add_time("train_s", mark)
         mark = time.perf_counter()
         gate_set = load_gate_set(self.session_factory, self.artifacts, model.labels,
                                  kind=model.kind, base_sets_dir=self.settings.base_sets_dir)
-        report = RegressionGate(self.settings.max_recall_drop,
-                                self.settings.gate_confidence).judge(
-            EmotionPredictor(model),
-            EmotionPredictor(LoadedModel(candidate.net, candidate.labels, sha256="",
-                                         kind=model.kind)),
-            gate_set, held_out)
-        self.timings["gate_s"] = time.perf_counter() - mark
+        self._add_time("gate_s", mark)
+        gate = RegressionGate(self.settings.max_recall_drop, self.settings.gate_confidence)
+        refused_first = None
+        # The bolder candidate first (learner.bolder), then, if the gate refuses it, the one of
+        # the settings as configured: the first the gate accepts is the round's candidate.
+        for settings in self.settings.candidate_settings():
+            mark = time.perf_counter()
+            state = ewc_state
+            if bootstrapped and settings is not self.settings:
+                # Importances are mean squared gradients of minibatches, so their scale follows
+                # the batch size: a candidate of another one bootstraps its own, as `bench
+                # round-settings` measured it (the configured candidate's is the one kept).
+                state = bootstrap_ewc_state(model.net, model.labels, buffer, settings,
+                                            seed=self.seed, memo=memo)
+            candidate = train_candidate(start_net, start_labels, data, buffer, state,
+                                        settings, strategy=self.settings.strategy,
+                                        seed=self.seed, stop=self.stop, memo=memo)
+            self._add_time("train_s", mark)
+            self._check_stop()
+            mark = time.perf_counter()
+            report = gate.judge(EmotionPredictor(model),
+                                EmotionPredictor(LoadedModel(candidate.net, candidate.labels,
+                                                             sha256="", kind=model.kind)),
+                                gate_set, held_out, memo=memo)
+            self._add_time("gate_s", mark)
+            if report["decision"] == "accepted" or settings is self.settings:
+                break
+            refused_first = _refused_first(self.settings.bolder, report, candidate.steps)
+        if refused_first is not None:
+            report["refused_first"] = refused_first
         counts.update({"trained": len(train), "held_out": len(held_out),
                        "training_set": len(data), "replay_buffer": len(buffer),
                        "gate_set": len(gate_set),
                        "epochs": candidate.epochs, "steps": candidate.steps,
+                       "candidates": 1 + (refused_first is not None),
                        "new_labels": [l for l in candidate.labels if l not in model.labels]})
         return self._commit(active, candidate, report, counts,
                             trained=[s.feedback_id for s in train],
                             held_out=[s.feedback_id for s in held_out],
                             unusable=[i.feedback_id for i in ignored + unreadable],
                             bootstrapped=bootstrapped_state, started=started)
+
+    def _add_time(self, phase: str, since: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - since
 
     def _usable(self, items: list[FeedbackItem], model: LoadedModel):
         """(samples, ignored items, unreadable items); the samples hold the features `model`
@@ -268,7 +295,7 @@ class LearningRound:
         return samples, ignored, unreadable
 
     def _ewc_state(self, active: ModelVersion, model: LoadedModel,
-                   buffer: list[BufferedSample]) -> tuple[EwcState | None, bool]:
+                   buffer: list[BufferedSample], memo: dict) -> tuple[EwcState | None, bool]:
         """(state, whether it was computed now for a version that had none)."""
         if self.settings.strategy != "ewc+replay":
             return None, False
@@ -278,7 +305,7 @@ class LearningRound:
         from learner.continual.strategies import bootstrap_ewc_state
 
         return bootstrap_ewc_state(model.net, model.labels, buffer, self.settings,
-                                   seed=self.seed), True
+                                   seed=self.seed, memo=memo), True
 
     def _joint_inputs(self, active: ModelVersion, model: LoadedModel, train: list[Sample]):
         """Joint training, the upper bound: from the first version of the lineage, on all the
@@ -364,6 +391,14 @@ class LearningRound:
             from learner.continual.strategies import RoundStopped
 
             raise RoundStopped("the learner was asked to stop")
+
+
+def _refused_first(changed: dict, report: dict, steps: int) -> dict:
+    """What the gate said of the bolder candidate a round tried first and refused (the round's
+    report is its fallback's)."""
+    return {"changed": changed, "steps": steps, "reason": report["reason"],
+            "recall_after": report["recall_after"],
+            "new_feedback_accuracy_after": report["new_feedback_accuracy_after"]}
 
 
 def settle_candidate(session: Session, registry: ModelRegistry, row: ModelVersion, report: dict,

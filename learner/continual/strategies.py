@@ -135,13 +135,14 @@ class CroppedInputs(Dataset):
 
     @classmethod
     def of(cls, model: MaskedInputNet, samples: list[Sample], targets: list[int],
-           settings: LearnerSettings, rng: np.random.Generator) -> "CroppedInputs":
+           settings: LearnerSettings, rng: np.random.Generator,
+           memo: dict | None = None) -> "CroppedInputs":
         """Each sample's inputs, a long clip's cut once to a random window of three crops: a
         round holds them all in memory (the speech encoder's states are about 100 KB a second,
         and a clip may be 30 s), and three crops' worth still gives every step a new one."""
         crop = model.input_frames(settings.crop_frames)
-        return cls(cut_inputs(model, [s.features for s in samples], crop, rng), targets, crop,
-                   rng)
+        return cls(cut_inputs(model, [s.features for s in samples], crop, rng, memo), targets,
+                   crop, rng)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -152,22 +153,36 @@ class CroppedInputs(Dataset):
 
 
 def cut_inputs(model: MaskedInputNet, features: list[np.ndarray], crop: int,
-               rng: np.random.Generator) -> list[np.ndarray]:
+               rng: np.random.Generator, memo: dict | None = None) -> list[np.ndarray]:
     """What `model` reads of each clip (MaskedInputNet.inputs), a long clip's cut once to a
-    random window of three crops of `crop` frames."""
+    random window of three crops of `crop` frames. `memo`, a dict the caller keeps, holds the
+    inputs of the clips short enough to be read whole, for the next call on them (a round's two
+    candidates train on the same clips through the same frozen encoder): the same arrays the
+    datasets hold, so it costs no memory of its own; long clips are read again."""
     inputs = []
     for start in range(0, len(features), 64):  # a few uncut clips in memory at a time
-        inputs += [random_crop(row, 3 * crop, rng).copy()  # a copy frees the uncut rows
-                   for row in model.inputs(features[start : start + 64])]
+        part = features[start : start + 64]
+        encoder = getattr(model.net, "encoder_sha256", None)  # the states are the encoder's
+        key = {i: ("inputs", encoder, id(f)) for i, f in enumerate(part)}
+        known = {i: memo[k][0] for i, k in key.items() if memo is not None and k in memo}
+        missing = [i for i in range(len(part)) if i not in known]
+        read = dict(zip(missing, model.inputs([part[i] for i in missing]) if missing else []))
+        for i in range(len(part)):
+            row = known[i] if i in known else read[i]
+            cut = random_crop(row, 3 * crop, rng)
+            if cut is row and memo is not None:  # read whole; holding the clip keeps its id
+                memo[key[i]] = (row, part[i])
+            inputs.append(cut if cut is row else cut.copy())  # a copy frees the uncut rows
     return inputs
 
 
 def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample],
                     buffer: list[BufferedSample], ewc_state: EwcState | None,
                     settings: LearnerSettings, *, strategy: str, seed: int,
-                    stop: threading.Event | None = None) -> Candidate:
+                    stop: threading.Event | None = None, memo: dict | None = None) -> Candidate:
     """Fine-tune a copy of `start` on `new` as `strategy` says. Labels in `new` that `labels`
-    lacks are appended (the head grows). Deterministic for a given seed."""
+    lacks are appended (the head grows). Deterministic for a given seed. `memo`: the clips'
+    inputs kept for another candidate (cut_inputs)."""
     use_replay, use_ewc = STRATEGIES[strategy]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -176,7 +191,8 @@ def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample]
     pool = [b.sample for b in buffer] + list(new)
     targets = [all_labels.index(s.label) for s in pool]
     model = MaskedInputNet(copy_for_training(start))
-    full = avalanche_dataset(CroppedInputs.of(model, pool, targets, settings, rng), targets)
+    full = avalanche_dataset(CroppedInputs.of(model, pool, targets, settings, rng, memo),
+                             targets)
     new_data = full.subset(list(range(len(buffer), len(pool))))
     policy = _restore_buffer(buffer, targets, full, settings.mem_size)
 
@@ -304,7 +320,7 @@ def _fits(state: EwcState | None, model: nn.Module) -> bool:
 
 def bootstrap_ewc_state(start: nn.Module, labels: tuple[str, ...],
                         buffer: list[BufferedSample], settings: LearnerSettings, *,
-                        seed: int) -> EwcState | None:
+                        seed: int, memo: dict | None = None) -> EwcState | None:
     """The EWC state of a version no EWC round produced (the bundled model, or one trained
     without EWC): importances from its replay buffer, the old data as far as we keep it, and
     anchored at its own weights. None without a buffer."""
@@ -315,7 +331,8 @@ def bootstrap_ewc_state(start: nn.Module, labels: tuple[str, ...],
     targets = [labels.index(b.sample.label) for b in buffer]
     model = MaskedInputNet(copy_for_training(start))
     data = avalanche_dataset(CroppedInputs.of(model, [b.sample for b in buffer], targets,
-                                                settings, np.random.default_rng(seed)), targets)
+                                                settings, np.random.default_rng(seed), memo),
+                             targets)
     ewc = EWCPlugin(settings.ewc_lambda, mode="online", decay_factor=settings.ewc_decay)
     importances = ewc.compute_importances(
         model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0), data, "cpu",

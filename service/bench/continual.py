@@ -1,13 +1,21 @@
 """`emoloop bench continual`: the learning loop on real speech, strategy against strategy.
 
-Newcomers are one corpus's test speakers in the bundled model's recipe (`--newcomers ased`, the
-default, or `nemo`; configs/speech-training.yaml for the Whisper-encoder model): it never trained
-on them, and its shipped gate set (its validation speakers) holds none of their clips. Their clips
-are split by sentence: within each emotion, each sentence (the manifest's `text_id`), with every
-newcomer's clips of it, goes either to the corrections or to the measured side, about half each
-way, so no measured clip's words were ever corrected with its label (in ASED a sentence carries
-its emotion: the same sentence on both sides would measure memorised words, not a learnt voice).
-The old test speakers are the recipe's other test speakers, which no round and no gate set sees.
+Newcomers, in the bundled model's recipe (configs/speech-training.yaml for the Whisper-encoder
+model), are either one corpus's test speakers (`--newcomers ased`, the default, or `nemo`): it
+never trained on them, and its shipped gate set (its validation speakers) holds none of their
+clips; or its validation speakers of the corpora whose sentences are spoken in several emotions
+(`--newcomers validation`: RAVDESS, BanglaSER, nEMO; NEWCOMER_CORPORA). It never trained on those
+either, but its shipped gate set holds them all, so for them the rounds are gated by the set the
+recipe builds when they are not among its validation speakers (`emoloop learner build-base-sets`
+with them moved to the test speakers: the other validation speakers' clips, filled up from
+training speakers' where a class has fewer than the recipe's minimum), as if they were voices the
+gate never heard. Newcomers' clips are split by sentence: within each emotion, each sentence (the
+manifest's `text_id`), with every newcomer's clips of it, goes either to the corrections or to
+the measured side, about half each way, so no measured clip's words were ever corrected with its
+label (in ASED a sentence carries its emotion: the same sentence on both sides would measure
+memorised words, not a learnt voice). The old test speakers are the recipe's other test speakers
+(with validation newcomers, those of every corpus but ASED: the ASED run's, the same clips), which
+no round and no gate set sees.
 
 For each strategy and learner seed (same rounds, same clips; the seed changes the training order,
 crops and held-out share) a fresh service (SQLite in a temporary folder, the bundled model as
@@ -23,7 +31,8 @@ over seeds, with a 95% interval from a bootstrap over the clips (the same resamp
 every seed, so the interval is the median's).
 
 Then, timing alone: one ewc+replay round over `timing_corrections` corrections of other clips
-(training speakers; their content does not matter there), on a fresh service.
+(training speakers; their content does not matter there), on a fresh service, with the shipped
+sets.
 """
 import json
 import tempfile
@@ -40,6 +49,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 TARGETS = {"newcomer_gain_points": 10.0, "old_test_loss_points_ewc_replay": 1.0,
            "round_500_corrections_s": 60.0}
 SEEDS = (20261121, 1, 2)  # learner seeds: the default one and two more
+VALIDATION = "validation"  # --newcomers: the recipe's validation speakers of NEWCOMER_CORPORA
+# Sentences spoken in several emotions: split by sentence, both sides hold every emotion (ASED's
+# and BanglaSER-Extended's each carry one emotion, so a sentence split cannot hold words apart).
+NEWCOMER_CORPORA = ("ravdess", "banglaser", "nemo")
+# The issue's first newcomers (a language the log-mel model never heard): with validation
+# newcomers the old test speakers are those of its run, every corpus's but its own.
+UNHEARD_CORPUS = "ased"
 BOOTSTRAP = 2000  # resamples of the clips for the 95% intervals
 
 
@@ -61,13 +77,12 @@ def run_continual_bench(data_dir: Path, *, newcomers: str = "ased", rounds: int 
     config = load_training_config(recipe_for_kind(kind))
     clips = [c for c in read_corpora(data_dir, config.get("corpora"))
              if c.emotion in config["labels"]]
-    test_speakers = set(config["split"]["test_speakers"])
-    new = [c for c in clips if c.speaker in test_speakers and c.corpus == newcomers]
+    new, old = newcomers_and_old(clips, config["split"], newcomers)
     if not new:
-        raise ValueError(f"no test speakers of corpus {newcomers!r} in {recipe_for_kind(kind)}")
-    if in_gate := {c.speaker for c in new} & set(load_base_set("gate", None, kind=kind).speakers):
+        raise ValueError(f"no newcomers {newcomers!r} in {recipe_for_kind(kind)}")
+    in_gate = {c.speaker for c in new} & set(load_base_set("gate", None, kind=kind).speakers)
+    if in_gate and newcomers != VALIDATION:
         raise ValueError(f"newcomers {sorted(in_gate)} are in the shipped gate set")
-    old = [c for c in clips if c.speaker in test_speakers and c.corpus != newcomers]
     say = _printer(progress)
     if not rounds:  # `--rounds 0`: the timed round alone
         strategies, chunks, measured, features = [], [], [], None
@@ -83,18 +98,64 @@ def run_continual_bench(data_dir: Path, *, newcomers: str = "ased", rounds: int 
               "old_test_speakers": sorted({c.speaker for c in old}), "old_test_clips": len(old),
               "corrections_per_round": [len(c) for c in chunks], "measured_clips": len(measured),
               "targets": TARGETS, "strategies": {}}
-    for strategy in strategies:
-        runs = {seed: _run_strategy(strategy, seed, chunks, measured, old, features, say)
-                for seed in seeds}
-        report["strategies"][strategy] = {
-            "summary": _summary(runs, np.random.default_rng(split_seed)),
-            "seeds": {str(seed): {k: v for k, v in run.items() if k != "right"}
-                      for seed, run in runs.items()}}
+    with tempfile.TemporaryDirectory(prefix="emoloop-bench-sets-") as sets_dir:
+        learner = {}
+        if newcomers == VALIDATION and strategies:
+            learner["base_sets_dir"] = Path(sets_dir)
+            report["gate_set"] = _sets_without(data_dir, config, {c.speaker for c in new}, kind,
+                                               Path(sets_dir), say)
+        for strategy in strategies:
+            runs = {seed: _run_strategy(strategy, seed, chunks, measured, old, features, say,
+                                        learner)
+                    for seed in seeds}
+            report["strategies"][strategy] = {
+                "summary": _summary(runs, np.random.default_rng(split_seed)),
+                "seeds": {str(seed): {k: v for k, v in run.items() if k != "right"}
+                          for seed, run in runs.items()}}
     if timing_corrections:
         timing_clips = _timing_clips(clips, config, timing_corrections, split_seed)
         report["timing"] = _timing_round(timing_clips, say)
     report["lines"] = _lines(report)
     return report
+
+
+def newcomers_and_old(clips: list[CorpusClip], split: dict, newcomers: str,
+                      ) -> tuple[list[CorpusClip], list[CorpusClip]]:
+    """The newcomers' clips and the old test speakers' (module docstring), by the recipe's
+    `split`: one corpus's test speakers and the other test speakers, or (VALIDATION) the
+    validation speakers of NEWCOMER_CORPORA and the test speakers of every corpus but
+    UNHEARD_CORPUS."""
+    test = set(split["test_speakers"])
+    if newcomers == VALIDATION:
+        validation = set(split["validation_speakers"])
+        return ([c for c in clips if c.speaker in validation and c.corpus in NEWCOMER_CORPORA],
+                [c for c in clips if c.speaker in test and c.corpus != UNHEARD_CORPUS])
+    return ([c for c in clips if c.speaker in test and c.corpus == newcomers],
+            [c for c in clips if c.speaker in test and c.corpus != newcomers])
+
+
+def split_without(split: dict, speakers: set[str]) -> dict:
+    """The recipe's speaker split with `speakers` moved from validation to test: what the base
+    sets are built from when they are newcomers (neither trained on, nor in the gate set)."""
+    return {**split,
+            "validation_speakers": [s for s in split["validation_speakers"] if s not in speakers],
+            "test_speakers": list(split["test_speakers"]) + sorted(
+                set(speakers) - set(split["test_speakers"]))}
+
+
+def _sets_without(data_dir: Path, config: dict, speakers: set[str], kind: str, out_dir: Path,
+                  say) -> dict:
+    """Builds the bundled model's base sets into `out_dir` by its recipe as if `speakers` were
+    not its validation speakers; returns their JSON's gate part (sizes)."""
+    from learner.continual.base_sets import build_base_sets, load_base_set
+
+    say(f"building the gate set without the newcomers {sorted(speakers)}")
+    info = build_base_sets(data_dir, {**config, "split": split_without(config["split"], speakers)},
+                           kind=kind, out_dir=out_dir)
+    gate = load_base_set("gate", out_dir, kind=kind)
+    assert not set(gate.speakers) & speakers  # what this folder is for
+    say(f"gate set without them: {len(gate)} clips {info['sets']['gate']['per_class']}")
+    return info["sets"]["gate"]
 
 
 def split_newcomers(newcomers: list[CorpusClip], rounds: int,
@@ -154,13 +215,14 @@ def change_summary(outcomes: list[tuple[dict, dict]], rng: np.random.Generator,
     return out
 
 
-def _run_strategy(strategy: str, seed: int, chunks, measured, old, features, say) -> dict:
-    """Rounds of one strategy and learner seed; "right": per round, the served model's
-    per-clip outcomes (for the summary, not the JSON)."""
+def _run_strategy(strategy: str, seed: int, chunks, measured, old, features, say,
+                  learner: dict) -> dict:
+    """Rounds of one strategy and learner seed (`learner`: settings changed besides); "right":
+    per round, the served model's per-clip outcomes (for the summary, not the JSON)."""
     from fastapi.testclient import TestClient
 
     with tempfile.TemporaryDirectory(prefix="emoloop-bench-continual-") as folder:
-        app, keys, settings = _service(Path(folder), strategy=strategy, seed=seed)
+        app, keys, settings = _service(Path(folder), strategy=strategy, seed=seed, **learner)
         with TestClient(app) as client:
             _wait_ready(client)
             row, right = _measure(app, None, 1, measured, old, features)
@@ -341,7 +403,7 @@ def _timing_round(clips: list[CorpusClip], say) -> dict:
     timing = {"corrections": len(clips), "status": run["status"],
               "round_s": run["counts"]["seconds"]["total_s"], "wall_s": round(wall_s, 2),
               "seconds": run["counts"]["seconds"], "steps": run["counts"]["steps"],
-              "epochs": run["counts"]["epochs"]}
+              "epochs": run["counts"]["epochs"], "candidates": run["counts"]["candidates"]}
     say(f"timing: a round over {len(clips)} corrections took {timing['round_s']:.1f} s "
         f"({json.dumps(timing['seconds'])})")
     return timing
@@ -354,7 +416,8 @@ def _round_line(strategy: str, seed: int, row: dict) -> str:
             f"old {served['old_test']['accuracy']:.3f}")
     if "candidate" in row:
         cand = row["candidate"]
-        text += (f" | candidate v{row['candidate_version']} {row['status']}: newcomers "
+        bolder = " (the bolder candidate refused first)" * (row["counts"].get("candidates") == 2)
+        text += (f" | candidate v{row['candidate_version']} {row['status']}{bolder}: newcomers "
                  f"{cand['newcomers']['accuracy']:.3f} old {cand['old_test']['accuracy']:.3f} "
                  f"in {row['round_s']:.1f} s")
     elif row["round"]:
@@ -400,7 +463,7 @@ def _timing_lines(report: dict) -> list[str]:
     t = report["timing"]
     return [f"a round over {t['corrections']} corrections: {t['round_s']:.1f} s "
             f"(target {TARGETS['round_500_corrections_s']:.0f} s; phases "
-            f"{json.dumps(t['seconds'])}; {t['status']})"]
+            f"{json.dumps(t['seconds'])}; {t['candidates']} candidate(s); {t['status']})"]
 
 
 def _printer(progress: bool):

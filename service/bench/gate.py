@@ -119,7 +119,8 @@ def _gate_round(kind: str, clips: list[CorpusClip], rng: np.random.Generator, ol
     return {"kind": kind, "status": run["status"], "reason": report.get("reason") or run["error"],
             "labels_sent": labels, "round_s": run["counts"].get("seconds", {}).get("total_s"),
             "gate_s": run["counts"].get("seconds", {}).get("gate_s"),
-            "wall_s": round(wall_s, 1),
+            "wall_s": round(wall_s, 1), "candidates": run["counts"].get("candidates", 1),
+            "refused_first": (report.get("refused_first") or {}).get("reason"),
             "old_test": None if old_after is None else _old_test_change(baseline, old_after),
             "smallest_adjusted_p": min((t["adjusted_p_value"] for family in tests.values()
                                         for t in family.values()), default=None),
@@ -228,7 +229,8 @@ def _round_line(row: dict) -> str:
         f"{s['agreements']}/{s['n']} agree, {s['expected_by_chance']:.1f} by chance, "
         f"p {s['p_value']:.2g}" + ("" if s["decidable"] else " (too few to test)"))
     return (f"round {row['round']:>2} {row['kind']:<13} (must {row['expected']}): "
-            f"{row['status']:<8} smallest adjusted p {p if p is None else f'{p:.3g}'}; "
+            f"{row['status']:<8}{' (the bolder candidate refused first)' * (row['candidates'] > 1)}"
+            f" smallest adjusted p {p if p is None else f'{p:.3g}'}; "
             f"held-out signal {signal}; "
             f"old test speakers {test}; "
             f"round {row['round_s'] or 0:.0f} s (gate {row['gate_s'] or 0:.1f} s)")

@@ -22,11 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from learner.corpora import read_corpora
-from service.bench.continual import (SEEDS, _features, _printer, change_summary,
-                                     split_newcomers)
-
-# Sentences spoken in several emotions: split by sentence, both sides hold every emotion.
-NEWCOMER_CORPORA = ("ravdess", "banglaser", "nemo")
+from service.bench.continual import (NEWCOMER_CORPORA, SEEDS, _features, _printer,
+                                     change_summary, split_newcomers)
 PARTS = ("newcomers", "old_validation")
 
 

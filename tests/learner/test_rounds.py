@@ -75,6 +75,48 @@ def test_a_round_learns_from_feedback_registers_and_activates_a_version(world):
 
 
 @sqlite_only
+def test_a_round_keeps_its_bolder_candidate_when_the_gate_accepts_it(world):
+    world.feedback(["happy", "sad"] * 6)
+    outcome = _round(world, bolder={"steps": 3})
+
+    assert outcome.status == "accepted", outcome.gate_report
+    assert (outcome.counts["candidates"], outcome.counts["steps"]) == (1, 3)
+    assert "refused_first" not in outcome.gate_report
+    assert set(_versions(world)) == {1, 2}
+
+
+@sqlite_only
+def test_a_round_falls_back_to_the_configured_candidate_when_the_bolder_one_is_refused(world):
+    world.feedback(["happy", "sad"] * 6)
+    # A learning rate no model survives: the bolder candidate forgets everything.
+    outcome = _round(world, bolder={"lr": 50.0, "steps": 12})
+
+    assert outcome.status == "accepted", outcome.gate_report
+    report = outcome.gate_report
+    # The version served is the configured candidate (6 steps); the refused one is on record.
+    assert (outcome.counts["candidates"], outcome.counts["steps"]) == (2, 6)
+    first = report["refused_first"]
+    assert first["changed"] == {"lr": 50.0, "steps": 12} and first["steps"] == 12
+    assert first["reason"].startswith("old class") and "lost" in first["reason"]
+    assert set(report) == REPORT_KEYS | TEST_KEYS | {"refused_first"}
+    versions = _versions(world)
+    assert set(versions) == {1, 2} and versions[2].status == "active"
+    assert versions[2].gate_report == report
+
+
+@sqlite_only
+def test_a_round_whose_two_candidates_are_refused_serves_neither(world):
+    truth = ["happy", "sad"] * 8
+    world.feedback(["sad" if label == "happy" else "happy" for label in truth], truth=truth)
+    outcome = _round(world, strategy="naive", lr=1e-2, steps=12, bolder={"lr": 3e-2})
+
+    assert outcome.status == "rejected", outcome.gate_report
+    assert outcome.counts["candidates"] == 2 and outcome.gate_report["refused_first"]
+    versions = _versions(world)
+    assert (versions[1].status, versions[2].status) == ("active", "rejected")
+
+
+@sqlite_only
 def test_a_round_without_new_feedback_is_skipped(world):
     outcome = _round(world)
     assert (outcome.status, outcome.candidate_version) == ("skipped", None)

@@ -1,6 +1,7 @@
 """What a round computes once on the frozen encoder and shares: the gate's two models read one
-pass of the encoder over the gate set and the held-out feedback, and training reads each clip's
-states computed once a round. Both change only the time a round takes: on the bundled int8
+pass of the encoder over the gate set and the held-out feedback, training reads each clip's
+states computed once a round, and a round's second candidate (learner.bolder refused) reads
+the states its first one computed. Both change only the time a round takes: on the bundled int8
 encoder and real speech (clips of the shipped base sets, seeded), the gate's answers are bit for
 bit those of each model run whole, and what training reads is what serving computes."""
 import copy
@@ -15,6 +16,7 @@ from learner.continual.avalanche_model import (MaskedInputNet, as_float_tensor,
 from learner.continual.base_sets import load_base_set
 from learner.continual.gate import Answers
 from learner.continual.replay import Sample
+from learner.continual.strategies import cut_inputs
 from learner.inference import EmotionPredictor, logits_batches
 from learner.model import EmotionNet, ModelConfig
 from learner.speech_model import SpeechEmotionModel
@@ -93,3 +95,40 @@ def test_a_round_reads_each_clips_encoder_states_as_serving_computes_them():
     width = start.net.config.n_blocks * start.net.config.width
     for row, sample in zip(inputs, samples):
         assert row.shape == (math.ceil(sample.features.shape[0] / 4), width)
+
+
+def test_a_second_candidate_reads_the_states_the_first_computed(monkeypatch):
+    active, candidate = _whisper_pair()
+    samples = _shipped("replay", 24)
+    features = [s.features for s in samples]
+    model = MaskedInputNet(copy_for_training(active.model.net)).eval()
+    crop = 10  # rows of states: clips longer than three crops (1.2 s) are cut
+    fresh = cut_inputs(model, features, crop, np.random.default_rng(3))
+    answers = Answers.of(active, candidate, samples[:16], samples[16:])
+
+    memo: dict = {}
+    first = cut_inputs(model, features, crop, np.random.default_rng(3), memo)
+    first_answers = Answers.of(active, candidate, samples[:16], samples[16:], memo)
+    read_again, read = [], MaskedInputNet.inputs
+
+    def counted(self, part, *args, **kwargs):
+        read_again.extend(part)
+        return read(self, part, *args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the gate's clips were encoded again")
+
+    monkeypatch.setattr(MaskedInputNet, "inputs", counted)
+    second = cut_inputs(model, features, crop, np.random.default_rng(3), memo)
+    monkeypatch.setattr(SpeechEmotionModel, "encode", never)
+    second_answers = Answers.of(active, candidate, samples[:16], samples[16:], memo)
+
+    # Only the long clips are read again: what a round keeps of them is cut, not whole.
+    long = [f for f in features if math.ceil(f.shape[0] / 4) > 3 * crop]
+    assert 0 < len(long) < len(features)
+    assert [id(f) for f in read_again] == [id(f) for f in long]
+    # The same inputs and answers as computed afresh: only the time differs.
+    for a, b, c in zip(fresh, first, second):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    assert answers == first_answers == second_answers

@@ -72,10 +72,12 @@ def write_toy_base_sets(folder: Path, kind: str = LOGMEL_KIND) -> Path:
 
 
 def toy_learner_settings(base_sets_dir: Path, **overrides) -> LearnerSettings:
-    """Small and quick: a round on the tiny model takes about a second."""
+    """Small and quick: a round on the tiny model takes about a second. One candidate a round
+    (the default bolder one's settings are the bundled model's; tests/learner/test_rounds.py
+    tries a bolder one of its own)."""
     values = dict(enabled=False, base_sets_dir=base_sets_dir, steps=6, batch_size=8,
                   replay_batch_size=4, mem_size=16, crop_frames=100, holdout_share=0.25,
-                  lr=3e-3, ewc_lambda=10.0, distill_weight=1.0, lock_ttl_s=30)
+                  lr=3e-3, ewc_lambda=10.0, distill_weight=1.0, lock_ttl_s=30, bolder=None)
     return LearnerSettings(**{**values, **overrides})
 
 

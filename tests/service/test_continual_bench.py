@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from learner.corpora import CorpusClip
-from service.bench.continual import _summary, split_newcomers
+from service.bench.continual import (VALIDATION, _summary, newcomers_and_old, split_newcomers,
+                                     split_without)
 
 
 def _clips() -> list[CorpusClip]:
@@ -49,3 +50,40 @@ def test_summary_is_the_median_over_seeds_with_an_interval_around_it():
     assert low < 15.0 < high and high - low < 15
     assert summary["old_test"]["median_change"] == -1.0
     assert summary["accepted"] == [1, 1, 1] and summary["newcomers"]["clips"] == 200
+
+
+SPLIT = {"test_speakers": ["ravdess-a17", "ased-s56", "nemo-kd0"],
+         "validation_speakers": ["ravdess-a15", "ased-s51", "nemo-sm0", "banglaser-a47"]}
+
+
+def _speakers() -> list[CorpusClip]:
+    corpus_of = {"ravdess-a01": "ravdess", "ravdess-a15": "ravdess", "ravdess-a17": "ravdess",
+                 "ased-s51": "ased", "ased-s56": "ased", "nemo-sm0": "nemo", "nemo-kd0": "nemo",
+                 "banglaser-a47": "banglaser-ext"}
+    return [CorpusClip(Path(f"/x/{speaker}.opus"), corpus, speaker, "", "xx", "sad", "s", 3.0)
+            for speaker, corpus in corpus_of.items()]
+
+
+def _names(clips: list[CorpusClip]) -> list[str]:
+    return sorted(c.speaker for c in clips)
+
+
+def test_newcomers_are_a_corpus_test_speakers_or_validation_speakers_of_several_emotions():
+    new, old = newcomers_and_old(_speakers(), SPLIT, "ased")
+    assert _names(new) == ["ased-s56"] and _names(old) == ["nemo-kd0", "ravdess-a17"]
+    # Validation newcomers: only corpora whose sentences are spoken in several emotions (a
+    # sentence split holds their words apart); the old speakers are the ASED run's, the same
+    # clips, and never a training or validation speaker.
+    new, old = newcomers_and_old(_speakers(), SPLIT, VALIDATION)
+    assert _names(new) == ["nemo-sm0", "ravdess-a15"]
+    assert _names(old) == ["nemo-kd0", "ravdess-a17"]
+
+
+def test_the_gate_set_for_validation_newcomers_is_built_as_if_they_were_test_speakers():
+    split = split_without(SPLIT, {"nemo-sm0", "ravdess-a15"})
+    # Not validation (the gate set's speakers), and not training (the replay set's, and the
+    # gate set's fill): the recipe builds its sets from neither.
+    assert split["validation_speakers"] == ["ased-s51", "banglaser-a47"]
+    assert split["test_speakers"] == ["ravdess-a17", "ased-s56", "nemo-kd0", "nemo-sm0",
+                                      "ravdess-a15"]
+    assert SPLIT["validation_speakers"][0] == "ravdess-a15"  # the recipe's own is unchanged

@@ -104,3 +104,21 @@ def test_get_settings_is_read_once(monkeypatch):
     assert get_settings().api.port == 9003
     get_settings.cache_clear()
     assert get_settings().api.port == 9004
+
+
+def test_the_bolder_candidate_changes_only_training_settings_and_can_be_switched_off(
+        monkeypatch, tmp_path):
+    bolder, configured = Settings().learner.candidate_settings()
+    assert (bolder.batch_size, configured.batch_size) == (32, 16)
+    assert bolder.model_dump() == {**configured.model_dump(), **configured.bolder, "bolder": None}
+    # What a round keeps (its buffer, its feedback) is not the bolder candidate's to change,
+    # and a bad value stops the service at start-up, not a round later.
+    config = write_yaml(tmp_path, "learner:\n  bolder: {mem_size: 10}\n")
+    monkeypatch.setenv("EMOLOOP_CONFIG", str(config))
+    with pytest.raises(ValidationError, match="learner.bolder may change"):
+        Settings()
+    config.write_text("learner:\n  bolder: {batch_size: 1.5}\n")
+    with pytest.raises(ValidationError, match="batch_size"):
+        Settings()
+    monkeypatch.setenv("EMOLOOP_LEARNER__BOLDER", "null")
+    assert [s.bolder for s in Settings().learner.candidate_settings()] == [None]
