@@ -159,19 +159,19 @@ def cut_inputs(model: MaskedInputNet, features: list[np.ndarray], crop: int,
     inputs of the clips short enough to be read whole, for the next call on them (a round's two
     candidates train on the same clips through the same frozen encoder): the same arrays the
     datasets hold, so it costs no memory of its own; long clips are read again."""
+    memo = {} if memo is None else memo
+    encoder = getattr(model.net, "encoder_sha256", None)  # the states are the encoder's
     inputs = []
     for start in range(0, len(features), 64):  # a few uncut clips in memory at a time
         part = features[start : start + 64]
-        encoder = getattr(model.net, "encoder_sha256", None)  # the states are the encoder's
-        key = {i: ("inputs", encoder, id(f)) for i, f in enumerate(part)}
-        known = {i: memo[k][0] for i, k in key.items() if memo is not None and k in memo}
-        missing = [i for i in range(len(part)) if i not in known]
-        read = dict(zip(missing, model.inputs([part[i] for i in missing]) if missing else []))
-        for i in range(len(part)):
-            row = known[i] if i in known else read[i]
+        keys = [("inputs", encoder, id(f)) for f in part]
+        fresh = [key not in memo for key in keys]
+        read = iter(model.inputs([f for f, new in zip(part, fresh) if new]))
+        for clip, key, new in zip(part, keys, fresh):
+            row = next(read) if new else memo[key][0]
             cut = random_crop(row, 3 * crop, rng)
-            if cut is row and memo is not None:  # read whole; holding the clip keeps its id
-                memo[key[i]] = (row, part[i])
+            if cut is row:  # read whole: kept, with the clip (so its id stays its own)
+                memo[key] = (row, clip)
             inputs.append(cut if cut is row else cut.copy())  # a copy frees the uncut rows
     return inputs
 
