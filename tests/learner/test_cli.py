@@ -125,9 +125,9 @@ def test_encoder_import_writes_the_kept_blocks_and_prints_path_sha256_and_size(
     data = tiny_whisper_ct2()
     ct2 = tmp_path / "model.bin"
     ct2.write_bytes(data)
-    # Pin the hand-made file in place of Whisper base's, in this process only.
+    # Pin the hand-made file in place of Whisper's, in this process only.
     monkeypatch.setattr(weights, "import_encoder", functools.partial(
-        weights.import_encoder, expected_sha256=sha256_bytes(data)))
+        weights.import_encoder, pinned={sha256_bytes(data): "hand-made, {n} blocks"}))
     out = tmp_path / "encoder.safetensors"
     assert cli.main(["encoder", "import", str(ct2), "--blocks", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

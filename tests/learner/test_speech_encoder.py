@@ -11,13 +11,20 @@ from safetensors.torch import load as load_safetensors
 
 from learner.file_metadata import read_metadata, save_with_metadata
 from learner.speech_encoder.ct2_file import CT2FormatError, read_ct2, write_ct2
-from learner.speech_encoder.weights import EncoderFileError, import_encoder, load_encoder
+from learner.checkpoint import ENCODER_FILE
+from learner.speech_encoder.weights import (PINNED_SOURCES, WHISPER_BASE_SHA256, EncoderFileError,
+                                             import_encoder, load_encoder)
 from learner.speech_encoder.whisper_encoder import ct2_names
 from learner.speech_encoder.whisper_mel import whisper_log_mel
 from service.bench.clips import voiced_clip
 from storage.files import sha256_bytes
 
 WIDTH, HEADS, LAYERS, N_MELS, MAX_FRAMES = 16, 2, 3, 80, 64
+
+
+def hand_made(ct2: bytes) -> dict[str, str]:
+    """The pinned sources an import of the hand-made file accepts: that file alone."""
+    return {sha256_bytes(ct2): "a hand-made Whisper file, first {n} blocks"}
 
 
 def tiny_whisper_variables(seed: int = 0) -> dict[str, np.ndarray]:
@@ -71,7 +78,7 @@ def ct2_bytes(variables) -> bytes:
 @pytest.fixture
 def encoder_file(ct2_bytes, tmp_path):
     """The tiny file imported with all its blocks: (path, sha256)."""
-    data = import_encoder(ct2_bytes, LAYERS, expected_sha256=sha256_bytes(ct2_bytes))
+    data = import_encoder(ct2_bytes, LAYERS, pinned=hand_made(ct2_bytes))
     path = tmp_path / "encoder.safetensors"
     path.write_bytes(data)
     return path, sha256_bytes(data)
@@ -108,7 +115,7 @@ def test_other_binary_version_is_a_format_error(ct2_bytes):
 # --- import and load ------------------------------------------------------------------------
 
 def test_import_keeps_the_stem_and_first_blocks_only(ct2_bytes, variables):
-    data = import_encoder(ct2_bytes, 2, expected_sha256=sha256_bytes(ct2_bytes))
+    data = import_encoder(ct2_bytes, 2, pinned=hand_made(ct2_bytes))
     tensors = load_safetensors(data)
     assert set(tensors) == set(ct2_names(2))
     assert not any(k.startswith("blocks.2.") for k in tensors)
@@ -123,14 +130,29 @@ def test_import_keeps_the_stem_and_first_blocks_only(ct2_bytes, variables):
 
 def test_import_refuses_a_file_that_is_not_the_pinned_one(ct2_bytes):
     with pytest.raises(EncoderFileError, match="sha256"):
-        import_encoder(ct2_bytes, 2, expected_sha256="0" * 64)
+        import_encoder(ct2_bytes, 2, pinned={"0" * 64: "another file"})
     with pytest.raises(EncoderFileError, match="sha256"):
-        import_encoder(ct2_bytes, 2)  # the real Whisper base file's sha256
+        import_encoder(ct2_bytes, 2)  # the real Whisper base and tiny.en files' sha256
+
+
+def test_import_records_where_the_pinned_file_came_from(ct2_bytes):
+    data = import_encoder(ct2_bytes, 2, pinned={"0" * 64: "another file",
+                                                **hand_made(ct2_bytes)})
+    assert read_metadata(data)["provenance"] == "a hand-made Whisper file, first 2 blocks"
+
+
+def test_a_re_import_of_whisper_base_records_what_the_bundled_encoder_records():
+    """The provenance is part of the file, so of the sha256 the default model names: importing
+    Whisper base's file again must write the bundled encoder's text unchanged."""
+    bundled = read_metadata(ENCODER_FILE.read_bytes())
+    assert bundled["source_sha256"] == WHISPER_BASE_SHA256
+    assert (PINNED_SOURCES[WHISPER_BASE_SHA256].format(n=bundled["config"]["n_blocks"])
+            == bundled["provenance"])
 
 
 def test_import_refuses_more_blocks_than_the_file_has(ct2_bytes):
     with pytest.raises(EncoderFileError, match="fewer than 4"):
-        import_encoder(ct2_bytes, LAYERS + 1, expected_sha256=sha256_bytes(ct2_bytes))
+        import_encoder(ct2_bytes, LAYERS + 1, pinned=hand_made(ct2_bytes))
 
 
 def test_load_gives_a_frozen_float32_encoder_with_the_file_values(encoder_file, variables):
@@ -229,7 +251,7 @@ def test_a_clip_gives_the_same_states_alone_and_batched_with_padding(ct2_bytes, 
     """Also in int8, whose activation scale is taken per call: a neighbour never moves a clip."""
     path = tmp_path / "encoder.safetensors"
     path.write_bytes(import_encoder(ct2_bytes, LAYERS, precision=precision,
-                                    expected_sha256=sha256_bytes(ct2_bytes)))
+                                    pinned=hand_made(ct2_bytes)))
     encoder = load_encoder(path, None)
     mels = [random_mel(37, seed=1), random_mel(60, seed=2), random_mel(8, seed=3)]
     batch = torch.zeros(len(mels), 60, N_MELS)
@@ -254,7 +276,7 @@ def test_a_lower_precision_encoder_agrees_with_float32_and_is_a_file_of_its_own(
     for p in ("float32", precision):
         files[p] = tmp_path / f"{p}.safetensors"
         files[p].write_bytes(import_encoder(ct2_bytes, LAYERS, precision=p,
-                                            expected_sha256=sha256_bytes(ct2_bytes)))
+                                            pinned=hand_made(ct2_bytes)))
     assert sha256_bytes(files["float32"].read_bytes()) != sha256_bytes(files[precision].read_bytes())
     exact, lower = load_encoder(files["float32"], None), load_encoder(files[precision], None)
     if precision == "int8":
@@ -273,7 +295,7 @@ def test_a_lower_precision_encoder_agrees_with_float32_and_is_a_file_of_its_own(
 
 def test_import_refuses_an_unknown_precision(ct2_bytes):
     with pytest.raises(EncoderFileError, match="precision"):
-        import_encoder(ct2_bytes, 2, precision="float8", expected_sha256=sha256_bytes(ct2_bytes))
+        import_encoder(ct2_bytes, 2, precision="float8", pinned=hand_made(ct2_bytes))
 
 
 def test_encoder_refuses_more_frames_than_its_position_table(encoder_file):

@@ -25,14 +25,15 @@ WIDTH, HEADS, BLOCKS, N_MELS, MAX_FRAMES = 16, 2, 2, 80, 1500
 
 def tiny_encoder_bytes(seed: int = 0) -> bytes:
     """An encoder file: random CTranslate2 variables of the tiny encoder's shapes, imported
-    (their sha256 not pinned)."""
+    (their file pinned for this import only)."""
     rng = np.random.default_rng(seed)
     shapes = WhisperEncoder(EncoderConfig(N_MELS, WIDTH, HEADS, BLOCKS, MAX_FRAMES)).state_dict()
     variables = {theirs: ((1.0 if ours.endswith("norm.weight") else 0.0)  # LayerNorm gains
                           + 0.15 * rng.standard_normal(shapes[ours].shape)).astype(np.float16)
                  for ours, theirs in ct2_names(BLOCKS).items()}
     variables["encoder/num_heads"] = np.array(HEADS, np.int16)
-    return import_encoder(write_ct2("WhisperSpec", variables), BLOCKS, expected_sha256=None)
+    ct2 = write_ct2("WhisperSpec", variables)
+    return import_encoder(ct2, BLOCKS, pinned={sha256_bytes(ct2): "a random test encoder, {n} blocks"})
 
 
 def tiny_downstream(n_classes: int = 2) -> SpeechEmotionNet:
