@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 
+from learner.checkpoint import ENCODER_FILE
 from learner.file_metadata import read_metadata, save_with_metadata
 from learner.speech_encoder.ct2_file import CT2FormatError, read_ct2, write_ct2
-from learner.checkpoint import ENCODER_FILE
 from learner.speech_encoder.weights import (PINNED_SOURCES, WHISPER_BASE_SHA256, EncoderFileError,
                                              import_encoder, load_encoder)
 from learner.speech_encoder.whisper_encoder import ct2_names

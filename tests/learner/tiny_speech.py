@@ -33,7 +33,8 @@ def tiny_encoder_bytes(seed: int = 0) -> bytes:
                  for ours, theirs in ct2_names(BLOCKS).items()}
     variables["encoder/num_heads"] = np.array(HEADS, np.int16)
     ct2 = write_ct2("WhisperSpec", variables)
-    return import_encoder(ct2, BLOCKS, pinned={sha256_bytes(ct2): "a random test encoder, {n} blocks"})
+    return import_encoder(ct2, BLOCKS,
+                          pinned={sha256_bytes(ct2): "a random test encoder, {n} blocks"})
 
 
 def tiny_downstream(n_classes: int = 2) -> SpeechEmotionNet:
