@@ -2,8 +2,10 @@
 
 Two kinds of model: the log-mel CNN-BiLSTM (`EmotionNet`, files without a `kind`) and the
 CNN-BiLSTM on Whisper's frozen encoder (`SpeechEmotionModel`). The second kind's file holds only
-the trained downstream and names the bundled encoder file by sha256; the encoder is loaded once
-per process and shared by every version that reads it.
+the trained downstream and names its encoder file by sha256: one of the `*_encoder.safetensors`
+files beside the default model (the default's own, or one a maintainer re-imported for versions
+trained on an earlier default's encoder). Each is loaded once per process and shared by every
+version that reads it.
 
 Files are written atomically (temp file + rename) and their sha256 is checked on load, so a
 half-written or tampered file is never served. Nothing is ever unpickled.
@@ -26,7 +28,9 @@ from storage.files import sha256_bytes, write_atomic
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MODEL_FILE = DEFAULT_MODEL_DIR / "model.safetensors"
 DEFAULT_MODEL_INFO = DEFAULT_MODEL_FILE.with_suffix(".json")
-ENCODER_FILE = DEFAULT_MODEL_DIR / "whisper_base_encoder.safetensors"
+# Where models find the `*_encoder.safetensors` file they name: the default's own, and any a
+# maintainer imported again for older versions (`emoloop encoder import` writes here).
+ENCODER_DIR = DEFAULT_MODEL_DIR
 FEATURES_VERSION = "logmel64-v1"  # bump when learner.features changes what it computes
 
 LOGMEL_KIND = "logmel-cnn-bilstm"
@@ -116,13 +120,25 @@ def model_from_bytes(data: bytes, expected_sha256: str | None = None) -> LoadedM
 
 @lru_cache(maxsize=2)
 def bundled_encoder(sha256: str) -> nn.Module:
-    """The bundled encoder file, checked against the sha256 a model names; loaded once."""
+    """The encoder file of ENCODER_DIR whose sha256 a model names, checked and loaded once."""
     from learner.speech_encoder.weights import EncoderFileError, load_encoder
 
     try:
-        return load_encoder(ENCODER_FILE, sha256)
+        return load_encoder(encoder_file_for(sha256), sha256)
     except EncoderFileError as err:
         raise ModelFileError(str(err)) from err
+
+
+def encoder_file_for(sha256: str) -> Path:
+    """By content among the `*_encoder.safetensors` files, not by one fixed name: the default's
+    encoder and any re-imported one sit side by side."""
+    for path in sorted(ENCODER_DIR.glob("*_encoder.safetensors")):
+        if sha256_bytes(path.read_bytes()) == sha256:
+            return path
+    raise ModelFileError(
+        f"the model reads encoder sha256 {sha256}, and no encoder file in {ENCODER_DIR} has "
+        f"that checksum: a version trained on an earlier default's encoder needs that encoder "
+        f"imported again (`emoloop encoder import`, README \"Upgrading\")")
 
 
 def load_model(path: Path, expected_sha256: str | None = None) -> LoadedModel:
@@ -131,6 +147,14 @@ def load_model(path: Path, expected_sha256: str | None = None) -> LoadedModel:
     except OSError as err:
         raise ModelFileError(f"cannot read model file {path}: {err.strerror}") from err
     return model_from_bytes(data, expected_sha256)
+
+
+def bundled_model_sha256() -> str | None:
+    """The bundled default's sha256 as recorded beside it; None where it is missing."""
+    try:
+        return json.loads(DEFAULT_MODEL_INFO.read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def load_default_model() -> LoadedModel:

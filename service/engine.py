@@ -27,7 +27,7 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from learner.audio import decode_audio
-from learner.checkpoint import ModelFileError, model_from_bytes
+from learner.checkpoint import ModelFileError, bundled_model_sha256, model_from_bytes
 from learner.inference import EmotionPredictor, Prediction
 from learner.serving_net import for_serving
 from service.batcher import ModelBatcher
@@ -169,25 +169,30 @@ class InferenceEngine:
             return self._serving.version if self._serving else None
 
     def _fall_back(self, active_version: int, reason: str) -> None:
-        """With nothing serving yet: serve the newest earlier version that loads."""
+        """With nothing serving yet: serve the newest earlier version that loads, else this
+        release's bundled default where the launcher registered it (an upgrade whose active
+        version reads an encoder that no longer ships, in a store with nothing before it)."""
         with self.session_factory() as session:
-            earlier = [row for row in ModelRegistry(session, self.artifacts)
-                       .list_versions(scope="global")
-                       if row.status == "retired" and row.version != active_version]
+            versions = [row for row in ModelRegistry(session, self.artifacts)
+                        .list_versions(scope="global") if row.version != active_version]
             session.commit()
+        earlier = [row for row in versions if row.status == "retired"]
         # Most recently active first: after a rollback that is not the highest number.
         earlier.sort(key=lambda row: (row.activated_at is not None, row.activated_at,
                                       row.version), reverse=True)
-        for row in earlier:
+        bundled = [row for row in versions
+                   if row.status != "retired" and row.sha256 == bundled_model_sha256()]
+        for row in earlier + bundled:
             try:
                 self._swap(self.load(row.version))
             except ModelLoadError as err:
                 log.error("%s", err)
                 continue
             MODEL_FALLBACKS.inc()
+            which = ("the newest earlier version that loads" if row in earlier else
+                     "this release's bundled default, as no earlier version loads")
             self._problem = (f"the active version {active_version} cannot be loaded ({reason}); "
-                             f"serving version {row.version}, the newest earlier version that "
-                             "loads")
+                             f"serving version {row.version}, {which}")
             return
         self._problem = (f"the active version {active_version} cannot be loaded ({reason}), "
                          "and no earlier version loads either")

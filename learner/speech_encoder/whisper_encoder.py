@@ -66,9 +66,11 @@ class WhisperEncoder(nn.Module):
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, 80) log-mel, (B,) frame counts -> (n_blocks, B, T', D) hidden states and (B,)
         lengths T' = ceil(T / 2)."""
-        if self.config.precision == "int8" and mel.shape[0] > 1:
-            # Dynamic int8 takes one activation scale per call: in a batch, a clip's states would
-            # depend on its neighbours (and padding). Each clip alone keeps them its own.
+        if self.config.precision != "float32" and mel.shape[0] > 1:
+            # In a batch a clip's states would depend on its neighbours (and padding): dynamic
+            # int8 takes one activation scale per call, and bfloat16 rounds each product to 8
+            # bits, where the batch's shape picks the kernel and so the order of the sums (logits
+            # 0.01 apart). Each clip alone keeps its answer its own.
             alone = [self._states(mel[i : i + 1, :n], lengths[i : i + 1])
                      for i, n in enumerate(lengths.tolist())]
             t = max(states.shape[2] for states, _ in alone)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 
-from learner.checkpoint import ENCODER_FILE
+from learner.checkpoint import ENCODER_DIR
 from learner.file_metadata import read_metadata, save_with_metadata
 from learner.speech_encoder.ct2_file import CT2FormatError, read_ct2, write_ct2
-from learner.speech_encoder.weights import (PINNED_SOURCES, WHISPER_BASE_SHA256, EncoderFileError,
-                                             import_encoder, load_encoder)
+from learner.speech_encoder.weights import (IMPORT_FILE_NAMES, PINNED_SOURCES, WHISPER_BASE_SHA256,
+                                             EncoderFileError, import_encoder, load_encoder)
 from learner.speech_encoder.whisper_encoder import ct2_names
 from learner.speech_encoder.whisper_mel import whisper_log_mel
 from service.bench.clips import voiced_clip
@@ -141,13 +141,27 @@ def test_import_records_where_the_pinned_file_came_from(ct2_bytes):
     assert read_metadata(data)["provenance"] == "a hand-made Whisper file, first 2 blocks"
 
 
-def test_a_re_import_of_whisper_base_records_what_the_bundled_encoder_records():
-    """The provenance is part of the file, so of the sha256 the default model names: importing
-    Whisper base's file again must write the bundled encoder's text unchanged."""
-    bundled = read_metadata(ENCODER_FILE.read_bytes())
-    assert bundled["source_sha256"] == WHISPER_BASE_SHA256
-    assert (PINNED_SOURCES[WHISPER_BASE_SHA256].format(n=bundled["config"]["n_blocks"])
-            == bundled["provenance"])
+def test_a_re_import_writes_what_the_bundled_encoders_record():
+    """The provenance is part of the file, so of the sha256 a model names: importing a source
+    again must write the text its bundled file records, under the name models look for."""
+    bundled = sorted(ENCODER_DIR.glob("*_encoder.safetensors"))
+    assert bundled
+    for path in bundled:
+        metadata = read_metadata(path.read_bytes())
+        source = metadata["source_sha256"]
+        assert path.name == IMPORT_FILE_NAMES[source]
+        assert (PINNED_SOURCES[source].format(n=metadata["config"]["n_blocks"])
+                == metadata["provenance"])
+
+
+def test_a_re_import_of_whisper_base_records_what_the_earlier_default_encoder_recorded():
+    """Versions trained on Whisper base's two int8 blocks (the default before tiny.en's) name
+    that file's sha256 (dc0ca935...81d41); its recorded text, kept here since the file no longer
+    ships, must come out of an import of base again, byte for byte."""
+    assert PINNED_SOURCES[WHISPER_BASE_SHA256].format(n=2) == (
+        "Whisper base encoder, first 2 blocks. Weights (c) 2022 OpenAI, MIT licence; from the "
+        "CTranslate2 conversion (faster-whisper-base model.bin, sha256 "
+        "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9).")
 
 
 def test_import_refuses_more_blocks_than_the_file_has(ct2_bytes):
@@ -246,9 +260,10 @@ def test_encoder_equals_a_plain_reference(encoder_file, variables, frames):
         np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("precision", ["float32", "int8"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
 def test_a_clip_gives_the_same_states_alone_and_batched_with_padding(ct2_bytes, tmp_path, precision):
-    """Also in int8, whose activation scale is taken per call: a neighbour never moves a clip."""
+    """Also in int8, whose activation scale is taken per call, and in bfloat16, whose rounding
+    follows the batch's shape: a neighbour never moves a clip."""
     path = tmp_path / "encoder.safetensors"
     path.write_bytes(import_encoder(ct2_bytes, LAYERS, precision=precision,
                                     pinned=hand_made(ct2_bytes)))

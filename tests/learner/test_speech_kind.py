@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
+import learner.checkpoint as checkpoint
 from learner.checkpoint import (LOGMEL_KIND, WHISPER_KIND, LoadedModel, ModelFileError,
                                 bundled_encoder, model_bytes, model_from_bytes)
 from learner.continual.base_sets import BaseSetError, load_base_set
@@ -22,13 +23,16 @@ from learner.personal.model import (PersonalPredictor, as_stored, embed_batch,
                                     personal_head_bytes, personal_head_from_bytes)
 from learner.personal.rounds import run_personal_rounds
 from learner.serving_net import for_serving
+from learner.speech_encoder import weights
 from learner.speech_encoder.weights import load_encoder
 from learner.speech_encoder.whisper_mel import extract_speech_features
 from learner.speech_model import ADAPTABLE, SpeechEmotionModel
+from service import cli
+from storage.files import sha256_bytes
 from storage.registry import ModelRegistry
-from tests.learner.tiny_speech import (bundled_tiny_encoder, speech_world,  # noqa: F401
-                                       tiny_encoder_file, tiny_speech_model, toy_speech_base_sets,
-                                       toy_speech_model)
+from tests.learner.tiny_speech import (TINY_SOURCE_TEXT, bundled_tiny_encoder,  # noqa: F401
+                                       speech_world, tiny_ct2, tiny_encoder_file,
+                                       tiny_speech_model, toy_speech_base_sets, toy_speech_model)
 from tests.learner.test_personal_rounds import PERSONAL, correct
 from tests.learner.toy_learning import (TOY_LABELS, make_world, toy_base_sets,  # noqa: F401
                                         toy_features, toy_model, toy_wave, write_toy_base_sets)
@@ -68,10 +72,35 @@ def test_a_model_naming_another_encoder_is_refused_whole(tiny_encoder_file, bund
     path, sha256 = tiny_encoder_file
     net = tiny_speech_model(tiny_encoder_file)
     foreign = SpeechEmotionModel(net.encoder, net.downstream, encoder_sha256="0" * 64)
-    with pytest.raises(ModelFileError, match="checksum"):
+    with pytest.raises(ModelFileError, match="no encoder file"):
         model_from_bytes(model_bytes(foreign, TOY_LABELS))
     assert bundled_encoder.cache_info().currsize == 0  # nothing of it kept
     model_from_bytes(model_bytes(net, TOY_LABELS))  # the right one still loads
+
+
+def test_a_version_on_an_encoder_no_longer_shipped_loads_once_that_encoder_is_imported_again(
+        tiny_encoder_file, tmp_path, monkeypatch):
+    """An upgrade that ships another default encoder leaves a store's older versions naming the
+    earlier one: they are refused, whole, with a message saying what to import, and the import
+    (no --out) writes the file where they find it."""
+    ct2 = tmp_path / "model.bin"
+    ct2.write_bytes(tiny_ct2())
+    source = sha256_bytes(ct2.read_bytes())
+    monkeypatch.setitem(weights.PINNED_SOURCES, source, TINY_SOURCE_TEXT)
+    monkeypatch.setitem(weights.IMPORT_FILE_NAMES, source, "earlier_encoder.safetensors")
+    shipped = tmp_path / "default_model"  # this release's files: another encoder only
+    shipped.mkdir()
+    (shipped / "whisper_tiny_en_encoder.safetensors").write_bytes(b"this release's encoder")
+    monkeypatch.setattr(checkpoint, "ENCODER_DIR", shipped)
+    bundled_encoder.cache_clear()
+    older = model_bytes(tiny_speech_model(tiny_encoder_file), TOY_LABELS)
+
+    with pytest.raises(ModelFileError, match="emoloop encoder import"):
+        model_from_bytes(older)
+    assert cli.main(["encoder", "import", str(ct2), "--blocks", "2"]) == 0
+    assert (shipped / "earlier_encoder.safetensors").read_bytes() == tiny_encoder_file[0].read_bytes()
+    assert model_from_bytes(older).net.encoder_sha256 == tiny_encoder_file[1]
+    bundled_encoder.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -23,18 +23,24 @@ from tests.learner.toy_learning import (LearnerWorld, make_world, train_toy_mode
 WIDTH, HEADS, BLOCKS, N_MELS, MAX_FRAMES = 16, 2, 2, 80, 1500
 
 
-def tiny_encoder_bytes(seed: int = 0) -> bytes:
-    """An encoder file: random CTranslate2 variables of the tiny encoder's shapes, imported
-    (their file pinned for this import only)."""
+TINY_SOURCE_TEXT = "a random test encoder, {n} blocks"  # the provenance its import records
+
+
+def tiny_ct2(seed: int = 0) -> bytes:
+    """A CTranslate2 file of random variables of the tiny encoder's shapes (float16)."""
     rng = np.random.default_rng(seed)
     shapes = WhisperEncoder(EncoderConfig(N_MELS, WIDTH, HEADS, BLOCKS, MAX_FRAMES)).state_dict()
     variables = {theirs: ((1.0 if ours.endswith("norm.weight") else 0.0)  # LayerNorm gains
                           + 0.15 * rng.standard_normal(shapes[ours].shape)).astype(np.float16)
                  for ours, theirs in ct2_names(BLOCKS).items()}
     variables["encoder/num_heads"] = np.array(HEADS, np.int16)
-    ct2 = write_ct2("WhisperSpec", variables)
-    return import_encoder(ct2, BLOCKS,
-                          pinned={sha256_bytes(ct2): "a random test encoder, {n} blocks"})
+    return write_ct2("WhisperSpec", variables)
+
+
+def tiny_encoder_bytes(seed: int = 0) -> bytes:
+    """An encoder file: `tiny_ct2` imported (its file pinned for this import only)."""
+    ct2 = tiny_ct2(seed)
+    return import_encoder(ct2, BLOCKS, pinned={sha256_bytes(ct2): TINY_SOURCE_TEXT})
 
 
 def tiny_downstream(n_classes: int = 2) -> SpeechEmotionNet:
@@ -54,9 +60,9 @@ def tiny_encoder_file(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture
 def bundled_tiny_encoder(tiny_encoder_file, monkeypatch) -> str:
-    """The tiny encoder as the bundled encoder file, for this test; returns its sha256."""
+    """The tiny encoder as the only bundled encoder file, for this test; returns its sha256."""
     path, sha256 = tiny_encoder_file
-    monkeypatch.setattr(checkpoint, "ENCODER_FILE", path)
+    monkeypatch.setattr(checkpoint, "ENCODER_DIR", path.parent)
     checkpoint.bundled_encoder.cache_clear()
     yield sha256
     checkpoint.bundled_encoder.cache_clear()

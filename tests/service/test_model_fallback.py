@@ -1,7 +1,8 @@
 """A corrupt or missing active model file, on SQLite and PostgreSQL: the engine keeps serving the
 version it had (at start: the newest earlier version that loads), /ready says which version
 serves and why, /metrics counts it, answers never fail, and a restored file is served again
-without a restart."""
+without a restart. With no earlier version to fall back on (a store of an earlier release whose
+only version reads an encoder that no longer ships), this release's bundled default serves."""
 import threading
 import time
 
@@ -109,6 +110,25 @@ def test_a_corrupt_new_version_never_fails_an_answer(client, keys, db, artifacts
     assert ready["model_version"] == 1
     assert ready["detail"].startswith(f"the active version {version} cannot be loaded")
     assert "still serving version 1" in ready["detail"]
+
+
+def test_with_no_earlier_version_the_bundled_default_registered_beside_it_serves(
+        settings, seeded, keys, db, artifacts, wav_clip):
+    from service.app import create_app
+    from service.bootstrap import register_bundled_model
+
+    with db() as session:
+        path = ModelRegistry(session, artifacts).get(1).artifact_path
+    artifacts.path(path).write_bytes(b"unloadable")  # as a version whose encoder is gone
+    bundled = register_bundled_model(db, artifacts)  # what `emoloop serve` does at start
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        ready = client.get("/ready").json()
+        assert (ready["model_version"], ready["active_version"]) == (bundled, 1)
+        assert f"serving version {bundled}, this release's bundled default" in ready["detail"]
+        assert predict(client, keys.app, wav_clip)["model_version"] == bundled
+    with db() as session:  # served, not activated: the admin decides
+        assert ModelRegistry(session, artifacts).active_global().version == 1
 
 
 def test_without_any_loadable_version_ready_says_why(settings, seeded, keys, db, artifacts):
