@@ -470,19 +470,17 @@ def cmd_encoder(args: argparse.Namespace) -> int:
     from learner.checkpoint import ENCODER_DIR
     from learner.speech_encoder.ct2_file import CT2FormatError
     from learner.speech_encoder.weights import EncoderFileError, import_encoder_file
-    from storage.files import sha256_bytes
 
     if args.blocks < 1:
         print("emoloop encoder import: --blocks must be at least 1", file=sys.stderr)
         return 2
     try:
-        out = import_encoder_file(args.path, args.out, args.blocks, args.precision,
-                                  folder=ENCODER_DIR)
+        out, digest = import_encoder_file(args.path, args.out, args.blocks, args.precision,
+                                          folder=ENCODER_DIR)
     except (EncoderFileError, CT2FormatError, OSError) as err:
         print(f"emoloop encoder import: {err}", file=sys.stderr)
         return 2
-    data = out.read_bytes()
-    print(f"wrote {out}  sha256 {sha256_bytes(data)}  {len(data):,} bytes")
+    print(f"wrote {out}  sha256 {digest}  {out.stat().st_size:,} bytes")
     return 0
 
 

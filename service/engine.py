@@ -180,8 +180,9 @@ class InferenceEngine:
         # Most recently active first: after a rollback that is not the highest number.
         earlier.sort(key=lambda row: (row.activated_at is not None, row.activated_at,
                                       row.version), reverse=True)
+        bundled_sha256 = bundled_model_sha256()
         bundled = [row for row in versions
-                   if row.status != "retired" and row.sha256 == bundled_model_sha256()]
+                   if row.status != "retired" and row.sha256 == bundled_sha256]
         for row in earlier + bundled:
             try:
                 self._swap(self.load(row.version))

@@ -79,14 +79,14 @@ def import_encoder(ct2_bytes: bytes, n_blocks: int, *, precision: str = "float32
 
 
 def import_encoder_file(ct2_path: Path, out: Path | None, n_blocks: int,
-                        precision: str = "float32", *, folder: Path | None = None) -> Path:
+                        precision: str = "float32", *, folder: Path | None = None
+                        ) -> tuple[Path, str]:
     """`emoloop encoder import`: write the safetensors atomically to `out`, or to the source's
-    IMPORT_FILE_NAMES name in `folder`; returns the path written."""
-    ct2_bytes = Path(ct2_path).read_bytes()
-    data = import_encoder(ct2_bytes, n_blocks, precision=precision)
-    out = out or Path(folder) / IMPORT_FILE_NAMES[sha256_bytes(ct2_bytes)]
+    IMPORT_FILE_NAMES name in `folder`; returns the path written and the file's sha256."""
+    data = import_encoder(Path(ct2_path).read_bytes(), n_blocks, precision=precision)
+    out = out or Path(folder) / IMPORT_FILE_NAMES[read_metadata(data)["source_sha256"]]
     write_atomic(out, data)
-    return out
+    return out, sha256_bytes(data)
 
 
 def load_encoder(path: Path, expected_sha256: str | None) -> nn.Module:
