@@ -22,7 +22,7 @@ from torch import nn
 
 from learner.file_metadata import read_metadata, save_with_metadata
 from learner.model import EmotionNet, ModelConfig
-from learner.speech_model import DownstreamConfig, SpeechEmotionModel, SpeechEmotionNet
+from learner.speech_model import DownstreamConfig, SpeechEmotionModel, build_downstream
 from storage.files import sha256_bytes, write_atomic
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -103,7 +103,7 @@ def model_from_bytes(data: bytes, expected_sha256: str | None = None) -> LoadedM
                                  f"this code computes {FEATURES_BY_KIND[kind]!r}")
         config = json.loads(metadata["config"])
         if kind == WHISPER_KIND:
-            downstream = SpeechEmotionNet(DownstreamConfig.from_dict(config))
+            downstream = build_downstream(DownstreamConfig.from_dict(config))
             downstream.load_state_dict(load_safetensors(data), strict=True)
             sha = metadata["encoder_sha256"]
             net = SpeechEmotionModel(bundled_encoder(sha), downstream, sha)

@@ -8,17 +8,23 @@ encoder states (N, B, T, D) at 50 fps (learner.speech_encoder; frozen, computed 
 -> Conv1d blocks (local patterns over 40 ms steps) -> BiLSTM (context over the utterance)
 -> attention pooling (which frames carry the emotion) -> linear head.
 Variable length is masked at every stage: padding a clip inside a batch never changes its output.
+
+A downstream of several branches (`branches` > 1, SpeechEmotionEnsemble) is that many of the
+above trained apart, on different seeds, whose embeddings one head reads side by side: the mean
+of their logits, written as one linear layer, so that learner rounds, Avalanche's head and personal
+heads see one network. Seeds alone move a single downstream by several points on unseen voices;
+the mean of several moves less and scores higher (README, "How it was chosen").
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from learner.model import AttentionPooling, time_mask
 
 # What a personal version re-fits for its user's voice (learner.personal.model): the layers that
-# carry the encoder's states into the downstream, where a voice's and a microphone's offsets sit.
+# carry the encoder's states into the downstream, where a voice's and a microphone's offsets sit
+# (in each branch of an ensemble: a downstream's `adaptable` names them).
 ADAPTABLE = ("in_norm.weight", "in_norm.bias", "project.weight", "project.bias")
 
 
@@ -33,6 +39,7 @@ class DownstreamConfig:
     lstm_hidden: int = 128
     dropout: float = 0.3  # before the head
     input_dropout: float = 0.0  # on the projected frames: fewer of a voice's details to memorise
+    branches: int = 1  # downstreams trained apart whose embeddings one head reads (an ensemble)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +65,34 @@ def pool_frames(states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tens
     return pooled * time_mask(new_lengths, pooled.shape[2])[None, :, :, None], new_lengths
 
 
+def reverse_within(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, C): each clip's first `length` frames in reverse order, the padding after them left
+    in place."""
+    t = x.shape[1]
+    index = torch.arange(t)[None, :].expand(len(lengths), t)
+    reverse = lengths[:, None] - 1 - index
+    index = torch.where(reverse >= 0, reverse, index)
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+def bidirectional_lstm(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A one-layer bidirectional `lstm` over (B, T, C) padded clips -> (B, T, 2H): forward from
+    each clip's first frame, backward from its own last one, as over a packed sequence (padded
+    frames' outputs are left unmasked: the pooling masks them). Not packed because on a CPU the
+    backward pass of a packed LSTM took 77 ms a batch of 32 and this one 11 ms: a learning round
+    trains the downstream, and an ensemble's branches each run one."""
+    zeros = x.new_zeros(1, x.shape[0], lstm.hidden_size)
+    outputs = []
+    for suffix, sequence in (("", x), ("_reverse", reverse_within(x, lengths))):
+        weights = [getattr(lstm, f"{name}_l0{suffix}")
+                   for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        # (has biases, 1 layer, no dropout, training, one direction, batch first)
+        h, _, _ = torch.lstm(sequence, (zeros, zeros), weights, True, 1, 0.0, lstm.training,
+                             False, True)
+        outputs.append(h)
+    return torch.cat([outputs[0], reverse_within(outputs[1], lengths)], dim=2)
+
+
 class ConvBlock1d(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int):
         super().__init__()
@@ -69,7 +104,11 @@ class ConvBlock1d(nn.Module):
         return torch.relu(self.norm(self.conv(x))) * mask[:, None, :]
 
 
-class SpeechEmotionNet(nn.Module):
+class DownstreamBranch(nn.Module):
+    """Encoder states -> one embedding: everything of the downstream but its head."""
+
+    adaptable = ADAPTABLE
+
     def __init__(self, config: DownstreamConfig):
         super().__init__()
         self.config = config
@@ -82,13 +121,11 @@ class SpeechEmotionNet(nn.Module):
         self.lstm = nn.LSTM(config.channels, config.lstm_hidden, batch_first=True,
                             bidirectional=True)
         self.pool = AttentionPooling(2 * config.lstm_hidden)
-        self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(2 * config.lstm_hidden, config.n_classes)
 
     def embed(self, states: torch.Tensor, lengths: torch.Tensor,
               adapter: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, N, T, D) pooled encoder states, (B,) frame counts -> (B, 2*lstm_hidden).
-        `adapter`: a personal version's own values of the ADAPTABLE parameters, used in place
+        `adapter`: a personal version's own values of the `adaptable` parameters, used in place
         of these (passed, not swapped in: other requests read this network meanwhile)."""
         weights = torch.softmax(self.block_logits, dim=0)
         x = torch.einsum("n,bntd->btd", weights, states)  # (B, T, D)
@@ -101,16 +138,66 @@ class SpeechEmotionNet(nn.Module):
         x = self.input_dropout(x).transpose(1, 2) * mask[:, None, :]  # (B, C, T)
         for conv in self.convs:
             x = conv(x, mask)
-        x = x.transpose(1, 2)  # (B, T, C)
         lengths = lengths.clamp(min=1)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        h, _ = self.lstm(packed)
-        h, _ = pad_packed_sequence(h, batch_first=True, total_length=t)  # (B, T, 2H)
+        h = bidirectional_lstm(self.lstm, x.transpose(1, 2), lengths)  # (B, T, 2H)
         return self.pool(h, time_mask(lengths, t))
+
+
+class SpeechEmotionNet(DownstreamBranch):
+    """One branch and its head: the downstream of `branches` = 1."""
+
+    def __init__(self, config: DownstreamConfig):
+        super().__init__(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(2 * config.lstm_hidden, config.n_classes)
 
     def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """-> (B, n_classes) logits."""
         return self.head(self.dropout(self.embed(states, lengths)))
+
+
+class SpeechEmotionEnsemble(nn.Module):
+    """`branches` downstreams side by side under one head (the module docstring says why)."""
+
+    def __init__(self, config: DownstreamConfig):
+        super().__init__()
+        self.config = config
+        branch = replace(config, branches=1)
+        self.branches = nn.ModuleList(DownstreamBranch(branch) for _ in range(config.branches))
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.branches * 2 * config.lstm_hidden, config.n_classes)
+        self.adaptable = tuple(f"branches.{k}.{name}"
+                               for k in range(config.branches) for name in ADAPTABLE)
+
+    @classmethod
+    def of(cls, members: list[SpeechEmotionNet]) -> "SpeechEmotionEnsemble":
+        """The members as one network whose logits are the mean of theirs, exactly."""
+        ensemble = cls(replace(members[0].config, branches=len(members)))
+        for branch, member in zip(ensemble.branches, members):
+            own = {k: v for k, v in member.state_dict().items() if not k.startswith("head.")}
+            branch.load_state_dict(own, strict=True)
+        with torch.no_grad():
+            ensemble.head.weight.copy_(torch.cat([m.head.weight for m in members], dim=1)
+                                       / len(members))
+            ensemble.head.bias.copy_(torch.stack([m.head.bias for m in members]).mean(dim=0))
+        return ensemble
+
+    def embed(self, states: torch.Tensor, lengths: torch.Tensor,
+              adapter: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, N, T, D), (B,) -> (B, branches * 2*lstm_hidden): the branches' embeddings."""
+        parts = []
+        for k, branch in enumerate(self.branches):
+            own = None if adapter is None else {name: adapter[f"branches.{k}.{name}"]
+                                                for name in ADAPTABLE}
+            parts.append(branch.embed(states, lengths, adapter=own))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(states, lengths)))
+
+
+def build_downstream(config: DownstreamConfig) -> SpeechEmotionNet | SpeechEmotionEnsemble:
+    return SpeechEmotionEnsemble(config) if config.branches > 1 else SpeechEmotionNet(config)
 
 
 class SpeechEmotionModel(nn.Module):
@@ -119,7 +206,8 @@ class SpeechEmotionModel(nn.Module):
     inference, rounds and personal heads work on either kind. Only the downstream is saved in a
     model version's file; the encoder is the bundled one, named there by its sha256."""
 
-    def __init__(self, encoder: nn.Module, downstream: SpeechEmotionNet, encoder_sha256: str):
+    def __init__(self, encoder: nn.Module, downstream: SpeechEmotionNet | SpeechEmotionEnsemble,
+                 encoder_sha256: str):
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.encoder_sha256 = encoder_sha256  # which bundled encoder file the downstream reads
@@ -147,7 +235,7 @@ class SpeechEmotionModel(nn.Module):
 
     def embed(self, mel: torch.Tensor, lengths: torch.Tensor,
               adapter: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, T, 80) Whisper log-mel, (B,) frame counts -> (B, 2*lstm_hidden)."""
+        """(B, T, 80) Whisper log-mel, (B,) frame counts -> (B, head.in_features)."""
         return self.downstream.embed(*self.encode(mel, lengths), adapter=adapter)
 
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,14 @@ The encoder costs far more than the downstream, so it runs once per clip and var
 (learner.encoder_cache): the clean clip for every speaker, plus waveform-augmented variants of
 the training speakers' clips. Epochs then read the cache: one variant per pick, a random crop,
 classes balanced by sampling; the epoch with the best unweighted accuracy on the validation
-speakers (averaged over corpora) is kept. The result wraps the bundled encoder, so it saves and
-serves as one model.
+speakers (averaged over corpora) is kept. A downstream of several branches trains each on its own
+seed (the recipe's, then the next ones), in parallel processes, and joins them under one head
+(learner.speech_model.SpeechEmotionEnsemble). The result wraps the bundled encoder, so it saves
+and serves as one model.
 """
 import sys
 import time
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,8 @@ from learner.encoder_cache import EncoderCache, build_or_load_cache
 from learner.evaluation import build_report, outcomes_from_logits
 from learner.inference import limit_threads
 from learner.speech_encoder.weights import load_encoder
-from learner.speech_model import DownstreamConfig, SpeechEmotionModel, SpeechEmotionNet
+from learner.speech_model import (DownstreamConfig, SpeechEmotionEnsemble, SpeechEmotionModel,
+                                  SpeechEmotionNet)
 from learner.training import EarlyStopping, TrainingResult, balanced_weights, optimiser_step
 from storage.files import sha256_bytes
 
@@ -57,7 +61,7 @@ def _batch(states: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def cached_logits(net: SpeechEmotionNet, data: CachedClips, batch_size: int = 64) -> np.ndarray:
+def cached_logits(net: nn.Module, data: CachedClips, batch_size: int = 64) -> np.ndarray:
     """Logits of every clip's clean variant, whole clip, batched by similar length."""
     net.eval()
     cache, rows = data.variants[0]
@@ -70,7 +74,7 @@ def cached_logits(net: SpeechEmotionNet, data: CachedClips, batch_size: int = 64
     return out
 
 
-def cached_report(net: SpeechEmotionNet, data: CachedClips, labels: tuple[str, ...]) -> dict:
+def cached_report(net: nn.Module, data: CachedClips, labels: tuple[str, ...]) -> dict:
     """The evaluation report (per-corpus restricted labels) from cached states."""
     return build_report(*outcomes_from_logits(data.clips, labels, cached_logits(net, data)),
                         labels)
@@ -82,14 +86,21 @@ def corpus_mean_ua(report: dict) -> float:
     return float(np.mean([r["unweighted_accuracy"] for r in report["per_corpus"].values()]))
 
 
-def train_downstream(config: dict, train: CachedClips, validation: CachedClips,
-                     labels: tuple[str, ...], encoder_width: int, *, progress: bool = True,
-                     ) -> tuple[SpeechEmotionNet, list[dict]]:
-    seed, train_cfg = int(config["seed"]), config["train"]
+def branch_config(config: dict, encoder_width: int) -> DownstreamConfig:
+    """The recipe's `model` section as one branch's downstream."""
+    return DownstreamConfig(n_classes=len(config["labels"]), width=encoder_width,
+                            **{**config["model"], "branches": 1})
+
+
+def train_branch(config: dict, seed: int, train: CachedClips, validation: CachedClips,
+                 labels: tuple[str, ...], encoder_width: int, *, progress: bool = True,
+                 ) -> tuple[SpeechEmotionNet, list[dict]]:
+    """One downstream of one branch, trained on `seed`, its epoch chosen on the validation
+    speakers."""
+    train_cfg = config["train"]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SpeechEmotionNet(DownstreamConfig(n_classes=len(labels), width=encoder_width,
-                                            **config["model"]))
+    net = SpeechEmotionNet(branch_config(config, encoder_width))
     batch_size, epochs = train_cfg["batch_size"], train_cfg["epochs"]
     steps = len(train.clips) // batch_size
     if not validation.clips or steps == 0:
@@ -117,17 +128,51 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips,
         report = cached_report(net, validation, labels)
         score = corpus_mean_ua(report)
         per_corpus = {c: round(r["accuracy"], 3) for c, r in report["per_corpus"].items()}
-        history.append({"epoch": epoch, "loss": round(total / steps, 4),
+        history.append({"seed": seed, "epoch": epoch, "loss": round(total / steps, 4),
                         "val_corpus_mean_ua": round(score, 4),
                         "val_ua": round(report["unweighted_accuracy"], 4),
                         "val_accuracy": round(report["accuracy"], 4), "val_per_corpus": per_corpus})
         if progress:
-            tqdm.write(f"epoch {epoch}: loss {total / steps:.3f}  validation mean UA over corpora "
-                       f"{score:.3f}  accuracy {per_corpus}", file=sys.stderr)
+            tqdm.write(f"seed {seed} epoch {epoch}: loss {total / steps:.3f}  validation mean UA "
+                       f"over corpora {score:.3f}  accuracy {per_corpus}", file=sys.stderr)
         if stopping.should_stop(net, score):
             break
     stopping.restore_best(net)
     return net, history
+
+
+def train_downstream(config: dict, data_dir: Path, encoder_path: Path, encoder_width: int, *,
+                     progress: bool = True) -> tuple[nn.Module, list[dict]]:
+    """The recipe's downstream: `model.branches` branches on seeds seed, seed + 1, ..., each
+    trained alone (`train.workers` processes at a time), joined under one head when several.
+    A branch depends on its seed only, so the result is the same however they are scheduled."""
+    seed, n = int(config["seed"]), int(config["model"].get("branches", 1))
+    tasks = [(config, data_dir, encoder_path, encoder_width, seed + k, progress and n == 1)
+             for k in range(n)]
+    workers = min(n, int(config["train"].get("workers", 2)))
+    bar = dict(total=n, desc="downstream branches", unit="branch", disable=not progress or n == 1)
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            trained = list(tqdm(pool.imap(_train_branch, tasks), **bar))
+    else:
+        trained = [_train_branch(t) for t in tqdm(tasks, **bar)]
+    members = []
+    for state, _ in trained:
+        member = SpeechEmotionNet(branch_config(config, encoder_width))
+        member.load_state_dict(state)
+        members.append(member.eval())
+    history = [epoch for _, h in trained for epoch in h]
+    return (members[0] if n == 1 else SpeechEmotionEnsemble.of(members)), history
+
+
+def _train_branch(task: tuple) -> tuple[dict, list[dict]]:
+    """A process's share of train_downstream: reads the cache (memory-mapped) on its own."""
+    config, data_dir, encoder_path, encoder_width, seed, progress = task
+    limit_threads(int(config["train"].get("threads", 2)))
+    train, validation, _ = load_cached_splits(config, data_dir, encoder_path, progress=False)
+    net, history = train_branch(config, seed, train, validation, tuple(config["labels"]),
+                                encoder_width, progress=progress)
+    return net.state_dict(), history
 
 
 def load_cached_splits(config: dict, data_dir: Path, encoder_path: Path, *,
@@ -170,11 +215,11 @@ def train_speech(config: dict, data_dir: Path, encoder_path: Path, *,
     started = time.perf_counter()
     labels = tuple(config["labels"])
     limit_threads(int(config["train"].get("threads", 2)))
-    train, validation, test = load_cached_splits(config, data_dir, encoder_path, progress=progress)
+    _, validation, test = load_cached_splits(config, data_dir, encoder_path, progress=progress)
     encoder_sha = sha256_bytes(Path(encoder_path).read_bytes())
     encoder = load_encoder(encoder_path, encoder_sha)
-    downstream, history = train_downstream(config, train, validation, labels,
-                                           encoder.config.width, progress=progress)
+    downstream, history = train_downstream(config, data_dir, encoder_path, encoder.config.width,
+                                           progress=progress)
     net = SpeechEmotionModel(encoder, downstream, encoder_sha)
     return TrainingResult(net, labels, history, cached_report(downstream, validation, labels),
                           cached_report(downstream, test, labels) if test.clips else None,

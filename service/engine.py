@@ -69,7 +69,7 @@ class Inference:
 
 class InferenceEngine:
     def __init__(self, session_factory: sessionmaker[Session], artifacts: ArtifactStore,
-                 *, max_audio_seconds: float, personal_cache_size: int = 1000,
+                 *, max_audio_seconds: float, personal_cache_size: int = 200,
                  global_cache_size: int = 2, personal_ttl_s: float = 1.0):
         self.session_factory = session_factory
         self.artifacts = artifacts

@@ -203,8 +203,9 @@ class PersonalSettings(Section):
     # global gate set. Looser than learner.max_recall_drop: this model answers one user only.
     max_recall_drop: float = Field(0.03, ge=0.0, le=1.0)
     # Personal rounds one scheduler tick runs, oldest requests first. A round on the bundled
-    # model takes about half a minute on one core (five trainings: four for cross-validation),
-    # under the learner's lock: ten keep a tick well within `learner.interval_s` (README).
+    # model takes under a minute on one core (five trainings: four for cross-validation; 49 s on
+    # the five-branch default), under the learner's lock: ten keep a tick within
+    # `learner.interval_s` (README).
     max_users_per_tick: int = 10
     # Training (learner/personal/training.py): steps of `batch_size` of the user's clips and
     # `replay_batch_size` of the global version's replay exemplars (they hold it near the global
@@ -221,9 +222,10 @@ class PersonalSettings(Section):
     memory_neighbours: int = Field(3, ge=1)
     memory_size: int = Field(100, ge=1)  # the newest corrections; 2 bytes a dimension each
     # Serving, per worker process: personal versions kept in memory (a head, input layers and
-    # memory, at most 124 KB each on the bundled model), and global versions other than the
-    # active one kept loaded for personal versions built on them.
-    cache_size: int = Field(1000, ge=1)
+    # memory, at most 531 KB each on the bundled model's five branches: 200 hold about what
+    # 1,000 held on one branch, 106 MB; a version not cached loads in about 4 ms, README), and
+    # global versions other than the active one kept loaded for personal versions built on them.
+    cache_size: int = Field(200, ge=1)
     global_cache_size: int = Field(2, ge=1)
 
 

@@ -4,10 +4,11 @@ clip (learner.continual.avalanche_model: log-mel frames, or the frozen speech en
 The Naive strategy with a ReplayPlugin whose class-balanced buffer holds the global version's
 replay exemplars, BatchNorm statistics frozen, a fixed number of steps. What trains is the
 personal part of the network (`personal_names`): the head, and on a speech-encoder model also
-the downstream's input layers (learner.speech_model.ADAPTABLE), where a voice sits; everything
-else stays the global version's. Replay holds the part near what the global data needs; the
-personal gate checks that it did. Measured on the validation users (README, "Personal models"):
-the input layers re-fitted for a voice answer its other clips better than a head alone.
+the downstream's input layers (learner.speech_model.ADAPTABLE, in each branch), where a voice
+sits; everything else stays the global version's. Replay holds the part near what the global
+data needs; the personal gate checks that it did. Measured on the validation users (README,
+"Personal models"): the input layers re-fitted for a voice answer its other clips better than a
+head alone.
 
 A round computes every clip's inputs once (`cut_inputs`); each step reads random crops of them.
 """
@@ -32,7 +33,7 @@ from learner.continual.strategies import (CroppedInputs, FrozenBatchNorm, RoundS
                                           StepBudget, StopWhenAsked, avalanche_dataset,
                                           cut_inputs)
 from learner.inference import length_batches
-from learner.speech_model import ADAPTABLE, SpeechEmotionModel
+from learner.speech_model import SpeechEmotionModel
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def personal_names(net: nn.Module) -> tuple[str, ...]:
     """The parameters (named as in the head's owner, learner.continual.avalanche_model) a
     personal version re-fits."""
     head = ("head.weight", "head.bias")
-    return ADAPTABLE + head if isinstance(net, SpeechEmotionModel) else head
+    return net.downstream.adaptable + head if isinstance(net, SpeechEmotionModel) else head
 
 
 def clip_inputs(net: nn.Module, features: list[np.ndarray]) -> list[np.ndarray]:
@@ -129,7 +130,7 @@ def train_personal(net: nn.Module, user_inputs: list[np.ndarray], user_y: list[i
     head = nn.Linear(classifier.in_features, classifier.out_features)
     head.load_state_dict(classifier.state_dict())
     state = owner.state_dict()
-    adapter = ({name: state[name].detach().clone() for name in ADAPTABLE}
+    adapter = ({name: state[name].detach().clone() for name in net.downstream.adaptable}
                if isinstance(net, SpeechEmotionModel) else None)
     return PersonalPart(head.eval().requires_grad_(False), adapter)
 

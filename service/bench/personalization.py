@@ -235,7 +235,7 @@ def _cost_bench(root: Path, versions: int, probes: int) -> dict:
     import torch
 
     from learner.personal.model import CorrectionMemory, personal_head_bytes
-    from learner.speech_model import ADAPTABLE, SpeechEmotionModel
+    from learner.speech_model import SpeechEmotionModel
     from service.bench.clips import to_wav, voiced_clip
     from storage.registry import ModelRegistry
 
@@ -269,7 +269,7 @@ def _cost_bench(root: Path, versions: int, probes: int) -> dict:
                 own = dict(base_net.downstream.named_parameters())
                 adapter = {k: own[k].detach() + 0.01 * torch.randn(own[k].shape,
                                                                    generator=generator)
-                           for k in ADAPTABLE}
+                           for k in base_net.downstream.adaptable}
             return personal_head_bytes(head, labels, parent_version=global_version,
                                        parent_sha256=global_sha, parent_kind=kind,
                                        memory=memory, adapter=adapter)

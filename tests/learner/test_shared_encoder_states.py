@@ -33,7 +33,7 @@ def _whisper_pair() -> tuple[EmotionPredictor, EmotionPredictor]:
     torch.manual_seed(14)
     with torch.no_grad():
         for p in downstream.parameters():
-            p.add_(0.1 * torch.randn_like(p) * p.abs().mean())
+            p.add_(0.3 * torch.randn_like(p) * p.abs().mean())
     candidate = SpeechEmotionModel(net.encoder, downstream.eval(), net.encoder_sha256)
     return active, EmotionPredictor(LoadedModel(candidate, active.labels, "", WHISPER_KIND))
 

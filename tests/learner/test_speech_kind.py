@@ -44,9 +44,10 @@ def _clips() -> list[np.ndarray]:
     return [toy_features(label, 50 + k, WHISPER_KIND) for k, label in enumerate(TOY_LABELS * 2)]
 
 
+@pytest.mark.parametrize("branches", [1, 2])
 def test_its_file_holds_the_downstream_only_and_loads_with_the_same_outputs(
-        tiny_encoder_file, bundled_tiny_encoder):
-    net = tiny_speech_model(tiny_encoder_file).eval()
+        branches, tiny_encoder_file, bundled_tiny_encoder):
+    net = tiny_speech_model(tiny_encoder_file, branches=branches).eval()
     data = model_bytes(net, TOY_LABELS)
 
     assert set(load_safetensors(data)) == set(net.downstream.state_dict())  # no encoder tensor
@@ -55,6 +56,7 @@ def test_its_file_holds_the_downstream_only_and_loads_with_the_same_outputs(
     loaded = model_from_bytes(data)
     assert (loaded.kind, loaded.labels) == (WHISPER_KIND, TOY_LABELS)
     assert isinstance(loaded.net, SpeechEmotionModel)
+    assert loaded.net.downstream.config.branches == branches
     x, lengths = pad_batch(_clips())
     with torch.no_grad():
         torch.testing.assert_close(loaded.net(x, lengths), net(x, lengths))
@@ -181,14 +183,17 @@ def test_a_round_trains_the_downstream_only_and_registers_a_version_of_the_kind(
         p.numel() for p in model.net.downstream.parameters())
 
 
+@pytest.mark.parametrize("branches", [1, 2])
 def test_a_personal_version_runs_on_its_embedding_through_its_own_input_layers(
-        tiny_encoder_file, bundled_tiny_encoder):
-    net = tiny_speech_model(tiny_encoder_file).eval()
+        branches, tiny_encoder_file, bundled_tiny_encoder):
+    net = tiny_speech_model(tiny_encoder_file, branches=branches).eval()
     global_model = model_from_bytes(model_bytes(net, TOY_LABELS))
     torch.manual_seed(1)
     head_layer = torch.nn.Linear(global_model.net.head.in_features, len(TOY_LABELS))
     own = dict(global_model.net.downstream.named_parameters())
-    adapter = as_stored({k: own[k].detach() + 0.5 * torch.randn(own[k].shape) for k in ADAPTABLE})
+    adaptable = global_model.net.downstream.adaptable  # every branch's input layers
+    assert len(adaptable) == branches * len(ADAPTABLE)
+    adapter = as_stored({k: own[k].detach() + 0.5 * torch.randn(own[k].shape) for k in adaptable})
     data = personal_head_bytes(head_layer, TOY_LABELS, parent_version=2,
                                parent_sha256=global_model.sha256, parent_kind=global_model.kind,
                                adapter=adapter)
@@ -211,7 +216,8 @@ def test_a_personal_version_runs_on_its_embedding_through_its_own_input_layers(
     other = LoadedModel(global_model.net, TOY_LABELS, sha256="b" * 64, kind=WHISPER_KIND)
     with pytest.raises(ModelFileError, match="trained on a global model"):
         PersonalPredictor(EmotionPredictor(other), personal_head_from_bytes(data))
-    misfit = dict(adapter, **{"project.weight": adapter["project.weight"][:, :-1]})
+    project = adaptable[ADAPTABLE.index("project.weight")]
+    misfit = dict(adapter, **{project: adapter[project][:, :-1]})
     data = personal_head_bytes(head_layer, TOY_LABELS, parent_version=2,
                                parent_sha256=global_model.sha256, parent_kind=global_model.kind,
                                adapter=misfit)
@@ -236,10 +242,14 @@ def test_a_personal_round_on_the_kind_refits_the_input_layers_and_head_only(spee
         personal = personal_head_from_bytes(world.artifacts.read_model(row.artifact_path,
                                                                        row.sha256))
     own = dict(global_model.net.downstream.named_parameters())
-    assert set(personal.adapter) == set(ADAPTABLE)
-    assert any(not torch.allclose(personal.adapter[k].float(), own[k].detach(), atol=1e-3)
-               for k in ADAPTABLE)  # re-fitted to her voice
-    assert personal.adapter["project.weight"].dtype == torch.float16  # as the file keeps it
+    branches = global_model.net.downstream.branches  # the toy model has two, as the default
+    assert set(personal.adapter) == {f"branches.{k}.{name}"
+                                     for k in range(len(branches)) for name in ADAPTABLE}
+    for k in range(len(branches)):  # every branch re-fitted to her voice
+        assert any(not torch.allclose(personal.adapter[f"branches.{k}.{name}"].float(),
+                                      own[f"branches.{k}.{name}"].detach(), atol=1e-3)
+                   for name in ADAPTABLE)
+    assert personal.adapter["branches.0.project.weight"].dtype == torch.float16  # as kept
     # Served through its own layers, as stored.
     predictor = PersonalPredictor(EmotionPredictor(global_model), personal)
     clips = [extract_speech_features(toy_wave("happy", 900 + i)) for i in range(3)]

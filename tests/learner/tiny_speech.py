@@ -15,7 +15,7 @@ from learner.inference import limit_threads
 from learner.speech_encoder.ct2_file import write_ct2
 from learner.speech_encoder.weights import import_encoder, load_encoder
 from learner.speech_encoder.whisper_encoder import EncoderConfig, WhisperEncoder, ct2_names
-from learner.speech_model import DownstreamConfig, SpeechEmotionModel, SpeechEmotionNet
+from learner.speech_model import DownstreamConfig, SpeechEmotionModel, build_downstream
 from storage.files import sha256_bytes
 from tests.learner.toy_learning import (LearnerWorld, make_world, train_toy_model,
                                         write_toy_base_sets)
@@ -43,10 +43,10 @@ def tiny_encoder_bytes(seed: int = 0) -> bytes:
     return import_encoder(ct2, BLOCKS, pinned={sha256_bytes(ct2): TINY_SOURCE_TEXT})
 
 
-def tiny_downstream(n_classes: int = 2) -> SpeechEmotionNet:
-    return SpeechEmotionNet(DownstreamConfig(n_blocks=BLOCKS, width=WIDTH, n_classes=n_classes,
+def tiny_downstream(n_classes: int = 2, branches: int = 1) -> torch.nn.Module:
+    return build_downstream(DownstreamConfig(n_blocks=BLOCKS, width=WIDTH, n_classes=n_classes,
                                              channels=8, conv_layers=1, kernel=3,
-                                             lstm_hidden=8, dropout=0.0))
+                                             lstm_hidden=8, dropout=0.0, branches=branches))
 
 
 @pytest.fixture(scope="session")
@@ -68,18 +68,22 @@ def bundled_tiny_encoder(tiny_encoder_file, monkeypatch) -> str:
     checkpoint.bundled_encoder.cache_clear()
 
 
-def tiny_speech_model(tiny_encoder_file, n_classes: int = 2, seed: int = 0) -> SpeechEmotionModel:
+def tiny_speech_model(tiny_encoder_file, n_classes: int = 2, seed: int = 0,
+                      branches: int = 1) -> SpeechEmotionModel:
     """A random tiny model of the speech kind on (a load of) the tiny encoder file."""
     path, sha256 = tiny_encoder_file
     torch.manual_seed(seed)
-    return SpeechEmotionModel(load_encoder(path, sha256), tiny_downstream(n_classes), sha256)
+    return SpeechEmotionModel(load_encoder(path, sha256), tiny_downstream(n_classes, branches),
+                              sha256)
 
 
 @pytest.fixture(scope="session")
 def toy_speech_model(tiny_encoder_file) -> bytes:
-    """The toy model (tests/learner/toy_learning.py) of the speech kind: a model file."""
+    """The toy model (tests/learner/toy_learning.py) of the speech kind: a model file. Two
+    branches, as the default ships (learner.speech_model.SpeechEmotionEnsemble)."""
     limit_threads(1)  # as toy_model: one thread trains these tiny models fastest
-    return train_toy_model(net=tiny_speech_model(tiny_encoder_file), kind=WHISPER_KIND)
+    return train_toy_model(net=tiny_speech_model(tiny_encoder_file, branches=2),
+                           kind=WHISPER_KIND)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,111 @@
+"""The downstream on the speech encoder's states: its BiLSTM over padded clips computes what one
+over a packed sequence does, padding never moves a clip's answer, and branches joined under one
+head answer the mean of their own answers."""
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from learner.speech_model import (DownstreamConfig, SpeechEmotionEnsemble, SpeechEmotionNet,
+                                  bidirectional_lstm, build_downstream)
+
+CONFIG = DownstreamConfig(n_blocks=3, width=24, n_classes=5, channels=8, conv_layers=1,
+                          kernel=3, lstm_hidden=6, dropout=0.5, input_dropout=0.3)
+
+
+def _branch(seed: int) -> SpeechEmotionNet:
+    torch.manual_seed(seed)
+    net = SpeechEmotionNet(CONFIG)
+    with torch.no_grad():  # non-trivial BatchNorm statistics and block weights
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+        net.block_logits.uniform_(-1, 1)
+    return net.eval()
+
+
+def _clips(lengths: tuple[int, ...]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(CONFIG.n_blocks, n, CONFIG.width, generator=gen) for n in lengths]
+
+
+def _padded(clips: list[torch.Tensor], fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([c.shape[1] for c in clips])
+    batch = torch.full((len(clips), CONFIG.n_blocks, int(lengths.max()), CONFIG.width), fill)
+    for i, c in enumerate(clips):
+        batch[i, :, : c.shape[1]] = c
+    return batch, lengths
+
+
+def test_the_bilstm_over_padded_clips_is_the_packed_bilstm_forward_and_backward():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(8, 6, batch_first=True, bidirectional=True)
+    lengths = torch.tensor([13, 5, 9, 1])
+    x = torch.randn(4, 13, 8)
+    valid = torch.arange(13)[None, :] < lengths[:, None]
+
+    ours_in = x.clone().requires_grad_(True)
+    ours = bidirectional_lstm(lstm, ours_in, lengths)
+    (ours * valid[:, :, None]).square().sum().backward()
+    our_grads = [ours_in.grad.clone()] + [p.grad.clone() for p in lstm.parameters()]
+    lstm.zero_grad()
+
+    packed_in = x.clone().requires_grad_(True)
+    packed, _ = lstm(pack_padded_sequence(packed_in, lengths, batch_first=True,
+                                          enforce_sorted=False))
+    theirs, _ = pad_packed_sequence(packed, batch_first=True, total_length=13)
+    theirs.square().sum().backward()
+    their_grads = [packed_in.grad] + [p.grad for p in lstm.parameters()]
+
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-6, rtol=1e-5)
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("branches", [1, 3])
+def test_padding_inside_a_batch_does_not_change_a_clips_output(branches):
+    members = [_branch(seed) for seed in range(branches)]
+    net = members[0] if branches == 1 else SpeechEmotionEnsemble.of(members).eval()
+    clips = _clips((7, 20, 21, 1, 16))
+    with torch.inference_mode():
+        alone = [net(c[None], torch.tensor([c.shape[1]]))[0] for c in clips]
+        batched = net(*_padded(clips, fill=5.0))  # garbage in the padding must not matter
+    for i, single in enumerate(alone):
+        torch.testing.assert_close(batched[i], single, atol=1e-5, rtol=1e-5)
+
+
+def test_branches_joined_answer_the_mean_of_their_logits_and_read_as_one_network():
+    members = [_branch(seed) for seed in (1, 2, 3)]
+    ensemble = SpeechEmotionEnsemble.of(members).eval()
+    x, lengths = _padded(_clips((9, 14, 4)), fill=0.0)
+    with torch.inference_mode():
+        own = torch.stack([m(x, lengths) for m in members])
+        torch.testing.assert_close(ensemble(x, lengths), own.mean(dim=0), atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(own[0], own[1], atol=1e-3)  # three different answers
+        # One embedding, the branches' side by side, under one head: what personal heads,
+        # rounds and Avalanche's head read.
+        embedding = ensemble.embed(x, lengths)
+        torch.testing.assert_close(embedding[:, 12:24], members[1].embed(x, lengths))
+    assert ensemble.head.in_features == 3 * 2 * CONFIG.lstm_hidden
+    assert ensemble.config.branches == 3
+    assert ensemble.adaptable == tuple(f"branches.{k}.{name}" for k in range(3)
+                                       for name in members[0].adaptable)
+    rebuilt = build_downstream(ensemble.config)
+    rebuilt.load_state_dict(ensemble.state_dict(), strict=True)  # as a model file loads it
+    assert isinstance(rebuilt, SpeechEmotionEnsemble)
+    assert isinstance(build_downstream(CONFIG), SpeechEmotionNet)
+
+
+def test_a_personal_adapter_moves_only_its_own_branch():
+    ensemble = SpeechEmotionEnsemble.of([_branch(1), _branch(2)]).eval()
+    x, lengths = _padded(_clips((9, 14)), fill=0.0)
+    own = dict(ensemble.named_parameters())
+    adapter = {name: own[name].detach().clone() for name in ensemble.adaptable}
+    project = adapter["branches.1.project.weight"]
+    project += 0.5 * torch.randn(project.shape, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        before, after = ensemble.embed(x, lengths), ensemble.embed(x, lengths, adapter=adapter)
+    width = 2 * CONFIG.lstm_hidden
+    torch.testing.assert_close(after[:, :width], before[:, :width])
+    assert not np.allclose(after[:, width:].numpy(), before[:, width:].numpy(), atol=1e-3)
