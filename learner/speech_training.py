@@ -93,11 +93,11 @@ def branch_config(config: dict, encoder_width: int) -> DownstreamConfig:
 
 
 def train_branch(config: dict, seed: int, train: CachedClips, validation: CachedClips,
-                 labels: tuple[str, ...], encoder_width: int, *, progress: bool = True,
+                 encoder_width: int, *, progress: bool = True,
                  ) -> tuple[SpeechEmotionNet, list[dict]]:
     """One downstream of one branch, trained on `seed`, its epoch chosen on the validation
     speakers."""
-    train_cfg = config["train"]
+    train_cfg, labels = config["train"], tuple(config["labels"])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = SpeechEmotionNet(branch_config(config, encoder_width))
@@ -141,37 +141,55 @@ def train_branch(config: dict, seed: int, train: CachedClips, validation: Cached
     return net, history
 
 
-def train_downstream(config: dict, data_dir: Path, encoder_path: Path, encoder_width: int, *,
+def train_downstream(config: dict, train: CachedClips, validation: CachedClips,
+                     encoder_width: int, *, data_dir: Path, encoder_path: Path,
                      progress: bool = True) -> tuple[nn.Module, list[dict]]:
     """The recipe's downstream: `model.branches` branches on seeds seed, seed + 1, ..., each
     trained alone (`train.workers` processes at a time), joined under one head when several.
-    A branch depends on its seed only, so the result is the same however they are scheduled."""
+    A branch depends on its seed only, so the result is the same however they are scheduled.
+    In process the branches train on `train` and `validation`; worker processes read the same
+    splits from the cache (`data_dir`, `encoder_path`) once each, memory-mapped."""
     seed, n = int(config["seed"]), int(config["model"].get("branches", 1))
-    tasks = [(config, data_dir, encoder_path, encoder_width, seed + k, progress and n == 1)
-             for k in range(n)]
+    seeds = [seed + k for k in range(n)]
     workers = min(n, int(config["train"].get("workers", 2)))
     bar = dict(total=n, desc="downstream branches", unit="branch", disable=not progress or n == 1)
     if workers > 1:
-        with get_context("spawn").Pool(workers) as pool:
-            trained = list(tqdm(pool.imap(_train_branch, tasks), **bar))
+        with get_context("spawn").Pool(workers, initializer=_load_worker_splits,
+                                       initargs=(config, data_dir, encoder_path)) as pool:
+            results = pool.imap(_train_branch, [(s, encoder_width) for s in seeds])
+            trained = [(_branch_of(state, config, encoder_width), h)
+                       for state, h in tqdm(results, **bar)]
     else:
-        trained = [_train_branch(t) for t in tqdm(tasks, **bar)]
-    members = []
-    for state, _ in trained:
-        member = SpeechEmotionNet(branch_config(config, encoder_width))
-        member.load_state_dict(state)
-        members.append(member.eval())
+        trained = [train_branch(config, s, train, validation, encoder_width,
+                                progress=progress and n == 1) for s in tqdm(seeds, **bar)]
+    nets = [net.eval() for net, _ in trained]
     history = [epoch for _, h in trained for epoch in h]
-    return (members[0] if n == 1 else SpeechEmotionEnsemble.of(members)), history
+    return (nets[0] if n == 1 else SpeechEmotionEnsemble.of(nets)), history
 
 
-def _train_branch(task: tuple) -> tuple[dict, list[dict]]:
-    """A process's share of train_downstream: reads the cache (memory-mapped) on its own."""
-    config, data_dir, encoder_path, encoder_width, seed, progress = task
+def _branch_of(state: dict, config: dict, encoder_width: int) -> SpeechEmotionNet:
+    net = SpeechEmotionNet(branch_config(config, encoder_width))
+    net.load_state_dict(state)
+    return net
+
+
+# A worker process's splits, read once by the pool's initializer and kept for every branch it
+# trains (the cache is memory-mapped, so this costs a corpus listing, not the states).
+_worker_splits: tuple[dict, CachedClips, CachedClips] | None = None
+
+
+def _load_worker_splits(config: dict, data_dir: Path, encoder_path: Path) -> None:
+    global _worker_splits
     limit_threads(int(config["train"].get("threads", 2)))
     train, validation, _ = load_cached_splits(config, data_dir, encoder_path, progress=False)
-    net, history = train_branch(config, seed, train, validation, tuple(config["labels"]),
-                                encoder_width, progress=progress)
+    _worker_splits = (config, train, validation)
+
+
+def _train_branch(task: tuple[int, int]) -> tuple[dict, list[dict]]:
+    """A worker process's share of train_downstream: one branch on the splits it holds."""
+    seed, encoder_width = task
+    config, train, validation = _worker_splits
+    net, history = train_branch(config, seed, train, validation, encoder_width, progress=False)
     return net.state_dict(), history
 
 
@@ -215,10 +233,12 @@ def train_speech(config: dict, data_dir: Path, encoder_path: Path, *,
     started = time.perf_counter()
     labels = tuple(config["labels"])
     limit_threads(int(config["train"].get("threads", 2)))
-    _, validation, test = load_cached_splits(config, data_dir, encoder_path, progress=progress)
+    train, validation, test = load_cached_splits(config, data_dir, encoder_path,
+                                                 progress=progress)
     encoder_sha = sha256_bytes(Path(encoder_path).read_bytes())
     encoder = load_encoder(encoder_path, encoder_sha)
-    downstream, history = train_downstream(config, data_dir, encoder_path, encoder.config.width,
+    downstream, history = train_downstream(config, train, validation, encoder.config.width,
+                                           data_dir=data_dir, encoder_path=encoder_path,
                                            progress=progress)
     net = SpeechEmotionModel(encoder, downstream, encoder_sha)
     return TrainingResult(net, labels, history, cached_report(downstream, validation, labels),
