@@ -35,8 +35,14 @@ class CachedClips:
 
     def __init__(self, clips: list[CorpusClip], variants: list[tuple[EncoderCache, np.ndarray]],
                  labels: tuple[str, ...], n_blocks: int):
-        self.clips, self.variants, self.n_blocks = clips, variants, n_blocks
+        self.clips, self.variants, self.labels, self.n_blocks = clips, variants, labels, n_blocks
         self.targets = np.array([labels.index(c.emotion) for c in clips], dtype=np.int64)
+
+    def subset(self, indices: np.ndarray) -> "CachedClips":
+        """These clips only (positions in `clips`), in that order; the caches are shared."""
+        return CachedClips([self.clips[int(i)] for i in indices],
+                           [(cache, rows[indices]) for cache, rows in self.variants],
+                           self.labels, self.n_blocks)
 
     def states(self, i: int, variant: int, max_frames: int | None,
                rng: np.random.Generator | None) -> np.ndarray:
@@ -154,7 +160,7 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips,
     workers = min(n, int(config["train"].get("workers", 2)))
     bar = dict(total=n, desc="downstream branches", unit="branch", disable=not progress or n == 1)
     if workers > 1:
-        with get_context("spawn").Pool(workers, initializer=_load_worker_splits,
+        with get_context("spawn").Pool(workers, initializer=load_worker_splits,
                                        initargs=(config, data_dir, encoder_path)) as pool:
             results = pool.imap(_train_branch, [(s, encoder_width) for s in seeds])
             trained = [(_branch_of(state, config, encoder_width), h)
@@ -173,22 +179,30 @@ def _branch_of(state: dict, config: dict, encoder_width: int) -> SpeechEmotionNe
     return net
 
 
-# A worker process's splits, read once by the pool's initializer and kept for every branch it
-# trains (the cache is memory-mapped, so this costs a corpus listing, not the states).
+# A worker process's splits, read once by the pool's initializer and kept for every task it
+# runs (the cache is memory-mapped, so this costs a corpus listing, not the states).
 _worker_splits: tuple[dict, CachedClips, CachedClips] | None = None
 
 
-def _load_worker_splits(config: dict, data_dir: Path, encoder_path: Path) -> None:
+def load_worker_splits(config: dict, data_dir: Path, encoder_path: Path) -> None:
+    """A worker pool's initializer: the recipe's training and validation clips, once."""
     global _worker_splits
     limit_threads(int(config["train"].get("threads", 2)))
     train, validation, _ = load_cached_splits(config, data_dir, encoder_path, progress=False)
     _worker_splits = (config, train, validation)
 
 
+def worker_splits() -> tuple[dict, CachedClips, CachedClips]:
+    """The recipe, training and validation clips load_worker_splits read in this process."""
+    if _worker_splits is None:
+        raise RuntimeError("worker_splits() outside a pool initialised by load_worker_splits")
+    return _worker_splits
+
+
 def _train_branch(task: tuple[int, int]) -> tuple[dict, list[dict]]:
     """A worker process's share of train_downstream: one branch on the splits it holds."""
     seed, encoder_width = task
-    config, train, validation = _worker_splits
+    config, train, validation = worker_splits()
     net, history = train_branch(config, seed, train, validation, encoder_width, progress=False)
     return net.state_dict(), history
 

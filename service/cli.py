@@ -14,9 +14,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_training_config(args.config)
     data_dir = Path(args.data or REPO_ROOT / config["data_dir"])
-    if "encoder" not in config and args.linear_probe:
-        print("emoloop train: --linear-probe needs a recipe with an encoder", file=sys.stderr)
-        return 2
+    for option, given in (("--linear-probe", args.linear_probe), ("--folds", args.folds)):
+        if "encoder" not in config and given is not None:
+            print(f"emoloop train: {option} needs a recipe with an encoder", file=sys.stderr)
+            return 2
     try:
         if "encoder" in config:  # a recipe on the frozen speech encoder
             from learner.speech_training import train_speech
@@ -29,6 +30,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return 2
             if args.linear_probe:
                 return _linear_probe(config, data_dir, encoder, args.linear_probe)
+            if args.folds is not None:
+                return _cross_validate(config, data_dir, encoder, args.folds)
             result = train_speech(config, data_dir, encoder)
         else:
             result = train(config, data_dir)
@@ -38,6 +41,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     info = save_training_result(result, config, Path(args.out))
     keys = ("sha256", "parameters", "trained_parameters", "training_seconds", "validation", "test")
     print(json.dumps({"model": str(args.out), **{k: info[k] for k in keys}}, indent=2))
+    return 0
+
+
+def _cross_validate(config: dict, data_dir: Path, encoder: Path, folds: int) -> int:
+    """Instead of training: the recipe scored on its own training speakers, fold by fold."""
+    from learner.speaker_folds import cross_validate
+
+    if folds < 2:
+        print(f"emoloop train: --folds must be at least 2, not {folds}", file=sys.stderr)
+        return 2
+    result = cross_validate(config, data_dir, encoder, folds=folds)
+    print(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=2))
     return 0
 
 
@@ -535,9 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--data", type=Path, help="folder of <corpus>/manifest.csv (default: the config's)")
     p.add_argument("--out", type=Path, default=Path("model.safetensors"))
-    p.add_argument("--linear-probe", metavar="BLOCKS",
-                   help="instead of training: the linear probe on the mean of these encoder "
-                        "blocks (counted from 1, e.g. 2 or 1,2,3,4), C chosen on validation")
+    instead = p.add_mutually_exclusive_group()
+    instead.add_argument("--linear-probe", metavar="BLOCKS",
+                         help="instead of training: the linear probe on the mean of these "
+                              "encoder blocks (counted from 1, e.g. 2 or 1,2,3,4), C chosen on "
+                              "validation")
+    instead.add_argument("--folds", type=int, metavar="K",
+                         help="instead of training: score the recipe on its own training "
+                              "speakers by K-fold cross-validation over speakers (one "
+                              "downstream a fold)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, macro-F1 and per-class figures on a data folder")

@@ -11,11 +11,14 @@ import pytest
 import yaml
 
 from learner import encoder_cache
+from learner import speaker_folds as speaker_folds_module
 from learner.audio import decode_audio, trim_silence
 from learner.checkpoint import WHISPER_KIND, load_model
+from learner.corpora import CorpusClip, CorpusError
 from learner.encoder_cache import build_or_load_cache, cache_key, encode_wave
 from learner.inference import EmotionPredictor
 from learner.linear_probe import C_GRID
+from learner.speaker_folds import speaker_folds
 from learner.speech_encoder.weights import load_encoder
 from learner.speech_training import corpus_mean_ua, load_cached_splits
 from service import cli
@@ -273,3 +276,68 @@ def test_a_recipe_of_two_branches_answers_the_mean_of_its_two_seeds_models(
     assert not np.allclose(logits["first"], logits["second"], atol=1e-3)  # two different models
     np.testing.assert_allclose(logits["pair"], (logits["first"] + logits["second"]) / 2,
                                atol=1e-5)
+
+
+def _clips(speakers: dict[str, int]) -> list[CorpusClip]:
+    return [CorpusClip(path=Path(f"/{corpus}/{s}.wav"), corpus=corpus, speaker=f"{corpus}-{s}",
+                       gender="", language="", emotion="happy", source_label="happy",
+                       duration_s=1.0)
+            for corpus, n in speakers.items() for s in range(n)]
+
+
+def test_speaker_folds_hold_each_speaker_once_and_share_every_corpus_out_evenly():
+    clips = _clips({"big": 7, "pair": 2, "mid": 5})
+    folds = speaker_folds(clips + clips[:3], 3, seed=1)  # a speaker's many clips: still once
+    everyone = [s for fold in folds for s in fold]
+    assert sorted(everyone) == sorted({c.speaker for c in clips})
+    for corpus, n in {"big": 7, "pair": 2, "mid": 5}.items():
+        sizes = [sum(s.startswith(corpus + "-") for s in fold) for fold in folds]
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == n
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    assert speaker_folds(clips, 3, seed=1) == speaker_folds(clips, 3, seed=1)
+    assert speaker_folds(clips, 3, seed=2) != speaker_folds(clips, 3, seed=1)
+    with pytest.raises(CorpusError, match="cannot fill 20 folds"):
+        speaker_folds(clips, 20, seed=1)
+
+
+def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_heard_them(
+        recipe, toy_corpus, splits, tmp_path, capsys, monkeypatch):
+    """`emoloop train --folds K` trains one downstream a fold on the other training speakers
+    (epoch chosen on the validation speakers) and scores the fold's: every training clip once,
+    the test speakers never, and no model file written. Worker processes give the same figures."""
+    trained_on = []
+    original = speaker_folds_module.train_branch
+
+    def spy(config, seed, train, *args, **kwargs):
+        trained_on.append({c.speaker for c in train.clips})
+        return original(config, seed, train, *args, **kwargs)
+
+    monkeypatch.setattr(speaker_folds_module, "train_branch", spy)
+    _no_encoder_runs(monkeypatch)  # the recipe's own cache
+    out = tmp_path / "model.safetensors"
+    results = []
+    for workers in (1, 2):
+        config = {**recipe, "train": {**recipe["train"], "workers": workers}}
+        assert cli.main(["train", "--config", str(_write_recipe(config, tmp_path)),
+                         "--out", str(out), "--data", str(toy_corpus), "--folds", "2"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    result = results[0]
+    training = {c.speaker for c in splits[0].clips}
+    held_out = [set(f["speakers"]) for f in result["per_fold"]]
+    assert sorted(s for fold in held_out for s in fold) == sorted(training)
+    assert len(trained_on) == 2  # in this process only when workers is 1
+    for fold, heard in zip(held_out, trained_on):
+        assert heard == training - fold
+    assert result["clips"] == len(splits[0].clips) == sum(f["clips"] for f in result["per_fold"])
+    assert set(result["held_out_per_corpus"]) == {"toy"}
+    assert 0.0 <= result["held_out_corpus_mean_ua"] <= 1.0
+    assert results[1] == result
+    assert not out.exists()
+
+    for too_few in ("1", "0"):
+        code = cli.main(["train", "--config", str(_write_recipe(recipe, tmp_path)),
+                         "--out", str(out), "--data", str(toy_corpus), "--folds", too_few])
+        assert code == 2 and "--folds must be at least 2" in capsys.readouterr().err
+    too_many = cli.main(["train", "--config", str(_write_recipe(recipe, tmp_path)),
+                         "--out", str(out), "--data", str(toy_corpus), "--folds", "3"])
+    assert too_many == 2 and "2 training speakers cannot fill 3 folds" in capsys.readouterr().err

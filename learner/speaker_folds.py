@@ -1,0 +1,100 @@
+"""Cross-validation over the training speakers: a recipe scored on a hundred voices, not twelve.
+
+The recipe's validation speakers are few (two RAVDESS actors, two BanglaSER actors, one nEMO
+speaker), and one of them moves a corpus's score by points, so a choice between two recipes made
+on them alone is noisy. Here each corpus's training speakers are dealt into k folds (seeded,
+speaker-disjoint); for each fold one downstream of the recipe (its first branch's seed) trains on
+the other training speakers, its epoch chosen on the validation speakers exactly as the recipe
+chooses it, and then answers the fold's speakers, whom it never heard. Pooled over the folds,
+every training speaker is scored once by a model that never trained on them. The test speakers
+are not touched: this is a validation measure, for choices.
+"""
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from learner.corpora import CorpusClip, CorpusError
+from learner.evaluation import build_report, outcomes_from_logits
+from learner.inference import limit_threads
+from learner.speech_encoder.weights import load_encoder
+from learner.speech_training import (CachedClips, cached_logits, corpus_mean_ua,
+                                     load_cached_splits, load_worker_splits, train_branch,
+                                     worker_splits)
+
+
+def speaker_folds(clips: list[CorpusClip], k: int, seed: int) -> list[list[str]]:
+    """The speakers of `clips` dealt into k folds, corpus by corpus in a seeded order, so each
+    fold holds about 1/k of every corpus's speakers (a corpus of fewer than k speakers lends one
+    to each of its first folds, the next corpus starting where it stopped)."""
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, not {k}")
+    rng = np.random.default_rng(seed)
+    by_corpus: dict[str, set[str]] = {}
+    for clip in clips:
+        by_corpus.setdefault(clip.corpus, set()).add(clip.speaker)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    position = 0
+    for corpus in sorted(by_corpus):
+        for speaker in rng.permutation(sorted(by_corpus[corpus])):
+            folds[position % k].append(str(speaker))
+            position += 1
+    if any(not fold for fold in folds):
+        raise CorpusError(f"{position} training speakers cannot fill {k} folds")
+    return folds
+
+
+def cross_validate(config: dict, data_dir: Path, encoder_path: Path, *, folds: int,
+                   progress: bool = True) -> dict:
+    """The recipe's downstream scored on held-out training speakers (module docstring):
+    the pooled report of every fold's held-out clips, with each fold's own figures."""
+    labels, seed = tuple(config["labels"]), int(config["seed"])
+    limit_threads(int(config["train"].get("threads", 2)))
+    encoder_width = load_encoder(encoder_path, None).config.width
+    train, validation, _ = load_cached_splits(config, data_dir, encoder_path, progress=progress)
+    speakers = speaker_folds(train.clips, folds, seed)
+    workers = min(folds, int(config["train"].get("workers", 2)))
+    bar = dict(total=folds, desc="folds", unit="fold", disable=not progress)
+    tasks = [(fold, encoder_width) for fold in speakers]
+    if workers > 1:
+        with get_context("spawn").Pool(workers, initializer=load_worker_splits,
+                                       initargs=(config, data_dir, encoder_path)) as pool:
+            results = list(tqdm(pool.imap(_fold_task, tasks), **bar))
+    else:
+        results = [_held_out_logits(config, train, validation, fold, encoder_width)
+                   for fold, encoder_width in tqdm(tasks, **bar)]
+    clips, logits, per_fold = [], [], []
+    for fold, (rows, fold_logits, history) in zip(speakers, results):
+        held = [train.clips[i] for i in rows]
+        best = max(history, key=lambda h: h["val_corpus_mean_ua"])
+        report = build_report(*outcomes_from_logits(held, labels, fold_logits), labels)
+        per_fold.append({"speakers": sorted(fold), "clips": len(held), "epoch": best["epoch"],
+                         "validation_corpus_mean_ua": best["val_corpus_mean_ua"],
+                         "held_out_corpus_mean_ua": round(corpus_mean_ua(report), 4)})
+        clips += held
+        logits.append(fold_logits)
+    pooled = build_report(*outcomes_from_logits(clips, labels, np.concatenate(logits)), labels)
+    return {"folds": folds, "seed": seed, "speakers": sum(len(f) for f in speakers),
+            "clips": len(clips), "held_out_corpus_mean_ua": round(corpus_mean_ua(pooled), 4),
+            "held_out_per_corpus": {c: {"clips": r["n"], "accuracy": round(r["accuracy"], 4),
+                                        "unweighted_accuracy": round(r["unweighted_accuracy"], 4)}
+                                    for c, r in pooled["per_corpus"].items()},
+            "per_fold": per_fold, "report": pooled}
+
+
+def _held_out_logits(config: dict, train: CachedClips, validation: CachedClips,
+                     fold: list[str], encoder_width: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """One fold: the recipe's first branch without the fold's speakers, and its logits on them."""
+    out = set(fold)
+    held = np.array([i for i, c in enumerate(train.clips) if c.speaker in out], dtype=np.int64)
+    kept = np.array([i for i, c in enumerate(train.clips) if c.speaker not in out],
+                    dtype=np.int64)
+    net, history = train_branch(config, int(config["seed"]), train.subset(kept), validation,
+                                encoder_width, progress=False)
+    return held, cached_logits(net, train.subset(held)), history
+
+
+def _fold_task(task: tuple[list[str], int]) -> tuple[np.ndarray, np.ndarray, list]:
+    config, train, validation = worker_splits()
+    return _held_out_logits(config, train, validation, *task)
