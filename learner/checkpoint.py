@@ -121,20 +121,27 @@ def model_from_bytes(data: bytes, expected_sha256: str | None = None) -> LoadedM
 @lru_cache(maxsize=2)
 def bundled_encoder(sha256: str) -> nn.Module:
     """The encoder file of ENCODER_DIR whose sha256 a model names, checked and loaded once."""
-    from learner.speech_encoder.weights import EncoderFileError, load_encoder
+    from learner.speech_encoder.weights import EncoderFileError, encoder_from_bytes
 
+    path, data = _encoder_with(sha256)
     try:
-        return load_encoder(encoder_file_for(sha256), sha256)
+        return encoder_from_bytes(data, path)  # the bytes whose sha256 was just matched
     except EncoderFileError as err:
         raise ModelFileError(str(err)) from err
 
 
 def encoder_file_for(sha256: str) -> Path:
+    """The encoder file of ENCODER_DIR with this sha256 (see _encoder_with)."""
+    return _encoder_with(sha256)[0]
+
+
+def _encoder_with(sha256: str) -> tuple[Path, bytes]:
     """By content among the `*_encoder.safetensors` files, not by one fixed name: the default's
     encoder and any re-imported one sit side by side."""
     for path in sorted(ENCODER_DIR.glob("*_encoder.safetensors")):
-        if sha256_bytes(path.read_bytes()) == sha256:
-            return path
+        data = path.read_bytes()
+        if sha256_bytes(data) == sha256:
+            return path, data
     raise ModelFileError(
         f"the model reads encoder sha256 {sha256}, and no encoder file in {ENCODER_DIR} has "
         f"that checksum: a version trained on an earlier default's encoder needs that encoder "
@@ -149,15 +156,18 @@ def load_model(path: Path, expected_sha256: str | None = None) -> LoadedModel:
     return model_from_bytes(data, expected_sha256)
 
 
-def bundled_model_sha256() -> str | None:
-    """The bundled default's sha256 as recorded beside it; None where it is missing."""
+def bundled_model_info() -> dict | None:
+    """The bundled default's model.json (its sha256, labels and figures); None where it is
+    missing or unreadable."""
     try:
-        return json.loads(DEFAULT_MODEL_INFO.read_text())["sha256"]
-    except (OSError, ValueError, KeyError):
+        info = json.loads(DEFAULT_MODEL_INFO.read_text())
+    except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) and "sha256" in info else None
 
 
 def load_default_model() -> LoadedModel:
     """The bundled default, checked against the sha256 recorded beside it."""
-    info = json.loads(DEFAULT_MODEL_INFO.read_text())
+    if (info := bundled_model_info()) is None:
+        raise ModelFileError(f"the bundled model's {DEFAULT_MODEL_INFO} is missing or unreadable")
     return load_model(DEFAULT_MODEL_FILE, expected_sha256=info["sha256"])

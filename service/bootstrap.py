@@ -1,12 +1,11 @@
 """Set-up done by the launching process: this release's bundled model in the registry (version 1
 of a fresh install, or a candidate beside the versions of an existing store), and the first pair
 of API keys."""
-import json
 import logging
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from learner.checkpoint import DEFAULT_MODEL_FILE, DEFAULT_MODEL_INFO
+from learner.checkpoint import DEFAULT_MODEL_FILE, DEFAULT_MODEL_INFO, bundled_model_info
 from storage.api_keys import ApiKeyRepository
 from storage.artifacts import ArtifactStore
 from storage.registry import ModelRegistry
@@ -52,12 +51,12 @@ def register_bundled_model(session_factory: sessionmaker[Session], artifacts: Ar
 def _bundled_info(*, required: bool) -> dict | None:
     """The bundled model's model.json; None when the bundled files are missing and not
     `required`."""
-    if DEFAULT_MODEL_FILE.is_file() and DEFAULT_MODEL_INFO.is_file():
-        return json.loads(DEFAULT_MODEL_INFO.read_text())
+    if DEFAULT_MODEL_FILE.is_file() and (info := bundled_model_info()) is not None:
+        return info
     if required:
         raise BundledModelMissing(
-            f"the model registry is empty and the bundled model {DEFAULT_MODEL_FILE} is "
-            f"missing; train it with `make train`")
+            f"the model registry is empty and the bundled model {DEFAULT_MODEL_FILE} (or its "
+            f"{DEFAULT_MODEL_INFO.name}) is missing or unreadable; train it with `make train`")
     return None
 
 

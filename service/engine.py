@@ -27,7 +27,7 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from learner.audio import decode_audio
-from learner.checkpoint import ModelFileError, bundled_model_sha256, model_from_bytes
+from learner.checkpoint import ModelFileError, bundled_model_info, model_from_bytes
 from learner.inference import EmotionPredictor, Prediction
 from learner.serving_net import for_serving
 from service.batcher import ModelBatcher
@@ -180,7 +180,7 @@ class InferenceEngine:
         # Most recently active first: after a rollback that is not the highest number.
         earlier.sort(key=lambda row: (row.activated_at is not None, row.activated_at,
                                       row.version), reverse=True)
-        bundled_sha256 = bundled_model_sha256()
+        bundled_sha256 = (bundled_model_info() or {}).get("sha256")
         bundled = [row for row in versions
                    if row.status != "retired" and row.sha256 == bundled_sha256]
         for row in earlier + bundled:

@@ -96,10 +96,15 @@ def load_encoder(path: Path, expected_sha256: str | None) -> nn.Module:
         data = Path(path).read_bytes()
     except OSError as err:
         raise EncoderFileError(f"cannot read encoder file {path}: {err.strerror}") from err
-    digest = sha256_bytes(data)
-    if expected_sha256 is not None and digest != expected_sha256:
+    if expected_sha256 is not None and (digest := sha256_bytes(data)) != expected_sha256:
         raise EncoderFileError(f"encoder file {path} checksum mismatch: expected "
                                f"{expected_sha256}, got {digest}")
+    return encoder_from_bytes(data, path)
+
+
+def encoder_from_bytes(data: bytes, source: Path) -> nn.Module:
+    """load_encoder's parse, for bytes whose checksum the caller has checked; `source` names
+    the file in errors."""
     try:
         config = EncoderConfig(**read_metadata(data)["config"])
         encoder = WhisperEncoder(config)
@@ -107,4 +112,4 @@ def load_encoder(path: Path, expected_sha256: str | None) -> nn.Module:
         encoder.load_state_dict(state, strict=True)
         return with_precision(encoder).eval()
     except Exception as err:  # a parse or shape error: not an encoder file we wrote
-        raise EncoderFileError(f"not a valid encoder file {path}: {err}") from err
+        raise EncoderFileError(f"not a valid encoder file {source}: {err}") from err

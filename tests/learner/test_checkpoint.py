@@ -72,3 +72,17 @@ def test_bundled_default_model_is_small_checked_and_answers_every_label():
                                             allowed=("sad", "angry"))
     assert restricted.emotion in ("sad", "angry")
     assert np.isclose(sum(restricted.probabilities.values()), 1.0)
+
+
+@pytest.mark.parametrize("text", [None, "{not json", '{"labels": []}'])
+def test_a_missing_or_unreadable_model_json_is_no_bundled_model_and_a_clear_error(
+        tmp_path, monkeypatch, text):
+    from learner import checkpoint
+
+    info = tmp_path / "model.json"
+    if text is not None:
+        info.write_text(text)
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL_INFO", info)
+    assert checkpoint.bundled_model_info() is None
+    with pytest.raises(ModelFileError, match="missing or unreadable"):
+        checkpoint.load_default_model()
