@@ -141,29 +141,29 @@ class LearnerSettings(Section):
     # the next one until then, so corrections are not lost to one close call of the gate, and a
     # poisoned batch still goes away (after blocking one more round).
     max_attempts: int = Field(2, ge=1)
-    max_feedback_per_round: int = 1000  # the oldest first; the rest waits for the next round
+    max_feedback_per_round: int = Field(1000, ge=1)  # the oldest first; the rest waits for the next round
     seed: int = 20261121
     # A round trains this many steps whatever its size, so its time stays bounded: each step
     # `batch_size` new clips and `replay_batch_size` replayed exemplars.
-    steps: int = 60
+    steps: int = Field(60, ge=1)
     # Or, with `passes`, steps that follow the round's size: this many passes over its new
     # clips (each step `batch_size` of them), within [min_steps, max_steps]. None: `steps`.
     passes: float | None = Field(None, gt=0)
     min_steps: int = Field(20, ge=1)
     max_steps: int = Field(150, ge=1)
-    batch_size: int = 16
-    replay_batch_size: int = 16
-    lr: float = 3e-3  # falls linearly to 0 over the round
-    weight_decay: float = 0.01
-    crop_frames: int = 300  # random 3 s crops in training; the gate hears whole clips
+    batch_size: int = Field(16, ge=1)
+    replay_batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)  # falls linearly to 0 over the round
+    weight_decay: float = Field(0.01, ge=0)
+    crop_frames: int = Field(300, ge=1)  # random 3 s crops in training; the gate hears whole clips
     freeze_batchnorm: bool = True  # a few clips of new speakers must not move old statistics
-    mem_size: int = 400  # replay buffer, split evenly over the classes
+    mem_size: int = Field(400, ge=1)  # replay buffer, split evenly over the classes
     # The old data replay and the gate start from (base_replay/base_gate.safetensors); None: the
     # sets shipped beside the bundled default model (learner/default_model).
     base_sets_dir: Path | None = None
-    ewc_lambda: float = 1e5
-    distill_weight: float = 3.0  # replayed exemplars: pull toward the starting model's answers
-    ewc_decay: float = 0.9  # online EWC: old importances fade by this factor a round
+    ewc_lambda: float = Field(1e5, ge=0)
+    distill_weight: float = Field(3.0, ge=0)  # replayed exemplars: pull toward the starting model's answers
+    ewc_decay: float = Field(0.9, ge=0, le=1)  # online EWC: old importances fade by this factor a round
     # A round first trains a bolder candidate, with these of the settings above changed; if the
     # gate refuses it, the candidate of the settings as they are. The default, chosen on
     # validation speakers (`emoloop bench round-settings`, README "Choosing learner settings"),
@@ -177,6 +177,9 @@ class LearnerSettings(Section):
         if unknown := set(self.bolder or {}) - set(BOLDER_KEYS):
             raise ValueError(f"learner.bolder may change {', '.join(BOLDER_KEYS)}; not "
                              f"{', '.join(sorted(unknown))}")
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"learner.min_steps ({self.min_steps}) is above learner.max_steps "
+                             f"({self.max_steps})")
         self.candidate_settings()  # a bad value fails here, at start-up, not in a round
         return self
 

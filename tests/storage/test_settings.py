@@ -122,3 +122,23 @@ def test_the_bolder_candidate_changes_only_training_settings_and_can_be_switched
         Settings()
     monkeypatch.setenv("EMOLOOP_LEARNER__BOLDER", "null")
     assert [s.bolder for s in Settings().learner.candidate_settings()] == [None]
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("BATCH_SIZE", "0"), ("REPLAY_BATCH_SIZE", "0"), ("STEPS", "0"), ("LR", "0"),
+    ("LR", "-0.001"), ("WEIGHT_DECAY", "-1"), ("CROP_FRAMES", "0"), ("MEM_SIZE", "0"),
+    ("EWC_LAMBDA", "-5"), ("DISTILL_WEIGHT", "-1"), ("EWC_DECAY", "1.5"),
+    ("MAX_FEEDBACK_PER_ROUND", "0"), ("MIN_STEPS", "500")])
+def test_a_learner_setting_no_round_could_train_with_stops_the_service_at_start_up(
+        monkeypatch, setting, value):
+    """Not a round later, as a failed round whose feedback waits for the next, equally failed."""
+    monkeypatch.setenv(f"EMOLOOP_LEARNER__{setting}", value)
+    with pytest.raises(ValidationError, match=setting.lower()):
+        Settings()
+
+
+def test_the_bolder_candidates_values_are_held_to_the_same_bounds(monkeypatch, tmp_path):
+    config = write_yaml(tmp_path, "learner:\n  bolder: {lr: -0.01}\n")
+    monkeypatch.setenv("EMOLOOP_CONFIG", str(config))
+    with pytest.raises(ValidationError, match="lr"):
+        Settings()
