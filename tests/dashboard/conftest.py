@@ -7,6 +7,7 @@ after its last test), so the suite takes about a minute; each test gets a fresh 
 (its own session storage) and enters the keys through the page's own dialog.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 EMOLOOP = str(Path(sys.executable).with_name("emoloop"))
 # The README's screenshots are refreshed with `EMOLOOP_SCREENSHOTS=docs/screenshots make test`;
 # a plain run still takes every screenshot (a view that fails to render fails the test), but into
-# a temporary folder, so testing never dirties the working tree.
+# a temporary folder, removed when the run ends, so testing never dirties the working tree or
+# leaves a megabyte behind in /tmp.
+_KEEP_SCREENSHOTS = bool(os.environ.get("EMOLOOP_SCREENSHOTS"))
 SCREENSHOTS = Path(os.environ.get("EMOLOOP_SCREENSHOTS")
                    or tempfile.mkdtemp(prefix="emoloop-screenshots-")).resolve()
 # The flags the brief for these tests fixes: no network of its own, no first-run work.
@@ -41,6 +44,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "browser: drives the dashboard in headless Chromium")
+
+
+def pytest_unconfigure(config) -> None:
+    if not _KEEP_SCREENSHOTS:
+        shutil.rmtree(SCREENSHOTS, ignore_errors=True)
 
 
 @dataclass
