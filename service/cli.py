@@ -14,6 +14,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_training_config(args.config)
     data_dir = Path(args.data or REPO_ROOT / config["data_dir"])
+    if args.seeds != 1 and args.folds is None:
+        print("emoloop train: --seeds goes with --folds", file=sys.stderr)
+        return 2
     for option, given in (("--linear-probe", args.linear_probe), ("--folds", args.folds)):
         if "encoder" not in config and given is not None:
             print(f"emoloop train: {option} needs a recipe with an encoder", file=sys.stderr)
@@ -31,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if args.linear_probe:
                 return _linear_probe(config, data_dir, encoder, args.linear_probe)
             if args.folds is not None:
-                return _cross_validate(config, data_dir, encoder, args.folds)
+                return _cross_validate(config, data_dir, encoder, args.folds, args.seeds)
             result = train_speech(config, data_dir, encoder)
         else:
             result = train(config, data_dir)
@@ -44,14 +47,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cross_validate(config: dict, data_dir: Path, encoder: Path, folds: int) -> int:
+def _cross_validate(config: dict, data_dir: Path, encoder: Path, folds: int, seeds: int) -> int:
     """Instead of training: the recipe scored on its own training speakers, fold by fold."""
     from learner.speaker_folds import cross_validate
 
-    if folds < 2:
-        print(f"emoloop train: --folds must be at least 2, not {folds}", file=sys.stderr)
+    if folds < 2 or seeds < 1:
+        print(f"emoloop train: --folds must be at least 2 and --seeds at least 1, not {folds} "
+              f"and {seeds}", file=sys.stderr)
         return 2
-    result = cross_validate(config, data_dir, encoder, folds=folds)
+    result = cross_validate(config, data_dir, encoder, folds=folds, seeds=seeds)
     print(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=2))
     return 0
 
@@ -558,7 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     instead.add_argument("--folds", type=int, metavar="K",
                          help="instead of training: score the recipe on its own training "
                               "speakers by K-fold cross-validation over speakers (one "
-                              "downstream a fold)")
+                              "downstream a fold and seed)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="with --folds: train each fold on N seeds (the recipe's and the next)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, macro-F1 and per-class figures on a data folder")

@@ -302,14 +302,15 @@ def test_speaker_folds_hold_each_speaker_once_and_share_every_corpus_out_evenly(
 
 def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_heard_them(
         recipe, toy_corpus, splits, tmp_path, capsys, monkeypatch):
-    """`emoloop train --folds K` trains one downstream a fold on the other training speakers
-    (epoch chosen on the validation speakers) and scores the fold's: every training clip once,
-    the test speakers never, and no model file written. Worker processes give the same figures."""
+    """`emoloop train --folds K --seeds N` trains a downstream a fold and seed on the other
+    training speakers (epoch chosen on the validation speakers) and scores the fold's: every
+    training clip once a seed, the test speakers never, no model file written; the figures are
+    the means over the seeds, and worker processes give the same ones."""
     trained_on = []
     original = speaker_folds_module.train_branch
 
     def spy(config, seed, train, *args, **kwargs):
-        trained_on.append({c.speaker for c in train.clips})
+        trained_on.append((seed, {c.speaker for c in train.clips}))
         return original(config, seed, train, *args, **kwargs)
 
     monkeypatch.setattr(speaker_folds_module, "train_branch", spy)
@@ -319,25 +320,36 @@ def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_he
     for workers in (1, 2):
         config = {**recipe, "train": {**recipe["train"], "workers": workers}}
         assert cli.main(["train", "--config", str(_write_recipe(config, tmp_path)),
-                         "--out", str(out), "--data", str(toy_corpus), "--folds", "2"]) == 0
+                         "--out", str(out), "--data", str(toy_corpus), "--folds", "2",
+                         "--seeds", "2"]) == 0
         results.append(json.loads(capsys.readouterr().out))
     result = results[0]
+    seeds = [recipe["seed"], recipe["seed"] + 1]
+    assert result["seeds"] == seeds and [f["seed"] for f in result["per_fold"]] == [
+        seeds[0], seeds[0], seeds[1], seeds[1]]
     training = {c.speaker for c in splits[0].clips}
     held_out = [set(f["speakers"]) for f in result["per_fold"]]
-    assert sorted(s for fold in held_out for s in fold) == sorted(training)
-    assert len(trained_on) == 2  # in this process only when workers is 1
-    for fold, heard in zip(held_out, trained_on):
-        assert heard == training - fold
-    assert result["clips"] == len(splits[0].clips) == sum(f["clips"] for f in result["per_fold"])
-    assert set(result["held_out_per_corpus"]) == {"toy"}
-    assert 0.0 <= result["held_out_corpus_mean_ua"] <= 1.0
+    assert held_out[:2] == held_out[2:]  # the same folds for every seed
+    assert sorted(s for fold in held_out[:2] for s in fold) == sorted(training)
+    # In this process only when workers is 1: each fold's model heard exactly the others.
+    assert [(seed, heard) for seed, heard in trained_on] == [
+        (f["seed"], training - fold) for f, fold in zip(result["per_fold"], held_out)]
+    assert result["clips"] == len(splits[0].clips) == sum(
+        f["clips"] for f in result["per_fold"] if f["seed"] == seeds[0])
+    assert result["held_out_per_corpus"]["toy"]["clips"] == len(splits[0].clips)
+    per_seed = [s["held_out_corpus_mean_ua"] for s in result["per_seed"]]
+    assert result["held_out_corpus_mean_ua"] == pytest.approx(np.mean(per_seed), abs=1e-4)
     assert results[1] == result
     assert not out.exists()
 
-    for too_few in ("1", "0"):
+    for bad in (["--folds", "1"], ["--folds", "0"], ["--folds", "2", "--seeds", "0"]):
         code = cli.main(["train", "--config", str(_write_recipe(recipe, tmp_path)),
-                         "--out", str(out), "--data", str(toy_corpus), "--folds", too_few])
+                         "--out", str(out), "--data", str(toy_corpus), *bad])
         assert code == 2 and "--folds must be at least 2" in capsys.readouterr().err
+    alone = cli.main(["train", "--config", str(_write_recipe(recipe, tmp_path)),
+                      "--out", str(out), "--data", str(toy_corpus), "--seeds", "2"])
+    assert alone == 2 and "--seeds goes with --folds" in capsys.readouterr().err
     too_many = cli.main(["train", "--config", str(_write_recipe(recipe, tmp_path)),
                          "--out", str(out), "--data", str(toy_corpus), "--folds", "3"])
     assert too_many == 2 and "2 training speakers cannot fill 3 folds" in capsys.readouterr().err
+    assert not out.exists()
