@@ -141,7 +141,8 @@ class LearnerSettings(Section):
     # the next one until then, so corrections are not lost to one close call of the gate, and a
     # poisoned batch still goes away (after blocking one more round).
     max_attempts: int = Field(2, ge=1)
-    max_feedback_per_round: int = Field(1000, ge=1)  # the oldest first; the rest waits for the next round
+    # The oldest first; the rest waits for the next round.
+    max_feedback_per_round: int = Field(1000, ge=1)
     seed: int = 20261121
     # A round trains this many steps whatever its size, so its time stays bounded: each step
     # `batch_size` new clips and `replay_batch_size` replayed exemplars.
@@ -162,8 +163,9 @@ class LearnerSettings(Section):
     # sets shipped beside the bundled default model (learner/default_model).
     base_sets_dir: Path | None = None
     ewc_lambda: float = Field(1e5, ge=0)
-    distill_weight: float = Field(3.0, ge=0)  # replayed exemplars: pull toward the starting model's answers
-    ewc_decay: float = Field(0.9, ge=0, le=1)  # online EWC: old importances fade by this factor a round
+    # Replayed exemplars also pull toward the starting model's answers, by this weight.
+    distill_weight: float = Field(3.0, ge=0)
+    ewc_decay: float = Field(0.9, ge=0, le=1)  # online EWC: old importances fade so much a round
     # A round first trains a bolder candidate, with these of the settings above changed; if the
     # gate refuses it, the candidate of the settings as they are. The default, chosen on
     # validation speakers (`emoloop bench round-settings`, README "Choosing learner settings"),
