@@ -68,23 +68,20 @@ def cross_validate(config: dict, data_dir: Path, encoder_path: Path, *, folds: i
     else:
         results = [_held_out_logits(config, train, validation, *task)
                    for task in tqdm(tasks, **bar)]
-    clips, logits, per_fold, per_seed = [], [], [], {}
+    # Outcomes, not logits, are pooled: a clip is answered once a seed.
+    outcomes, skipped, per_fold, per_seed = [], 0, [], {}
     for (fold, fold_seed, _), (rows, fold_logits, history) in zip(tasks, results):
         held = [train.clips[i] for i in rows]
+        answered, unknown = outcomes_from_logits(held, labels, fold_logits)
+        skipped += unknown
         best = max(history, key=lambda h: h["val_corpus_mean_ua"])
-        report = build_report(*outcomes_from_logits(held, labels, fold_logits), labels)
         per_fold.append({"seed": fold_seed, "speakers": sorted(fold), "clips": len(held),
                          "epoch": best["epoch"],
                          "validation_corpus_mean_ua": best["val_corpus_mean_ua"],
-                         "held_out_corpus_mean_ua": round(corpus_mean_ua(report), 4)})
-        per_seed.setdefault(fold_seed, ([], []))
-        per_seed[fold_seed][0].extend(held)
-        per_seed[fold_seed][1].append(fold_logits)
-        clips += held
-        logits.append(fold_logits)
-    pooled = build_report(*outcomes_from_logits(clips, labels, np.concatenate(logits)), labels)
-    seed_scores = {s: corpus_mean_ua(build_report(*outcomes_from_logits(
-        c, labels, np.concatenate(l)), labels)) for s, (c, l) in per_seed.items()}
+                         "held_out_corpus_mean_ua": round(_score(answered, labels), 4)})
+        per_seed.setdefault(fold_seed, []).extend(answered)
+        outcomes += answered
+    pooled = build_report(outcomes, skipped, labels)
     return {"folds": folds, "seeds": sorted(per_seed), "speakers": sum(map(len, speakers)),
             "clips": len(train.clips),
             "held_out_corpus_mean_ua": round(corpus_mean_ua(pooled), 4),
@@ -92,9 +89,13 @@ def cross_validate(config: dict, data_dir: Path, encoder_path: Path, *, folds: i
                                         "accuracy": round(r["accuracy"], 4),
                                         "unweighted_accuracy": round(r["unweighted_accuracy"], 4)}
                                     for c, r in pooled["per_corpus"].items()},
-            "per_seed": [{"seed": s, "held_out_corpus_mean_ua": round(v, 4)}
-                         for s, v in sorted(seed_scores.items())],
+            "per_seed": [{"seed": s, "held_out_corpus_mean_ua": round(_score(o, labels), 4)}
+                         for s, o in sorted(per_seed.items())],
             "per_fold": per_fold, "report": pooled}
+
+
+def _score(outcomes: list, labels: tuple[str, ...]) -> float:
+    return corpus_mean_ua(build_report(outcomes, 0, labels))
 
 
 def _held_out_logits(config: dict, train: CachedClips, validation: CachedClips,

@@ -353,3 +353,28 @@ def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_he
                          "--out", str(out), "--data", str(toy_corpus), "--folds", "3"])
     assert too_many == 2 and "2 training speakers cannot fill 3 folds" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cross_validation_pools_every_seeds_answers(recipe, toy_corpus, splits, monkeypatch):
+    """The figures over seeds are their means, each seed's beside them: where one seed's models
+    answer every held-out clip right and the other's every one wrong, half are right (the toy
+    models above sit at chance on both seeds, so they cannot show this). The training is stood
+    in for here; the test above runs it."""
+    labels = tuple(recipe["labels"])
+
+    def answers(config, train, validation, fold, seed, encoder_width):
+        rows = np.array([i for i, c in enumerate(train.clips) if c.speaker in set(fold)])
+        truth = train.targets[rows]
+        logits = np.zeros((len(rows), len(labels)), dtype=np.float32)
+        logits[np.arange(len(rows)), truth if seed == recipe["seed"] else 1 - truth] = 5.0
+        return rows, logits, [{"epoch": 1, "val_corpus_mean_ua": 0.5}]
+
+    monkeypatch.setattr(speaker_folds_module, "_held_out_logits", answers)
+    config = {**recipe, "train": {**recipe["train"], "workers": 1}}
+    result = speaker_folds_module.cross_validate(config, toy_corpus, Path(recipe["encoder"]["file"]),
+                                                 folds=2, seeds=2, progress=False)
+    assert [s["held_out_corpus_mean_ua"] for s in result["per_seed"]] == [1.0, 0.0]
+    assert [f["held_out_corpus_mean_ua"] for f in result["per_fold"]] == [1.0, 1.0, 0.0, 0.0]
+    assert result["held_out_corpus_mean_ua"] == 0.5
+    assert result["held_out_per_corpus"] == {
+        "toy": {"clips": len(splits[0].clips), "accuracy": 0.5, "unweighted_accuracy": 0.5}}
