@@ -10,19 +10,15 @@ is scored once by a model that never trained on them. One downstream's seed stil
 pooled score by about 0.02 (README), so each fold can train on several seeds. The test speakers
 are not touched: this is a validation measure, for choices.
 """
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from learner.corpora import CorpusClip, CorpusError
 from learner.evaluation import build_report, outcomes_from_logits
 from learner.inference import limit_threads
-from learner.speech_encoder.weights import load_encoder
 from learner.speech_training import (CachedClips, cached_logits, corpus_mean_ua,
-                                     load_cached_splits, load_worker_splits, train_branch,
-                                     worker_splits)
+                                     load_cached_splits, map_on_splits, train_branch)
 
 
 def speaker_folds(clips: list[CorpusClip], k: int, seed: int) -> list[list[str]]:
@@ -55,22 +51,16 @@ def cross_validate(config: dict, data_dir: Path, encoder_path: Path, *, folds: i
     seed's pooled score, and each fold's."""
     labels, seed = tuple(config["labels"]), int(config["seed"])
     limit_threads(int(config["train"].get("threads", 2)))
-    encoder_width = load_encoder(encoder_path, None).config.width
     train, validation, _ = load_cached_splits(config, data_dir, encoder_path, progress=progress)
     speakers = speaker_folds(train.clips, folds, seed)
-    tasks = [(fold, seed + s, encoder_width) for s in range(seeds) for fold in speakers]
-    workers = min(len(tasks), int(config["train"].get("workers", 2)))
-    bar = dict(total=len(tasks), desc="folds", unit="fold", disable=not progress)
-    if workers > 1:
-        with get_context("spawn").Pool(workers, initializer=load_worker_splits,
-                                       initargs=(config, data_dir, encoder_path)) as pool:
-            results = list(tqdm(pool.imap(_fold_task, tasks), **bar))
-    else:
-        results = [_held_out_logits(config, train, validation, *task)
-                   for task in tqdm(tasks, **bar)]
+    tasks = [(fold, seed + s) for s in range(seeds) for fold in speakers]
+    results = map_on_splits(_held_out_logits, tasks, config=config, train=train,
+                            validation=validation, data_dir=data_dir,
+                            encoder_path=encoder_path,
+                            bar=dict(desc="folds", unit="fold", disable=not progress))
     # Outcomes, not logits, are pooled: a clip is answered once a seed.
     outcomes, skipped, per_fold, per_seed = [], 0, [], {}
-    for (fold, fold_seed, _), (rows, fold_logits, history) in zip(tasks, results):
+    for (fold, fold_seed), (rows, fold_logits, history) in zip(tasks, results):
         held = [train.clips[i] for i in rows]
         answered, unknown = outcomes_from_logits(held, labels, fold_logits)
         skipped += unknown
@@ -99,19 +89,12 @@ def _score(outcomes: list, labels: tuple[str, ...]) -> float:
 
 
 def _held_out_logits(config: dict, train: CachedClips, validation: CachedClips,
-                     fold: list[str], seed: int, encoder_width: int,
-                     ) -> tuple[np.ndarray, np.ndarray, list]:
+                     fold: list[str], seed: int) -> tuple[np.ndarray, np.ndarray, list]:
     """One fold on one seed: a downstream of the recipe trained without the fold's speakers,
     and its logits on them."""
     out = set(fold)
     held = np.array([i for i, c in enumerate(train.clips) if c.speaker in out], dtype=np.int64)
     kept = np.array([i for i, c in enumerate(train.clips) if c.speaker not in out],
                     dtype=np.int64)
-    net, history = train_branch(config, seed, train.subset(kept), validation, encoder_width,
-                                progress=False)
+    net, history = train_branch(config, train.subset(kept), validation, seed, progress=False)
     return held, cached_logits(net, train.subset(held)), history
-
-
-def _fold_task(task: tuple[list[str], int, int]) -> tuple[np.ndarray, np.ndarray, list]:
-    config, train, validation = worker_splits()
-    return _held_out_logits(config, train, validation, *task)

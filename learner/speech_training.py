@@ -11,6 +11,8 @@ and serves as one model.
 """
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -37,6 +39,11 @@ class CachedClips:
                  labels: tuple[str, ...], n_blocks: int):
         self.clips, self.variants, self.labels, self.n_blocks = clips, variants, labels, n_blocks
         self.targets = np.array([labels.index(c.emotion) for c in clips], dtype=np.int64)
+
+    @property
+    def width(self) -> int:
+        """The encoder's D, as its cache holds it."""
+        return int(self.variants[0][0].states.shape[-1])
 
     def subset(self, indices: np.ndarray) -> "CachedClips":
         """These clips only (positions in `clips`), in that order; the caches are shared."""
@@ -98,15 +105,14 @@ def branch_config(config: dict, encoder_width: int) -> DownstreamConfig:
                             **{**config["model"], "branches": 1})
 
 
-def train_branch(config: dict, seed: int, train: CachedClips, validation: CachedClips,
-                 encoder_width: int, *, progress: bool = True,
-                 ) -> tuple[SpeechEmotionNet, list[dict]]:
+def train_branch(config: dict, train: CachedClips, validation: CachedClips, seed: int, *,
+                 progress: bool = True) -> tuple[SpeechEmotionNet, list[dict]]:
     """One downstream of one branch, trained on `seed`, its epoch chosen on the validation
     speakers."""
     train_cfg, labels = config["train"], tuple(config["labels"])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SpeechEmotionNet(branch_config(config, encoder_width))
+    net = SpeechEmotionNet(branch_config(config, train.width))
     batch_size, epochs = train_cfg["batch_size"], train_cfg["epochs"]
     steps = len(train.clips) // batch_size
     if not validation.clips or steps == 0:
@@ -147,36 +153,36 @@ def train_branch(config: dict, seed: int, train: CachedClips, validation: Cached
     return net, history
 
 
-def train_downstream(config: dict, train: CachedClips, validation: CachedClips,
-                     encoder_width: int, *, data_dir: Path, encoder_path: Path,
+def train_downstream(config: dict, train: CachedClips, validation: CachedClips, *,
+                     data_dir: Path, encoder_path: Path,
                      progress: bool = True) -> tuple[nn.Module, list[dict]]:
     """The recipe's downstream: `model.branches` branches on seeds seed, seed + 1, ..., each
     trained alone (`train.workers` processes at a time), joined under one head when several.
-    A branch depends on its seed only, so the result is the same however they are scheduled.
-    In process the branches train on `train` and `validation`; worker processes read the same
-    splits from the cache (`data_dir`, `encoder_path`) once each, memory-mapped."""
+    A branch depends on its seed only, so the result is the same however they are scheduled."""
     seed, n = int(config["seed"]), int(config["model"].get("branches", 1))
-    seeds = [seed + k for k in range(n)]
-    workers = min(n, int(config["train"].get("workers", 2)))
-    bar = dict(total=n, desc="downstream branches", unit="branch", disable=not progress or n == 1)
-    if workers > 1:
-        with get_context("spawn").Pool(workers, initializer=load_worker_splits,
-                                       initargs=(config, data_dir, encoder_path)) as pool:
-            results = pool.imap(_train_branch, [(s, encoder_width) for s in seeds])
-            trained = [(_branch_of(state, config, encoder_width), h)
-                       for state, h in tqdm(results, **bar)]
-    else:
-        trained = [train_branch(config, s, train, validation, encoder_width,
-                                progress=progress and n == 1) for s in tqdm(seeds, **bar)]
+    bar = dict(desc="downstream branches", unit="branch", disable=not progress or n == 1)
+    trained = map_on_splits(partial(train_branch, progress=progress and n == 1),
+                            [(seed + k,) for k in range(n)], config=config, train=train,
+                            validation=validation, data_dir=data_dir,
+                            encoder_path=encoder_path, bar=bar)
     nets = [net.eval() for net, _ in trained]
     history = [epoch for _, h in trained for epoch in h]
     return (nets[0] if n == 1 else SpeechEmotionEnsemble.of(nets)), history
 
 
-def _branch_of(state: dict, config: dict, encoder_width: int) -> SpeechEmotionNet:
-    net = SpeechEmotionNet(branch_config(config, encoder_width))
-    net.load_state_dict(state)
-    return net
+def map_on_splits(task: Callable, args: list[tuple], *, config: dict, train: CachedClips,
+                  validation: CachedClips, data_dir: Path, encoder_path: Path,
+                  bar: dict) -> list:
+    """`task(config, train, validation, *a)` for each `a` of `args`, in order: in this process
+    on these splits, or, with `train.workers` > 1, in that many spawned processes, each of
+    which reads the same splits from the cache (`data_dir`, `encoder_path`) once."""
+    workers = min(len(args), int(config["train"].get("workers", 2)))
+    if workers <= 1:
+        return [task(config, train, validation, *a) for a in tqdm(args, total=len(args), **bar)]
+    with get_context("spawn").Pool(workers, initializer=_load_worker_splits,
+                                   initargs=(config, data_dir, encoder_path)) as pool:
+        return list(tqdm(pool.imap(_on_worker_splits, [(task, a) for a in args]),
+                         total=len(args), **bar))
 
 
 # A worker process's splits, read once by the pool's initializer and kept for every task it
@@ -184,27 +190,16 @@ def _branch_of(state: dict, config: dict, encoder_width: int) -> SpeechEmotionNe
 _worker_splits: tuple[dict, CachedClips, CachedClips] | None = None
 
 
-def load_worker_splits(config: dict, data_dir: Path, encoder_path: Path) -> None:
-    """A worker pool's initializer: the recipe's training and validation clips, once."""
+def _load_worker_splits(config: dict, data_dir: Path, encoder_path: Path) -> None:
     global _worker_splits
     limit_threads(int(config["train"].get("threads", 2)))
     train, validation, _ = load_cached_splits(config, data_dir, encoder_path, progress=False)
     _worker_splits = (config, train, validation)
 
 
-def worker_splits() -> tuple[dict, CachedClips, CachedClips]:
-    """The recipe, training and validation clips load_worker_splits read in this process."""
-    if _worker_splits is None:
-        raise RuntimeError("worker_splits() outside a pool initialised by load_worker_splits")
-    return _worker_splits
-
-
-def _train_branch(task: tuple[int, int]) -> tuple[dict, list[dict]]:
-    """A worker process's share of train_downstream: one branch on the splits it holds."""
-    seed, encoder_width = task
-    config, train, validation = worker_splits()
-    net, history = train_branch(config, seed, train, validation, encoder_width, progress=False)
-    return net.state_dict(), history
+def _on_worker_splits(job: tuple[Callable, tuple]):
+    task, args = job
+    return task(*_worker_splits, *args)
 
 
 def load_cached_splits(config: dict, data_dir: Path, encoder_path: Path, *,
@@ -251,9 +246,8 @@ def train_speech(config: dict, data_dir: Path, encoder_path: Path, *,
                                                  progress=progress)
     encoder_sha = sha256_bytes(Path(encoder_path).read_bytes())
     encoder = load_encoder(encoder_path, encoder_sha)
-    downstream, history = train_downstream(config, train, validation, encoder.config.width,
-                                           data_dir=data_dir, encoder_path=encoder_path,
-                                           progress=progress)
+    downstream, history = train_downstream(config, train, validation, data_dir=data_dir,
+                                           encoder_path=encoder_path, progress=progress)
     net = SpeechEmotionModel(encoder, downstream, encoder_sha)
     return TrainingResult(net, labels, history, cached_report(downstream, validation, labels),
                           cached_report(downstream, test, labels) if test.clips else None,

@@ -309,9 +309,9 @@ def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_he
     trained_on = []
     original = speaker_folds_module.train_branch
 
-    def spy(config, seed, train, *args, **kwargs):
+    def spy(config, train, validation, seed, **kwargs):
         trained_on.append((seed, {c.speaker for c in train.clips}))
-        return original(config, seed, train, *args, **kwargs)
+        return original(config, train, validation, seed, **kwargs)
 
     monkeypatch.setattr(speaker_folds_module, "train_branch", spy)
     _no_encoder_runs(monkeypatch)  # the recipe's own cache
@@ -362,7 +362,7 @@ def test_cross_validation_pools_every_seeds_answers(recipe, toy_corpus, splits, 
     in for here; the test above runs it."""
     labels = tuple(recipe["labels"])
 
-    def answers(config, train, validation, fold, seed, encoder_width):
+    def answers(config, train, validation, fold, seed):
         rows = np.array([i for i, c in enumerate(train.clips) if c.speaker in set(fold)])
         truth = train.targets[rows]
         logits = np.zeros((len(rows), len(labels)), dtype=np.float32)
