@@ -5,6 +5,8 @@ encoder states (N, B, T, D) at 50 fps (learner.speech_encoder; frozen, computed 
 -> pooled in pairs of frames to 25 fps (`pool_frames`; what the training cache stores)
 -> softmax-weighted sum of the N blocks (which depths carry emotion is learned)
 -> LayerNorm -> linear projection to `channels` (D is wide; everything after runs narrow)
+   (or, `block_mix` "concat": each block normalised on its own, the N blocks side by side
+   projected to `channels`, which can keep what differs between depths)
 -> Conv1d blocks (local patterns over 40 ms steps) -> BiLSTM (context over the utterance)
 -> attention pooling (which frames carry the emotion) -> linear head.
 Variable length is masked at every stage: padding a clip inside a batch never changes its output.
@@ -26,6 +28,10 @@ from learner.model import AttentionPooling, time_mask
 # carry the encoder's states into the downstream, where a voice's and a microphone's offsets sit
 # (in each branch of an ensemble: a downstream's `adaptable` names them).
 ADAPTABLE = ("in_norm.weight", "in_norm.bias", "project.weight", "project.bias")
+# With the blocks side by side (`block_mix` concat) the projection alone is 98,000 numbers a
+# branch, which would take a five-branch personal version past its 1 MB bound: there a personal
+# version re-fits each block's per-channel gain and offset, and the projection's bias (3,100).
+ADAPTABLE_SIDE_BY_SIDE = ("in_norm.weight", "in_norm.bias", "project.bias")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,11 @@ class DownstreamConfig:
     dropout: float = 0.3  # before the head
     input_dropout: float = 0.0  # on the projected frames: fewer of a voice's details to memorise
     branches: int = 1  # downstreams trained apart whose embeddings one head reads (an ensemble)
+    block_mix: str = "sum"  # "sum": softmax-weighted sum of the blocks; "concat": side by side
+
+    def __post_init__(self):
+        if self.block_mix not in ("sum", "concat"):
+            raise ValueError(f"block_mix must be 'sum' or 'concat', not {self.block_mix!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +104,21 @@ def bidirectional_lstm(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) ->
     return torch.cat([outputs[0], reverse_within(outputs[1], lengths)], dim=2)
 
 
+class BlockNorm(nn.Module):
+    """LayerNorm of each block's D channels with the block's own gain and bias: Whisper's depths
+    differ in scale by orders of magnitude, so one norm over all of them would hear the loudest."""
+
+    def __init__(self, n_blocks: int, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_blocks, width))
+        self.bias = nn.Parameter(torch.zeros(n_blocks, width))
+        self.eps = eps
+
+    def normalise(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(..., N, D) -> the same, each block normalised, then scaled by `weight`, `bias`."""
+        return nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps) * weight + bias
+
+
 class ConvBlock1d(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int):
         super().__init__()
@@ -107,14 +133,17 @@ class ConvBlock1d(nn.Module):
 class DownstreamBranch(nn.Module):
     """Encoder states -> one embedding: everything of the downstream but its head."""
 
-    adaptable = ADAPTABLE
-
     def __init__(self, config: DownstreamConfig):
         super().__init__()
         self.config = config
-        self.block_logits = nn.Parameter(torch.zeros(config.n_blocks))
-        self.in_norm = nn.LayerNorm(config.width)
-        self.project = nn.Linear(config.width, config.channels)
+        self.adaptable = ADAPTABLE if config.block_mix == "sum" else ADAPTABLE_SIDE_BY_SIDE
+        if config.block_mix == "sum":
+            self.block_logits = nn.Parameter(torch.zeros(config.n_blocks))
+            self.in_norm = nn.LayerNorm(config.width)
+            self.project = nn.Linear(config.width, config.channels)
+        else:
+            self.in_norm = BlockNorm(config.n_blocks, config.width)
+            self.project = nn.Linear(config.n_blocks * config.width, config.channels)
         self.input_dropout = nn.Dropout(config.input_dropout)
         self.convs = nn.ModuleList(ConvBlock1d(config.channels, config.channels, config.kernel)
                                    for _ in range(config.conv_layers))
@@ -127,11 +156,15 @@ class DownstreamBranch(nn.Module):
         """(B, N, T, D) pooled encoder states, (B,) frame counts -> (B, 2*lstm_hidden).
         `adapter`: a personal version's own values of the `adaptable` parameters, used in place
         of these (passed, not swapped in: other requests read this network meanwhile)."""
-        weights = torch.softmax(self.block_logits, dim=0)
-        x = torch.einsum("n,bntd->btd", weights, states)  # (B, T, D)
-        p = adapter or {name: self.get_parameter(name) for name in ADAPTABLE}
-        x = nn.functional.layer_norm(x, self.in_norm.normalized_shape, p["in_norm.weight"],
-                                     p["in_norm.bias"], self.in_norm.eps)
+        p = {name: self.get_parameter(name) for name in ADAPTABLE} | (adapter or {})
+        if self.config.block_mix == "sum":
+            weights = torch.softmax(self.block_logits, dim=0)
+            x = torch.einsum("n,bntd->btd", weights, states)  # (B, T, D)
+            x = nn.functional.layer_norm(x, self.in_norm.normalized_shape, p["in_norm.weight"],
+                                         p["in_norm.bias"], self.in_norm.eps)
+        else:
+            x = self.in_norm.normalise(states.transpose(1, 2), p["in_norm.weight"],
+                                       p["in_norm.bias"]).flatten(2)  # (B, T, N*D)
         x = nn.functional.linear(x, p["project.weight"], p["project.bias"])
         t = x.shape[1]
         mask = time_mask(lengths, t)
@@ -166,8 +199,8 @@ class SpeechEmotionEnsemble(nn.Module):
         self.branches = nn.ModuleList(DownstreamBranch(branch) for _ in range(config.branches))
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.branches * 2 * config.lstm_hidden, config.n_classes)
-        self.adaptable = tuple(f"branches.{k}.{name}"
-                               for k in range(config.branches) for name in ADAPTABLE)
+        self.adaptable = tuple(f"branches.{k}.{name}" for k, member in enumerate(self.branches)
+                               for name in member.adaptable)
 
     @classmethod
     def of(cls, members: list[SpeechEmotionNet]) -> "SpeechEmotionEnsemble":
@@ -188,7 +221,7 @@ class SpeechEmotionEnsemble(nn.Module):
         parts = []
         for k, branch in enumerate(self.branches):
             own = None if adapter is None else {name: adapter[f"branches.{k}.{name}"]
-                                                for name in ADAPTABLE}
+                                                for name in branch.adaptable}
             parts.append(branch.embed(states, lengths, adapter=own))
         return torch.cat(parts, dim=1)
 

@@ -6,7 +6,9 @@ log-mel CNN; the convolutions, BiLSTM and attention pooling) frozen and shared, 
 - the head: `logits = W @ embed(features) + b`, with `embed` the parent global version's
   utterance embedding;
 - on a speech-encoder version, the downstream's input layers (LayerNorm and projection of the
-  encoder's states, learner.speech_model.ADAPTABLE, about 25,000 numbers in float16 a branch), which
+  encoder's states, a branch's `adaptable`: about 25,000 numbers in float16 a branch where the
+  blocks are summed, learner.speech_model.ADAPTABLE; where they sit side by side, as in the
+  default, each block's per-channel gain and offset and the projection's bias, 3,100), which
   `embed` then uses in place of the parent's. A voice, and the microphone it comes through,
   shift the encoder's states as a whole; re-fitting the layers that read them moves every later
   stage onto the user's voice, which a head on the fixed embedding cannot (README, "Personal

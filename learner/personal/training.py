@@ -4,7 +4,7 @@ clip (learner.continual.avalanche_model: log-mel frames, or the frozen speech en
 The Naive strategy with a ReplayPlugin whose class-balanced buffer holds the global version's
 replay exemplars, BatchNorm statistics frozen, a fixed number of steps. What trains is the
 personal part of the network (`personal_names`): the head, and on a speech-encoder model also
-the downstream's input layers (learner.speech_model.ADAPTABLE, in each branch), where a voice
+the downstream's input layers (each branch's `adaptable`, learner.speech_model), where a voice
 sits; everything else stays the global version's. Replay holds the part near what the global
 data needs; the personal gate checks that it did. Measured on the validation users (README,
 "Personal models"): the input layers re-fitted for a voice answer its other clips better than a

@@ -26,7 +26,7 @@ from learner.serving_net import for_serving
 from learner.speech_encoder import weights
 from learner.speech_encoder.weights import load_encoder
 from learner.speech_encoder.whisper_mel import extract_speech_features
-from learner.speech_model import ADAPTABLE, SpeechEmotionModel
+from learner.speech_model import ADAPTABLE, ADAPTABLE_SIDE_BY_SIDE, SpeechEmotionModel
 from service import cli
 from storage.files import sha256_bytes
 from storage.registry import ModelRegistry
@@ -183,16 +183,18 @@ def test_a_round_trains_the_downstream_only_and_registers_a_version_of_the_kind(
         p.numel() for p in model.net.downstream.parameters())
 
 
-@pytest.mark.parametrize("branches", [1, 2])
+@pytest.mark.parametrize("branches, block_mix", [(1, "sum"), (2, "sum"), (2, "concat")])
 def test_a_personal_version_runs_on_its_embedding_through_its_own_input_layers(
-        branches, tiny_encoder_file, bundled_tiny_encoder):
-    net = tiny_speech_model(tiny_encoder_file, branches=branches).eval()
+        branches, block_mix, tiny_encoder_file, bundled_tiny_encoder):
+    net = tiny_speech_model(tiny_encoder_file, branches=branches, block_mix=block_mix).eval()
     global_model = model_from_bytes(model_bytes(net, TOY_LABELS))
     torch.manual_seed(1)
     head_layer = torch.nn.Linear(global_model.net.head.in_features, len(TOY_LABELS))
     own = dict(global_model.net.downstream.named_parameters())
     adaptable = global_model.net.downstream.adaptable  # every branch's input layers
-    assert len(adaptable) == branches * len(ADAPTABLE)
+    own_layers = ADAPTABLE if block_mix == "sum" else ADAPTABLE_SIDE_BY_SIDE
+    assert adaptable == tuple(f"branches.{k}.{name}" if branches > 1 else name
+                              for k in range(branches) for name in own_layers)
     adapter = as_stored({k: own[k].detach() + 0.5 * torch.randn(own[k].shape) for k in adaptable})
     data = personal_head_bytes(head_layer, TOY_LABELS, parent_version=2,
                                parent_sha256=global_model.sha256, parent_kind=global_model.kind,
@@ -216,8 +218,8 @@ def test_a_personal_version_runs_on_its_embedding_through_its_own_input_layers(
     other = LoadedModel(global_model.net, TOY_LABELS, sha256="b" * 64, kind=WHISPER_KIND)
     with pytest.raises(ModelFileError, match="trained on a global model"):
         PersonalPredictor(EmotionPredictor(other), personal_head_from_bytes(data))
-    project = adaptable[ADAPTABLE.index("project.weight")]
-    misfit = dict(adapter, **{project: adapter[project][:, :-1]})
+    norm = adaptable[own_layers.index("in_norm.weight")]
+    misfit = dict(adapter, **{norm: adapter[norm][..., :-1]})
     data = personal_head_bytes(head_layer, TOY_LABELS, parent_version=2,
                                parent_sha256=global_model.sha256, parent_kind=global_model.kind,
                                adapter=misfit)
@@ -242,14 +244,15 @@ def test_a_personal_round_on_the_kind_refits_the_input_layers_and_head_only(spee
         personal = personal_head_from_bytes(world.artifacts.read_model(row.artifact_path,
                                                                        row.sha256))
     own = dict(global_model.net.downstream.named_parameters())
-    branches = global_model.net.downstream.branches  # the toy model has two, as the default
-    assert set(personal.adapter) == {f"branches.{k}.{name}"
-                                     for k in range(len(branches)) for name in ADAPTABLE}
+    # The toy model has two branches reading the blocks side by side, as the default.
+    branches = global_model.net.downstream.branches
+    assert set(personal.adapter) == {f"branches.{k}.{name}" for k in range(len(branches))
+                                     for name in ADAPTABLE_SIDE_BY_SIDE}
     for k in range(len(branches)):  # every branch re-fitted to her voice
         assert any(not torch.allclose(personal.adapter[f"branches.{k}.{name}"].float(),
                                       own[f"branches.{k}.{name}"].detach(), atol=1e-3)
-                   for name in ADAPTABLE)
-    assert personal.adapter["branches.0.project.weight"].dtype == torch.float16  # as kept
+                   for name in ADAPTABLE_SIDE_BY_SIDE)
+    assert personal.adapter["branches.0.in_norm.weight"].dtype == torch.float16  # as kept
     # Served through its own layers, as stored.
     predictor = PersonalPredictor(EmotionPredictor(global_model), personal)
     clips = [extract_speech_features(toy_wave("happy", 900 + i)) for i in range(3)]

@@ -1,6 +1,8 @@
 """The downstream on the speech encoder's states: its BiLSTM over padded clips computes what one
-over a packed sequence does, padding never moves a clip's answer, and branches joined under one
-head answer the mean of their own answers."""
+over a packed sequence does, padding never moves a clip's answer (blocks summed or side by side),
+and branches joined under one head answer the mean of their own answers."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -13,15 +15,19 @@ CONFIG = DownstreamConfig(n_blocks=3, width=24, n_classes=5, channels=8, conv_la
                           kernel=3, lstm_hidden=6, dropout=0.5, input_dropout=0.3)
 
 
-def _branch(seed: int) -> SpeechEmotionNet:
+def _branch(seed: int, block_mix: str = "sum") -> SpeechEmotionNet:
     torch.manual_seed(seed)
-    net = SpeechEmotionNet(CONFIG)
-    with torch.no_grad():  # non-trivial BatchNorm statistics and block weights
+    net = SpeechEmotionNet(replace(CONFIG, block_mix=block_mix))
+    with torch.no_grad():  # non-trivial BatchNorm statistics, block weights and block norms
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm1d):
                 module.running_mean.uniform_(-1, 1)
                 module.running_var.uniform_(0.5, 2)
-        net.block_logits.uniform_(-1, 1)
+        if block_mix == "sum":
+            net.block_logits.uniform_(-1, 1)
+        else:
+            net.in_norm.weight.uniform_(0.5, 2)
+            net.in_norm.bias.uniform_(-1, 1)
     return net.eval()
 
 
@@ -63,9 +69,10 @@ def test_the_bilstm_over_padded_clips_is_the_packed_bilstm_forward_and_backward(
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block_mix", ["sum", "concat"])
 @pytest.mark.parametrize("branches", [1, 3])
-def test_padding_inside_a_batch_does_not_change_a_clips_output(branches):
-    members = [_branch(seed) for seed in range(branches)]
+def test_padding_inside_a_batch_does_not_change_a_clips_output(branches, block_mix):
+    members = [_branch(seed, block_mix) for seed in range(branches)]
     net = members[0] if branches == 1 else SpeechEmotionEnsemble.of(members).eval()
     clips = _clips((7, 20, 21, 1, 16))
     with torch.inference_mode():
@@ -109,3 +116,25 @@ def test_a_personal_adapter_moves_only_its_own_branch():
     width = 2 * CONFIG.lstm_hidden
     torch.testing.assert_close(after[:, :width], before[:, :width])
     assert not np.allclose(after[:, width:].numpy(), before[:, width:].numpy(), atol=1e-3)
+
+
+def test_blocks_side_by_side_are_each_normalised_on_their_own():
+    """Whisper's depths differ in scale by orders of magnitude: with `block_mix` concat a block
+    scaled up by 1000 must reach the projection as it would unscaled (one norm over all the
+    blocks would let it drown the others), and the projection reads every block."""
+    net = _branch(1, "concat")
+    x, lengths = _padded(_clips((9, 14)), fill=0.0)
+    loud = x.clone()
+    loud[:, 2] *= 1000.0
+    with torch.inference_mode():
+        torch.testing.assert_close(net(loud, lengths), net(x, lengths), atol=1e-4, rtol=1e-4)
+        for block in range(CONFIG.n_blocks):
+            other = x.clone()
+            other[:, block] = torch.flip(other[:, block], dims=[-1])
+            assert not torch.allclose(net(other, lengths), net(x, lengths), atol=1e-4)
+    assert net.project.in_features == CONFIG.n_blocks * CONFIG.width
+
+
+def test_an_unknown_block_mix_is_refused():
+    with pytest.raises(ValueError, match="block_mix"):
+        replace(CONFIG, block_mix="mean")

@@ -43,10 +43,12 @@ def tiny_encoder_bytes(seed: int = 0) -> bytes:
     return import_encoder(ct2, BLOCKS, pinned={sha256_bytes(ct2): TINY_SOURCE_TEXT})
 
 
-def tiny_downstream(n_classes: int = 2, branches: int = 1) -> torch.nn.Module:
+def tiny_downstream(n_classes: int = 2, branches: int = 1,
+                    block_mix: str = "sum") -> torch.nn.Module:
     return build_downstream(DownstreamConfig(n_blocks=BLOCKS, width=WIDTH, n_classes=n_classes,
                                              channels=8, conv_layers=1, kernel=3,
-                                             lstm_hidden=8, dropout=0.0, branches=branches))
+                                             lstm_hidden=8, dropout=0.0, branches=branches,
+                                             block_mix=block_mix))
 
 
 @pytest.fixture(scope="session")
@@ -69,20 +71,22 @@ def bundled_tiny_encoder(tiny_encoder_file, monkeypatch) -> str:
 
 
 def tiny_speech_model(tiny_encoder_file, n_classes: int = 2, seed: int = 0,
-                      branches: int = 1) -> SpeechEmotionModel:
+                      branches: int = 1, block_mix: str = "sum") -> SpeechEmotionModel:
     """A random tiny model of the speech kind on (a load of) the tiny encoder file."""
     path, sha256 = tiny_encoder_file
     torch.manual_seed(seed)
-    return SpeechEmotionModel(load_encoder(path, sha256), tiny_downstream(n_classes, branches),
-                              sha256)
+    return SpeechEmotionModel(load_encoder(path, sha256),
+                              tiny_downstream(n_classes, branches, block_mix), sha256)
 
 
 @pytest.fixture(scope="session")
 def toy_speech_model(tiny_encoder_file) -> bytes:
     """The toy model (tests/learner/toy_learning.py) of the speech kind: a model file. Two
-    branches, as the default ships (learner.speech_model.SpeechEmotionEnsemble)."""
+    branches reading the blocks side by side, as the default ships
+    (learner.speech_model.SpeechEmotionEnsemble)."""
     limit_threads(1)  # as toy_model: one thread trains these tiny models fastest
-    return train_toy_model(net=tiny_speech_model(tiny_encoder_file, branches=2),
+    return train_toy_model(net=tiny_speech_model(tiny_encoder_file, branches=2,
+                                                 block_mix="concat"),
                            kind=WHISPER_KIND)
 
 
