@@ -136,12 +136,13 @@ class DownstreamBranch(nn.Module):
     def __init__(self, config: DownstreamConfig):
         super().__init__()
         self.config = config
-        self.adaptable = ADAPTABLE if config.block_mix == "sum" else ADAPTABLE_SIDE_BY_SIDE
         if config.block_mix == "sum":
+            self.adaptable = ADAPTABLE
             self.block_logits = nn.Parameter(torch.zeros(config.n_blocks))
             self.in_norm = nn.LayerNorm(config.width)
             self.project = nn.Linear(config.width, config.channels)
         else:
+            self.adaptable = ADAPTABLE_SIDE_BY_SIDE
             self.in_norm = BlockNorm(config.n_blocks, config.width)
             self.project = nn.Linear(config.n_blocks * config.width, config.channels)
         self.input_dropout = nn.Dropout(config.input_dropout)

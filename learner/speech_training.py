@@ -25,7 +25,7 @@ from learner.corpora import CorpusClip, CorpusError, read_corpora, split_by_spea
 from learner.encoder_cache import EncoderCache, build_or_load_cache
 from learner.evaluation import build_report, outcomes_from_logits
 from learner.inference import limit_threads
-from learner.speech_encoder.weights import load_encoder
+from learner.speech_encoder.weights import encoder_from_bytes
 from learner.speech_model import (DownstreamConfig, SpeechEmotionEnsemble, SpeechEmotionModel,
                                   SpeechEmotionNet)
 from learner.training import EarlyStopping, TrainingResult, balanced_weights, optimiser_step
@@ -244,8 +244,9 @@ def train_speech(config: dict, data_dir: Path, encoder_path: Path, *,
     limit_threads(int(config["train"].get("threads", 2)))
     train, validation, test = load_cached_splits(config, data_dir, encoder_path,
                                                  progress=progress)
-    encoder_sha = sha256_bytes(Path(encoder_path).read_bytes())
-    encoder = load_encoder(encoder_path, encoder_sha)
+    data = Path(encoder_path).read_bytes()
+    encoder_sha = sha256_bytes(data)
+    encoder = encoder_from_bytes(data, encoder_path)  # the bytes just hashed: no second read
     downstream, history = train_downstream(config, train, validation, data_dir=data_dir,
                                            encoder_path=encoder_path, progress=progress)
     net = SpeechEmotionModel(encoder, downstream, encoder_sha)
