@@ -152,6 +152,13 @@ class DownstreamBranch(nn.Module):
                             bidirectional=True)
         self.pool = AttentionPooling(2 * config.lstm_hidden)
 
+    def input_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the layers that read the encoder's states (the block weights, the
+        norm, the projection): most of a side-by-side branch's numbers."""
+        layers = [self.in_norm, self.project]
+        return [*(p for layer in layers for p in layer.parameters()),
+                *([self.block_logits] if self.config.block_mix == "sum" else [])]
+
     def embed(self, states: torch.Tensor, lengths: torch.Tensor,
               adapter: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, N, T, D) pooled encoder states, (B,) frame counts -> (B, 2*lstm_hidden).

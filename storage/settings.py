@@ -158,6 +158,9 @@ class LearnerSettings(Section):
     weight_decay: float = Field(0.01, ge=0)
     crop_frames: int = Field(300, ge=1)  # random 3 s crops in training; the gate hears whole clips
     freeze_batchnorm: bool = True  # a few clips of new speakers must not move old statistics
+    # On a model on a speech encoder, rounds leave the layers that read the encoder's states (each
+    # branch's block norm and projection) as they are and train what comes after them.
+    freeze_input_layers: bool = False
     mem_size: int = Field(400, ge=1)  # replay buffer, split evenly over the classes
     # The old data replay and the gate start from (base_replay/base_gate.safetensors); None: the
     # sets shipped beside the bundled default model (learner/default_model).

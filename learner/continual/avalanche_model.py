@@ -25,7 +25,7 @@ from torch import nn
 
 from learner.inference import length_batches
 from learner.model import EmotionNet
-from learner.speech_model import SpeechEmotionModel
+from learner.speech_model import DownstreamBranch, SpeechEmotionModel
 
 
 class MaskedInputNet(nn.Module):
@@ -90,6 +90,16 @@ class MaskedInputNet(nn.Module):
         if isinstance(self.net, SpeechEmotionModel):
             out = SpeechEmotionModel(self.net.encoder, out, self.net.encoder_sha256)
         return out.eval()
+
+
+def freeze_input_layers(net: nn.Module) -> None:
+    """Leaves every downstream branch's input layers (DownstreamBranch.input_parameters) out of
+    training: they are then not parameters here, so neither the optimizer nor EWC sees them. A
+    log-mel EmotionNet has none."""
+    for branch in net.modules():
+        if isinstance(branch, DownstreamBranch):
+            for p in branch.input_parameters():
+                p.requires_grad_(False)
 
 
 def states_of_rows(net: SpeechEmotionModel, rows: torch.Tensor) -> torch.Tensor:

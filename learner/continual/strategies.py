@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from learner.continual.avalanche_model import (MaskedInputNet, as_float_tensor, collate_masked,
-                                     copy_for_training)
+                                     copy_for_training, freeze_input_layers)
 from learner.continual.ewc_state import EwcState
 from learner.continual.replay import BufferedSample, Sample
 from learner.training import random_crop
@@ -190,7 +190,7 @@ def train_candidate(start: nn.Module, labels: tuple[str, ...], new: list[Sample]
     buffer = [b for b in buffer if b.sample.label in all_labels]
     pool = [b.sample for b in buffer] + list(new)
     targets = [all_labels.index(s.label) for s in pool]
-    model = MaskedInputNet(copy_for_training(start))
+    model = trainable_copy(start, settings)
     full = avalanche_dataset(CroppedInputs.of(model, pool, targets, settings, rng, memo),
                              targets)
     new_data = full.subset(list(range(len(buffer), len(pool))))
@@ -312,10 +312,18 @@ def _read_buffer(policy: ClassBalancedBuffer, pool: list[Sample]) -> list[Buffer
     return out
 
 
+def trainable_copy(start: nn.Module, settings: LearnerSettings) -> MaskedInputNet:
+    """A copy of `start` as a round trains it: its input layers frozen if the settings say so."""
+    model = MaskedInputNet(copy_for_training(start))
+    if settings.freeze_input_layers:
+        freeze_input_layers(model.net)
+    return model
+
+
 def _fits(state: EwcState | None, model: nn.Module) -> bool:
-    """A stored state applies when it names exactly the model's parameters."""
-    return state is not None and list(state.importances) == [k for k, _ in
-                                                             model.named_parameters()]
+    """A stored state applies when it names every parameter the model trains (a round that
+    freezes the input layers reads the rest of the state of one that trained them)."""
+    return state is not None and all(k in state.importances for k, _ in model.named_parameters())
 
 
 def bootstrap_ewc_state(start: nn.Module, labels: tuple[str, ...],
@@ -329,7 +337,7 @@ def bootstrap_ewc_state(start: nn.Module, labels: tuple[str, ...],
         return None
     torch.manual_seed(seed)
     targets = [labels.index(b.sample.label) for b in buffer]
-    model = MaskedInputNet(copy_for_training(start))
+    model = trainable_copy(start, settings)
     data = avalanche_dataset(CroppedInputs.of(model, [b.sample for b in buffer], targets,
                                                 settings, np.random.default_rng(seed), memo),
                              targets)

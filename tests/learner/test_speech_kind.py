@@ -183,6 +183,56 @@ def test_a_round_trains_the_downstream_only_and_registers_a_version_of_the_kind(
         p.numel() for p in model.net.downstream.parameters())
 
 
+def _net_of(world, version: int) -> SpeechEmotionModel:
+    with world.session_factory() as session:
+        row = ModelRegistry(session, world.artifacts).get(version)
+    return model_from_bytes(world.artifacts.read_model(row.artifact_path, row.sha256),
+                            expected_sha256=row.sha256).net
+
+
+def _is_input_layer(name: str) -> bool:
+    return bool({"in_norm", "project", "block_logits"} & set(name.split(".")))
+
+
+def test_a_round_with_frozen_input_layers_trains_the_rest_and_keeps_the_state_of_the_rest(
+        speech_world):
+    world = speech_world
+    world.settings = world.settings.model_copy(update={"freeze_input_layers": True})
+    world.feedback(["happy", "sad"] * 6)
+    outcome = run_round(world.session_factory, world.artifacts, world.settings)
+
+    before = _net_of(world, 1).downstream.state_dict()
+    after = _net_of(world, outcome.candidate_version).downstream.state_dict()
+    inputs = [name for name in before if _is_input_layer(name)]
+    assert inputs and all(torch.equal(before[name], after[name]) for name in inputs)
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert any(not torch.equal(before[name], after[name]) for name in before
+               if "lstm" in name)
+    # The next round's EWC state weighs what rounds train, not the frozen layers.
+    with world.session_factory() as session:
+        row = ModelRegistry(session, world.artifacts).get(outcome.candidate_version)
+    state = EwcState.from_bytes(world.artifacts.read_checked(row.state_path, row.state_sha256))
+    assert state.anchor and not any(_is_input_layer(name) for name in state.anchor)
+
+
+def test_an_ewc_state_of_every_layer_still_anchors_a_round_that_freezes_the_input_layers(
+        speech_world):
+    from learner.continual.strategies import _fits, trainable_copy
+
+    start = _net_of(speech_world, 1)
+    every = trainable_copy(start, speech_world.settings)
+    frozen = trainable_copy(start, speech_world.settings.model_copy(
+        update={"freeze_input_layers": True}))
+    names = [name for name, _ in every.named_parameters()]
+    assert {name for name, _ in frozen.named_parameters()} == {
+        name for name in names if not _is_input_layer(name)}
+    state = EwcState(importances={name: torch.ones(1) for name in names},
+                     anchor={name: torch.ones(1) for name in names})
+    assert _fits(state, every) and _fits(state, frozen)
+    state.importances.pop(names[-1])  # a state lacking a trained layer anchors nothing
+    assert not _fits(state, every)
+
+
 @pytest.mark.parametrize("branches, block_mix", [(1, "sum"), (2, "sum"), (2, "concat")])
 def test_a_personal_version_runs_on_its_embedding_through_its_own_input_layers(
         branches, block_mix, tiny_encoder_file, bundled_tiny_encoder):
