@@ -130,6 +130,33 @@ def bundled_encoder(sha256: str) -> nn.Module:
         raise ModelFileError(str(err)) from err
 
 
+def with_encoder(model: LoadedModel, path: Path) -> LoadedModel:
+    """The model's downstream on another encoder file of the same shape, instead of the one it
+    names: e.g. the float32 import of the encoder under a downstream shipped on its bfloat16
+    one, which is how a precision's cost is measured (`emoloop evaluate --encoder`). The file is
+    whatever the caller names, so no pinned checksum; the answer's encoder_sha256 is its own."""
+    from learner.speech_encoder.weights import EncoderFileError, encoder_from_bytes
+
+    if model.kind != WHISPER_KIND:
+        raise ModelFileError(f"a {model.kind} model reads no speech encoder: --encoder applies "
+                             f"to {WHISPER_KIND} models only")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ModelFileError(f"cannot read encoder file {path}: {err.strerror}") from err
+    try:
+        encoder = encoder_from_bytes(data, Path(path))
+    except EncoderFileError as err:
+        raise ModelFileError(str(err)) from err
+    wants, has = model.net.downstream.config, encoder.config
+    if has.width != wants.width or has.n_blocks < wants.n_blocks:
+        raise ModelFileError(
+            f"encoder file {path} has {has.n_blocks} blocks of width {has.width}; the model's "
+            f"downstream reads {wants.n_blocks} blocks of width {wants.width}")
+    net = SpeechEmotionModel(encoder, model.net.downstream, sha256_bytes(data)).eval()
+    return LoadedModel(net=net, labels=model.labels, sha256=model.sha256, kind=model.kind)
+
+
 def encoder_file_for(sha256: str) -> Path:
     """The encoder file of ENCODER_DIR with this sha256 (see _encoder_with)."""
     return _encoder_with(sha256)[0]

@@ -70,11 +70,17 @@ def _encode_task(task: tuple) -> np.ndarray:
     return states
 
 
+# What a perturbed variant's states depend on (_encode_task): not `variants`, how many of them a
+# recipe trains on, so raising it reuses the variants already built.
+PERTURBATION_KEYS = ("speeds", "snr_db", "gain_db")
+
+
 def cache_key(encoder_sha256: str, keep_blocks: int, paths: list[str], variant: int, seed: int,
               augment: dict | None) -> str:
+    perturbation = {k: augment[k] for k in PERTURBATION_KEYS} if variant else None
     description = json.dumps({"v": CACHE_VERSION, "encoder": encoder_sha256, "keep": keep_blocks,
                               "paths": paths, "variant": variant, "seed": seed,
-                              "augment": augment if variant else None}, sort_keys=True)
+                              "augment": perturbation}, sort_keys=True)
     return sha256_bytes(description.encode())[:16]
 
 

@@ -257,14 +257,17 @@ def _clean_features(path: str, kind: str) -> np.ndarray | None:
 
 
 def evaluate_folder(data_dir: Path, model_path: Path | None = None, *,
-                    report_dir: Path | None = None, speakers: list[str] | None = None,
-                    workers: int = 2, progress: bool = True) -> dict:
+                    encoder_path: Path | None = None, report_dir: Path | None = None,
+                    speakers: list[str] | None = None, workers: int = 2,
+                    progress: bool = True) -> dict:
     """Evaluate a model (default: the bundled one) on every corpus under `data_dir`, or on the
-    named speakers only."""
-    from learner.checkpoint import load_default_model, load_model
+    named speakers only; with `encoder_path`, its downstream on that encoder file instead of the
+    one it names (checkpoint.with_encoder)."""
+    from learner.checkpoint import load_default_model, load_model, with_encoder
     from learner.inference import EmotionPredictor
 
-    predictor = EmotionPredictor(load_model(model_path) if model_path else load_default_model())
+    model = load_model(model_path) if model_path else load_default_model()
+    predictor = EmotionPredictor(with_encoder(model, encoder_path) if encoder_path else model)
     clips = read_corpora(data_dir)
     if speakers:
         clips = [c for c in clips if c.speaker in set(speakers)]
@@ -278,6 +281,8 @@ def evaluate_folder(data_dir: Path, model_path: Path | None = None, *,
     report = build_report(outcomes, skipped + len(clips) - len(readable), predictor.labels)
     report["unreadable"] = len(clips) - len(readable)
     report["model_sha256"] = predictor.model.sha256
+    if (encoder_sha256 := getattr(predictor.model.net, "encoder_sha256", None)) is not None:
+        report["encoder_sha256"] = encoder_sha256
     if report_dir is not None:
         write_report(report, outcomes, report_dir, f"emoloop evaluation on {Path(data_dir).name}")
     return report

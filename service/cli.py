@@ -76,14 +76,16 @@ def _linear_probe(config: dict, data_dir: Path, encoder: Path, blocks: str) -> i
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from learner.checkpoint import ModelFileError
     from learner.corpora import CorpusError
     from learner.evaluation import evaluate_folder
 
     try:
         report = evaluate_folder(Path(args.data), Path(args.model) if args.model else None,
+                                 encoder_path=Path(args.encoder) if args.encoder else None,
                                  report_dir=Path(args.report_dir) if args.report_dir else None,
                                  speakers=args.speakers.split(",") if args.speakers else None)
-    except CorpusError as err:
+    except (CorpusError, ModelFileError) as err:
         print(f"emoloop evaluate: {err}", file=sys.stderr)
         return 2
     if args.json:
@@ -570,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy, macro-F1 and per-class figures on a data folder")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--model", type=Path, help="a model file (default: the bundled model)")
+    p.add_argument("--encoder", type=Path,
+                   help="run the model's downstream on this encoder file instead of the one it "
+                        "names (same blocks, e.g. another precision's import)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--report-dir", type=Path,
                    help="also write report.md, confusion.png and roc.png here")

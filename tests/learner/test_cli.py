@@ -110,6 +110,16 @@ def test_evaluate_on_named_speakers_only(tiny_model, toy_corpus):
     assert result.returncode == 2 and "nobody" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_evaluate_refuses_an_encoder_for_a_model_that_reads_none(tiny_model, toy_corpus,
+                                                                 tmp_path):
+    encoder = tmp_path / "some_encoder.safetensors"
+    encoder.write_bytes(b"anything")
+    result = emoloop("evaluate", "--data", str(toy_corpus), "--model", str(tiny_model),
+                     "--encoder", str(encoder), "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "reads no speech encoder" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_encoder_import_refuses_a_file_that_is_not_the_pinned_whisper(tmp_path):
     ct2 = tmp_path / "model.bin"
     ct2.write_bytes(tiny_whisper_ct2())

@@ -1,9 +1,19 @@
 """Evaluation figures: what the report's numbers mean, on outcomes small enough to check by hand."""
 from pathlib import Path
 
+import pytest
+import torch
+
+from learner.audio import decode_audio
+from learner.checkpoint import ModelFileError, model_from_bytes, with_encoder
 from learner.corpora import CorpusClip
 from learner.evaluation import Outcome, build_report, evaluate_folder, predict_clips, write_report
 from learner.inference import Prediction
+from learner.speech_encoder.weights import import_encoder
+from storage.files import sha256_bytes
+from tests.learner.tiny_speech import (BLOCKS, bundled_tiny_encoder,  # noqa: F401 (fixtures)
+                                       tiny_ct2, tiny_encoder_bytes, tiny_encoder_file,
+                                       toy_speech_model)
 from tests.learner.toy_learning import toy_model  # noqa: F401 (fixture)
 
 
@@ -86,3 +96,47 @@ def test_a_report_run_draws_roc_curves_and_reports_each_emotions_auc(toy_corpus,
     assert 0.0 <= auc["macro"] <= 1.0
     assert (tmp_path / "report" / "roc.png").read_bytes()[:4] == b"\x89PNG"
     assert "![ROC curves](roc.png)" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_speech_model_is_evaluated_on_another_encoder_file_when_named(
+        toy_corpus, toy_speech_model, tiny_encoder_file, bundled_tiny_encoder, tmp_path):
+    """`emoloop evaluate --encoder`: the same downstream on another import of the encoder (how
+    the precision's cost is measured); the report names the encoder it ran on."""
+    model = tmp_path / "speech.safetensors"
+    model.write_bytes(toy_speech_model)
+    other = tmp_path / "other_encoder.safetensors"
+    other.write_bytes(tiny_encoder_bytes(seed=1))
+
+    def run(**kwargs):
+        return evaluate_folder(toy_corpus, model, workers=1, progress=False, **kwargs)
+
+    named, again = run(), run(encoder_path=tiny_encoder_file[0])
+    assert named["encoder_sha256"] == again["encoder_sha256"] == bundled_tiny_encoder
+    assert named == again  # its own encoder named again: the very same figures
+    swapped = run(encoder_path=other)
+    assert swapped["encoder_sha256"] == sha256_bytes(other.read_bytes())
+    assert swapped["model_sha256"] == named["model_sha256"]  # the downstream is unchanged
+
+    # The answers are the downstream's on the other encoder's states, not the named one's
+    # (logits compared: the toy model's probabilities are saturated).
+    loaded = model_from_bytes(toy_speech_model)
+    mel = torch.from_numpy(loaded.features(decode_audio(next(toy_corpus.rglob("*.wav")))))[None]
+    lengths = torch.tensor([mel.shape[1]])
+    with torch.no_grad():
+        own, moved = loaded.net(mel, lengths), with_encoder(loaded, other).net(mel, lengths)
+    assert (own - moved).abs().max() > 1e-2
+
+
+def test_an_encoder_the_downstream_cannot_read_is_refused_by_name(toy_speech_model, toy_model,
+                                                                  bundled_tiny_encoder, tmp_path):
+    ct2 = tiny_ct2()
+    fewer = tmp_path / "one_block_encoder.safetensors"
+    fewer.write_bytes(import_encoder(ct2, BLOCKS - 1, pinned={sha256_bytes(ct2): "test, {n}"}))
+    with pytest.raises(ModelFileError, match=f"has {BLOCKS - 1} blocks .* reads {BLOCKS} blocks"):
+        with_encoder(model_from_bytes(toy_speech_model), fewer)
+    with pytest.raises(ModelFileError, match="reads no speech encoder"):
+        with_encoder(model_from_bytes(toy_model), fewer)
+    garbage = tmp_path / "garbage_encoder.safetensors"
+    garbage.write_bytes(b"not an encoder")
+    with pytest.raises(ModelFileError, match="not a valid encoder file"):
+        with_encoder(model_from_bytes(toy_speech_model), garbage)

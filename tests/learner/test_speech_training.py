@@ -106,9 +106,12 @@ def test_another_encoder_file_variant_or_seed_is_never_read_from_the_cache(
     cached = _folders(root)
     _no_encoder_runs(monkeypatch)
 
-    # What is cached loads; each change below runs the encoder again, into a folder of its own.
-    build_or_load_cache(root, path, sha256, train_paths, keep_blocks=BLOCKS, variant=1, seed=seed,
-                        augment=augment, workers=1, progress=False)
+    # What is cached loads, also for a recipe that trains on more variants (the same states);
+    # each change below runs the encoder again, into a folder of its own.
+    for variants in (augment["variants"], augment["variants"] + 2):
+        build_or_load_cache(root, path, sha256, train_paths, keep_blocks=BLOCKS, variant=1,
+                            seed=seed, augment={**augment, "variants": variants}, workers=1,
+                            progress=False)
     changes = [dict(encoder_path=other, encoder_sha256=sha256_bytes(other.read_bytes())),
                dict(variant=2), dict(seed=seed + 1), dict(keep_blocks=BLOCKS - 1),
                dict(augment={**augment, "snr_db": [20, 30]})]
