@@ -10,7 +10,8 @@ from learner.speech_training import CachedClips
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
-def _means(data: CachedClips, blocks: tuple[int, ...]) -> np.ndarray:
+def block_means(data: CachedClips, blocks: tuple[int, ...]) -> np.ndarray:
+    """(clips, len(blocks) * D): each clip's mean state of those blocks (the clean pass)."""
     cache, rows = data.variants[0]
     return cache.means[rows][:, list(blocks)].reshape(len(rows), -1)
 
@@ -28,7 +29,7 @@ def linear_probe(train: CachedClips, validation: CachedClips, test: CachedClips,
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x_train, x_val, x_test = (_means(d, blocks) for d in (train, validation, test))
+    x_train, x_val, x_test = (block_means(d, blocks) for d in (train, validation, test))
     best = None
     for c in C_GRID:
         model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000,

@@ -17,8 +17,10 @@ import numpy as np
 from learner.corpora import CorpusClip, CorpusError
 from learner.evaluation import build_report, outcomes_from_logits
 from learner.inference import limit_threads
+from learner.speech_model import SpeechEmotionEnsemble
 from learner.speech_training import (CachedClips, cached_logits, corpus_mean_ua,
-                                     load_cached_splits, map_on_splits, train_branch)
+                                     fit_block_mean_probe, load_cached_splits, map_on_splits,
+                                     train_branch)
 
 
 def speaker_folds(clips: list[CorpusClip], k: int, seed: int) -> list[list[str]]:
@@ -90,11 +92,14 @@ def _score(outcomes: list, labels: tuple[str, ...]) -> float:
 
 def _held_out_logits(config: dict, train: CachedClips, validation: CachedClips,
                      fold: list[str], seed: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """One fold on one seed: a downstream of the recipe trained without the fold's speakers,
-    and its logits on them."""
+    """One fold on one seed: a downstream of the recipe (with its probe, if it has one) trained
+    without the fold's speakers, and its logits on them."""
     out = set(fold)
     held = np.array([i for i, c in enumerate(train.clips) if c.speaker in out], dtype=np.int64)
     kept = np.array([i for i, c in enumerate(train.clips) if c.speaker not in out],
                     dtype=np.int64)
     net, history = train_branch(config, train.subset(kept), validation, seed, progress=False)
+    if config.get("probe"):  # the recipe's probe too, fitted on the same training speakers
+        probe = fit_block_mean_probe(train.subset(kept), config["probe"], tuple(config["labels"]))
+        net = SpeechEmotionEnsemble.of([net], probe).eval()
     return held, cached_logits(net, train.subset(held)), history

@@ -47,6 +47,9 @@ class DownstreamConfig:
     input_dropout: float = 0.0  # on the projected frames: fewer of a voice's details to memorise
     branches: int = 1  # downstreams trained apart whose embeddings one head reads (an ensemble)
     block_mix: str = "sum"  # "sum": softmax-weighted sum of the blocks; "concat": side by side
+    # The first `probe_blocks` blocks' mean states over the clip, standardised, beside the
+    # branches' embeddings: a linear probe read by the same head (SpeechEmotionEnsemble).
+    probe_blocks: int = 0
 
     def __post_init__(self):
         if self.block_mix not in ("sum", "concat"):
@@ -203,42 +206,81 @@ class SpeechEmotionEnsemble(nn.Module):
     def __init__(self, config: DownstreamConfig):
         super().__init__()
         self.config = config
-        branch = replace(config, branches=1)
+        branch = replace(config, branches=1, probe_blocks=0)
         self.branches = nn.ModuleList(DownstreamBranch(branch) for _ in range(config.branches))
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.branches * 2 * config.lstm_hidden, config.n_classes)
+        probe_width = config.probe_blocks * config.width
+        if probe_width:  # only then: files written before the probe hold no such entries
+            # What standardises the block means (the probe's scaler, from the training clips).
+            self.register_buffer("probe_mean", torch.zeros(probe_width))
+            self.register_buffer("probe_scale", torch.ones(probe_width))
+        self.head = nn.Linear(config.branches * 2 * config.lstm_hidden + probe_width,
+                              config.n_classes)
         self.adaptable = tuple(f"branches.{k}.{name}" for k, member in enumerate(self.branches)
                                for name in member.adaptable)
 
     @classmethod
-    def of(cls, members: list[SpeechEmotionNet]) -> "SpeechEmotionEnsemble":
-        """The members as one network whose logits are the mean of theirs, exactly."""
-        ensemble = cls(replace(members[0].config, branches=len(members)))
+    def of(cls, members: list[SpeechEmotionNet],
+           probe: "BlockMeanProbe | None" = None) -> "SpeechEmotionEnsemble":
+        """The members as one network whose logits are the mean of theirs, exactly, plus the
+        probe's (already weighted) logits when one is given."""
+        config = replace(members[0].config, branches=len(members),
+                         probe_blocks=probe.blocks if probe else 0)
+        ensemble = cls(config)
         for branch, member in zip(ensemble.branches, members):
             own = {k: v for k, v in member.state_dict().items() if not k.startswith("head.")}
             branch.load_state_dict(own, strict=True)
+        weights = [m.head.weight / len(members) for m in members]
+        bias = torch.stack([m.head.bias for m in members]).mean(dim=0)
         with torch.no_grad():
-            ensemble.head.weight.copy_(torch.cat([m.head.weight for m in members], dim=1)
-                                       / len(members))
-            ensemble.head.bias.copy_(torch.stack([m.head.bias for m in members]).mean(dim=0))
+            if probe is not None:
+                ensemble.probe_mean.copy_(probe.mean)
+                ensemble.probe_scale.copy_(probe.scale)
+                weights.append(probe.weight)
+                bias = bias + probe.bias
+            ensemble.head.weight.copy_(torch.cat(weights, dim=1))
+            ensemble.head.bias.copy_(bias)
         return ensemble
 
     def embed(self, states: torch.Tensor, lengths: torch.Tensor,
               adapter: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, N, T, D), (B,) -> (B, branches * 2*lstm_hidden): the branches' embeddings."""
+        """(B, N, T, D), (B,) -> (B, head.in_features): the branches' embeddings, and the
+        standardised block means when the head reads a probe."""
         parts = []
         for k, branch in enumerate(self.branches):
             own = None if adapter is None else {name: adapter[f"branches.{k}.{name}"]
                                                 for name in branch.adaptable}
             parts.append(branch.embed(states, lengths, adapter=own))
+        if self.config.probe_blocks:
+            parts.append((clip_means(states[:, : self.config.probe_blocks], lengths).flatten(1)
+                          - self.probe_mean) / self.probe_scale)
         return torch.cat(parts, dim=1)
 
     def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.embed(states, lengths)))
 
 
+def clip_means(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, N, T, D), (B,) -> (B, N, D): each block's mean over the clip's own frames."""
+    mask = time_mask(lengths, states.shape[2])[:, None, :, None]
+    return (states * mask).sum(dim=2) / lengths.clamp(min=1)[:, None, None]
+
+
+@dataclass(frozen=True)
+class BlockMeanProbe:
+    """A fitted linear probe on the first `blocks` blocks' clip means: standardise with `mean`
+    and `scale`, then `weight` (n_classes, blocks * D) and `bias`, already scaled by its share
+    of the joined answer."""
+    blocks: int
+    mean: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
 def build_downstream(config: DownstreamConfig) -> SpeechEmotionNet | SpeechEmotionEnsemble:
-    return SpeechEmotionEnsemble(config) if config.branches > 1 else SpeechEmotionNet(config)
+    ensemble = config.branches > 1 or config.probe_blocks > 0
+    return SpeechEmotionEnsemble(config) if ensemble else SpeechEmotionNet(config)
 
 
 class SpeechEmotionModel(nn.Module):

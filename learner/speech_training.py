@@ -26,8 +26,8 @@ from learner.encoder_cache import EncoderCache, build_or_load_cache
 from learner.evaluation import build_report, outcomes_from_logits
 from learner.inference import limit_threads
 from learner.speech_encoder.weights import encoder_from_bytes
-from learner.speech_model import (DownstreamConfig, SpeechEmotionEnsemble, SpeechEmotionModel,
-                                  SpeechEmotionNet)
+from learner.speech_model import (BlockMeanProbe, DownstreamConfig, SpeechEmotionEnsemble,
+                                  SpeechEmotionModel, SpeechEmotionNet)
 from learner.training import EarlyStopping, TrainingResult, balanced_weights, optimiser_step
 from storage.files import sha256_bytes
 
@@ -160,6 +160,7 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips, 
     trained alone (`train.workers` processes at a time), joined under one head when several.
     A branch depends on its seed only, so the result is the same however they are scheduled."""
     seed, n = int(config["seed"]), int(config["model"].get("branches", 1))
+    labels = tuple(config["labels"])
     bar = dict(desc="downstream branches", unit="branch", disable=not progress or n == 1)
     trained = map_on_splits(partial(train_branch, progress=progress and n == 1),
                             [(seed + k,) for k in range(n)], config=config, train=train,
@@ -167,7 +168,40 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips, 
                             encoder_path=encoder_path, bar=bar)
     nets = [net.eval() for net, _ in trained]
     history = [epoch for _, h in trained for epoch in h]
-    return (nets[0] if n == 1 else SpeechEmotionEnsemble.of(nets)), history
+    probe = fit_block_mean_probe(train, config["probe"], labels) if config.get("probe") else None
+    if n == 1 and probe is None:
+        return nets[0], history
+    return SpeechEmotionEnsemble.of(nets, probe).eval(), history
+
+
+def fit_block_mean_probe(train: CachedClips, probe: dict,
+                         labels: tuple[str, ...]) -> BlockMeanProbe:
+    """The linear probe the head reads beside the branches: each training clip's mean state of
+    the first `probe["blocks"]` blocks (the clean pass), standardised, a logistic regression
+    (classes balanced, `probe["C"]`), its logits scaled by `probe["weight"]`."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from learner.linear_probe import block_means  # it imports this module
+
+    missing = sorted(set(labels) - {c.emotion for c in train.clips})
+    if missing:
+        raise CorpusError(f"the probe needs training clips of every label; none of {missing}")
+    blocks = int(probe["blocks"])
+    if not 1 <= blocks <= train.n_blocks:
+        raise ValueError(f"probe.blocks is {blocks}: the model reads {train.n_blocks} blocks")
+    x = block_means(train, tuple(range(blocks)))
+    scaler = StandardScaler().fit(x)
+    regression = LogisticRegression(C=float(probe["C"]), max_iter=2000, class_weight="balanced")
+    regression.fit(scaler.transform(x), train.targets)
+    coef, intercept = regression.coef_, regression.intercept_
+    if len(labels) == 2:  # scikit-learn keeps one row for two classes: the second's log-odds
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2,
+                                                                       intercept[0] / 2])
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)
+    share = float(probe["weight"])
+    return BlockMeanProbe(blocks, as_tensor(scaler.mean_), as_tensor(scaler.scale_),
+                          as_tensor(coef * share), as_tensor(intercept * share))
 
 
 def map_on_splits(task: Callable, args: list[tuple], *, config: dict, train: CachedClips,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from learner.speech_model import (DownstreamConfig, SpeechEmotionEnsemble, SpeechEmotionNet,
-                                  bidirectional_lstm, build_downstream)
+from learner.speech_model import (BlockMeanProbe, DownstreamConfig, SpeechEmotionEnsemble,
+                                  SpeechEmotionNet, bidirectional_lstm, build_downstream)
 
 CONFIG = DownstreamConfig(n_blocks=3, width=24, n_classes=5, channels=8, conv_layers=1,
                           kernel=3, lstm_hidden=6, dropout=0.5, input_dropout=0.3)
@@ -69,11 +69,22 @@ def test_the_bilstm_over_padded_clips_is_the_packed_bilstm_forward_and_backward(
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def _probe(blocks: int = 2) -> BlockMeanProbe:
+    gen = torch.Generator().manual_seed(5)
+    width = blocks * CONFIG.width
+    return BlockMeanProbe(blocks, torch.randn(width, generator=gen),
+                          torch.rand(width, generator=gen) + 0.5,
+                          torch.randn(CONFIG.n_classes, width, generator=gen),
+                          torch.randn(CONFIG.n_classes, generator=gen))
+
+
 @pytest.mark.parametrize("block_mix", ["sum", "concat"])
-@pytest.mark.parametrize("branches", [1, 3])
-def test_padding_inside_a_batch_does_not_change_a_clips_output(branches, block_mix):
+@pytest.mark.parametrize("branches,probe", [(1, False), (3, False), (1, True), (3, True)])
+def test_padding_inside_a_batch_does_not_change_a_clips_output(branches, probe, block_mix):
     members = [_branch(seed, block_mix) for seed in range(branches)]
-    net = members[0] if branches == 1 else SpeechEmotionEnsemble.of(members).eval()
+    joined = branches > 1 or probe
+    net = SpeechEmotionEnsemble.of(members, _probe() if probe else None).eval() if joined \
+        else members[0]
     clips = _clips((7, 20, 21, 1, 16))
     with torch.inference_mode():
         alone = [net(c[None], torch.tensor([c.shape[1]]))[0] for c in clips]
@@ -100,8 +111,32 @@ def test_branches_joined_answer_the_mean_of_their_logits_and_read_as_one_network
                                        for name in members[0].adaptable)
     rebuilt = build_downstream(ensemble.config)
     rebuilt.load_state_dict(ensemble.state_dict(), strict=True)  # as a model file loads it
+    # Without a probe, the entries of a file written before probes existed: it loads as it is.
+    assert {k.split(".")[0] for k in ensemble.state_dict()} == {"branches", "head"}
     assert isinstance(rebuilt, SpeechEmotionEnsemble)
     assert isinstance(build_downstream(CONFIG), SpeechEmotionNet)
+
+
+def test_a_probe_joined_adds_its_logits_on_the_clips_block_means_to_the_branches_mean():
+    """The linear probe (standardised clip means of the first blocks, then a linear map) is read
+    by the same head as the branches, so the joined answer is exactly the sum of the two, and a
+    model file with a probe loads back as written."""
+    members, probe = [_branch(seed) for seed in (1, 2)], _probe(blocks=2)
+    joined = SpeechEmotionEnsemble.of(members, probe).eval()
+    clips = _clips((9, 14, 4))
+    x, lengths = _padded(clips, fill=0.0)
+    means = torch.stack([c[:2].mean(dim=1).flatten() for c in clips])
+    probe_logits = ((means - probe.mean) / probe.scale) @ probe.weight.T + probe.bias
+    with torch.inference_mode():
+        branches = torch.stack([m(x, lengths) for m in members]).mean(dim=0)
+        torch.testing.assert_close(joined(x, lengths), branches + probe_logits, atol=1e-5,
+                                   rtol=1e-5)
+    assert joined.config.probe_blocks == 2
+    assert joined.head.in_features == 2 * 2 * CONFIG.lstm_hidden + 2 * CONFIG.width
+    rebuilt = build_downstream(joined.config)
+    rebuilt.load_state_dict(joined.state_dict(), strict=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt.eval()(x, lengths), joined(x, lengths))
 
 
 def test_a_personal_adapter_moves_only_its_own_branch():

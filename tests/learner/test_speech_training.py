@@ -20,7 +20,8 @@ from learner.inference import EmotionPredictor
 from learner.linear_probe import C_GRID
 from learner.speaker_folds import speaker_folds
 from learner.speech_encoder.weights import load_encoder
-from learner.speech_training import corpus_mean_ua, load_cached_splits
+from learner.speech_training import (cached_logits, corpus_mean_ua, load_cached_splits,
+                                     train_downstream)
 from service import cli
 from storage.files import sha256_bytes
 from tests.learner.tiny_speech import (BLOCKS, bundled_tiny_encoder,  # noqa: F401
@@ -42,6 +43,7 @@ def recipe(tmp_path_factory, tiny_encoder_file) -> dict:
     config["model"].update(n_blocks=BLOCKS, channels=8, lstm_hidden=8, branches=1)
     config["train"].update(epochs=2, patience=2, batch_size=4, max_frames=20, workers=1,
                            threads=1)
+    config["probe"].update(blocks=BLOCKS, C=0.1)
     return config
 
 
@@ -190,7 +192,9 @@ def _write_recipe(recipe: dict, folder: Path) -> Path:
 
 def test_emoloop_train_writes_a_model_of_the_speech_kind_the_same_for_the_same_seed(
         recipe, toy_corpus, splits, bundled_tiny_encoder, tmp_path, capsys, monkeypatch):
-    config = _write_recipe(recipe, tmp_path)
+    # Without the probe, so that the model's validation score is its branch's kept epoch's (a
+    # probe's logits join after the epoch is chosen; its own test is below).
+    config = _write_recipe({k: v for k, v in recipe.items() if k != "probe"}, tmp_path)
     _no_encoder_runs(monkeypatch)  # every epoch reads the cache
     outs = [tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"]
     summaries = []
@@ -214,6 +218,37 @@ def test_emoloop_train_writes_a_model_of_the_speech_kind_the_same_for_the_same_s
     assert round(info["validation"]["unweighted_accuracy"], 4) == max(
         h["val_corpus_mean_ua"] for h in info["history"])
     assert summaries[1]["sha256"] == sha256_bytes(outs[1].read_bytes()) == model.sha256
+
+
+def test_a_recipe_with_a_probe_answers_its_branches_plus_the_weighted_probe(
+        recipe, toy_corpus, splits, tiny_encoder_file):
+    """`probe` in the recipe: a logistic regression on the training clips' block means joins
+    the branches under the same head, its logits scaled by the probe's weight; the branches are
+    the ones trained without it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train, validation, _ = splits
+    probe = {"blocks": BLOCKS, "C": 0.1, "weight": 0.5}
+    common = dict(data_dir=toy_corpus, encoder_path=tiny_encoder_file[0], progress=False)
+    plain = {k: v for k, v in recipe.items() if k != "probe"}
+    joined, _ = train_downstream({**plain, "probe": probe}, train, validation, **common)
+    plain, _ = train_downstream(plain, train, validation, **common)
+    assert joined.config.probe_blocks == BLOCKS
+
+    cache, rows = train.variants[0]
+    x = cache.means[rows][:, :BLOCKS].reshape(len(rows), -1)
+    scaler = StandardScaler().fit(x)
+    regression = LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced")
+    regression.fit(scaler.transform(x), train.targets)
+    held = np.stack([validation.states(i, 0, None, None).mean(axis=1).reshape(-1)
+                     for i in range(len(validation.clips))])
+    odds = regression.decision_function(scaler.transform(held))  # two labels: one log-odds
+    expected = cached_logits(plain, validation) + 0.5 * np.stack([-odds / 2, odds / 2], axis=1)
+    np.testing.assert_allclose(cached_logits(joined, validation), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="probe.blocks"):
+        train_downstream({**recipe, "probe": {**probe, "blocks": BLOCKS + 1}}, train, validation,
+                         **common)
 
 
 def test_the_linear_probe_prints_its_reports_and_trains_nothing(recipe, toy_corpus, splits,
@@ -306,7 +341,8 @@ def test_speaker_folds_hold_each_speaker_once_and_share_every_corpus_out_evenly(
 def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_heard_them(
         recipe, toy_corpus, splits, tmp_path, capsys, monkeypatch):
     """`emoloop train --folds K --seeds N` trains a downstream a fold and seed on the other
-    training speakers (epoch chosen on the validation speakers) and scores the fold's: every
+    training speakers (epoch chosen on the validation speakers; the recipe's probe fitted on
+    the same speakers) and scores the fold's: every
     training clip once a seed, the test speakers never, no model file written; the figures are
     the means over the seeds, and worker processes give the same ones."""
     trained_on = []
@@ -317,6 +353,14 @@ def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_he
         return original(config, train, validation, seed, **kwargs)
 
     monkeypatch.setattr(speaker_folds_module, "train_branch", spy)
+    probed_on = []
+    original_probe = speaker_folds_module.fit_block_mean_probe
+
+    def probe_spy(train, probe, labels):
+        probed_on.append({c.speaker for c in train.clips})
+        return original_probe(train, probe, labels)
+
+    monkeypatch.setattr(speaker_folds_module, "fit_block_mean_probe", probe_spy)
     _no_encoder_runs(monkeypatch)  # the recipe's own cache
     out = tmp_path / "model.safetensors"
     results = []
@@ -337,6 +381,7 @@ def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_he
     # In this process only when workers is 1: each fold's model heard exactly the others.
     assert [(seed, heard) for seed, heard in trained_on] == [
         (f["seed"], training - fold) for f, fold in zip(result["per_fold"], held_out)]
+    assert probed_on == [heard for _, heard in trained_on]  # the recipe's probe, on the same
     assert result["clips"] == len(splits[0].clips) == sum(
         f["clips"] for f in result["per_fold"] if f["seed"] == seeds[0])
     assert result["held_out_per_corpus"]["toy"]["clips"] == len(splits[0].clips)
