@@ -381,7 +381,7 @@ def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_he
     # In this process only when workers is 1: each fold's model heard exactly the others.
     assert [(seed, heard) for seed, heard in trained_on] == [
         (f["seed"], training - fold) for f, fold in zip(result["per_fold"], held_out)]
-    assert probed_on == [heard for _, heard in trained_on]  # the recipe's probe, on the same
+    assert probed_on == [heard for _, heard in trained_on]  # the probe: the same speakers
     assert result["clips"] == len(splits[0].clips) == sum(
         f["clips"] for f in result["per_fold"] if f["seed"] == seeds[0])
     assert result["held_out_per_corpus"]["toy"]["clips"] == len(splits[0].clips)
