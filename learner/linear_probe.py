@@ -22,19 +22,25 @@ def _report(model, x: np.ndarray, data: CachedClips, labels: tuple[str, ...]) ->
     return build_report(*outcomes_from_logits(data.clips, labels, logits), labels)
 
 
-def linear_probe(train: CachedClips, validation: CachedClips, test: CachedClips,
-                 labels: tuple[str, ...], blocks: tuple[int, ...]) -> dict:
-    """Blocks count from 0. -> {"blocks", "C", "validation": report, "test": report}."""
+def fit_standardised_regression(x: np.ndarray, targets: np.ndarray, c: float):
+    """Standardise, then a class-balanced logistic regression (a fitted scikit-learn pipeline):
+    the baseline below and the probe a recipe's head reads (learner.speech_training)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000,
+                                                               class_weight="balanced"))
+    return model.fit(x, targets)
+
+
+def linear_probe(train: CachedClips, validation: CachedClips, test: CachedClips,
+                 labels: tuple[str, ...], blocks: tuple[int, ...]) -> dict:
+    """Blocks count from 0. -> {"blocks", "C", "validation": report, "test": report}."""
     x_train, x_val, x_test = (block_means(d, blocks) for d in (train, validation, test))
     best = None
     for c in C_GRID:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000,
-                                                                   class_weight="balanced"))
-        model.fit(x_train, train.targets)
+        model = fit_standardised_regression(x_train, train.targets, c)
         report = _report(model, x_val, validation, labels)
         if best is None or report["unweighted_accuracy"] > best[1]["unweighted_accuracy"]:
             best = (c, report, model)

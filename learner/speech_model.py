@@ -230,9 +230,9 @@ class SpeechEmotionEnsemble(nn.Module):
         for branch, member in zip(ensemble.branches, members):
             own = {k: v for k, v in member.state_dict().items() if not k.startswith("head.")}
             branch.load_state_dict(own, strict=True)
-        weights = [m.head.weight / len(members) for m in members]
-        bias = torch.stack([m.head.bias for m in members]).mean(dim=0)
         with torch.no_grad():
+            weights = [m.head.weight / len(members) for m in members]
+            bias = torch.stack([m.head.bias for m in members]).mean(dim=0)
             if probe is not None:
                 ensemble.probe_mean.copy_(probe.mean)
                 ensemble.probe_scale.copy_(probe.scale)

@@ -160,7 +160,6 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips, 
     trained alone (`train.workers` processes at a time), joined under one head when several.
     A branch depends on its seed only, so the result is the same however they are scheduled."""
     seed, n = int(config["seed"]), int(config["model"].get("branches", 1))
-    labels = tuple(config["labels"])
     bar = dict(desc="downstream branches", unit="branch", disable=not progress or n == 1)
     trained = map_on_splits(partial(train_branch, progress=progress and n == 1),
                             [(seed + k,) for k in range(n)], config=config, train=train,
@@ -168,7 +167,8 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips, 
                             encoder_path=encoder_path, bar=bar)
     nets = [net.eval() for net, _ in trained]
     history = [epoch for _, h in trained for epoch in h]
-    probe = fit_block_mean_probe(train, config["probe"], labels) if config.get("probe") else None
+    probe = (fit_block_mean_probe(train, config["probe"], tuple(config["labels"]))
+             if config.get("probe") else None)
     if n == 1 and probe is None:
         return nets[0], history
     return SpeechEmotionEnsemble.of(nets, probe).eval(), history
@@ -179,10 +179,7 @@ def fit_block_mean_probe(train: CachedClips, probe: dict,
     """The linear probe the head reads beside the branches: each training clip's mean state of
     the first `probe["blocks"]` blocks (the clean pass), standardised, a logistic regression
     (classes balanced, `probe["C"]`), its logits scaled by `probe["weight"]`."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from learner.linear_probe import block_means  # it imports this module
+    from learner.linear_probe import block_means, fit_standardised_regression  # imports this
 
     missing = sorted(set(labels) - {c.emotion for c in train.clips})
     if missing:
@@ -190,10 +187,9 @@ def fit_block_mean_probe(train: CachedClips, probe: dict,
     blocks = int(probe["blocks"])
     if not 1 <= blocks <= train.n_blocks:
         raise ValueError(f"probe.blocks is {blocks}: the model reads {train.n_blocks} blocks")
-    x = block_means(train, tuple(range(blocks)))
-    scaler = StandardScaler().fit(x)
-    regression = LogisticRegression(C=float(probe["C"]), max_iter=2000, class_weight="balanced")
-    regression.fit(scaler.transform(x), train.targets)
+    fitted = fit_standardised_regression(block_means(train, tuple(range(blocks))), train.targets,
+                                         float(probe["C"]))
+    scaler, regression = fitted[0], fitted[-1]
     coef, intercept = regression.coef_, regression.intercept_
     if len(labels) == 2:  # scikit-learn keeps one row for two classes: the second's log-odds
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2,
