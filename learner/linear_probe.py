@@ -16,6 +16,15 @@ def block_means(data: CachedClips, blocks: tuple[int, ...]) -> np.ndarray:
     return cache.means[rows][:, list(blocks)].reshape(len(rows), -1)
 
 
+def block_stds(data: CachedClips, blocks: tuple[int, ...]) -> np.ndarray:
+    """(clips, len(blocks) * D): each clip's standard deviation of those blocks' states over its
+    frames (the clean pass; read from the cached float16 states, which serving computes in
+    float32: a difference far below the spread between clips that the probe reads)."""
+    cache, rows = data.variants[0]
+    return np.stack([cache.clip(int(r))[list(blocks)].astype(np.float32).std(axis=1).reshape(-1)
+                     for r in rows])
+
+
 def _report(model, x: np.ndarray, data: CachedClips, labels: tuple[str, ...]) -> dict:
     logits = np.full((len(x), len(labels)), -np.inf, dtype=np.float64)
     logits[:, model.classes_] = model.predict_log_proba(x)

@@ -50,6 +50,9 @@ class DownstreamConfig:
     # The first `probe_blocks` blocks' mean states over the clip, standardised, beside the
     # branches' embeddings: a linear probe read by the same head (SpeechEmotionEnsemble).
     probe_blocks: int = 0
+    # The probe also reads each of those blocks' standard deviation over the clip (how much a
+    # state moves within the utterance, which a mean cannot say).
+    probe_std: bool = False
 
     def __post_init__(self):
         if self.block_mix not in ("sum", "concat"):
@@ -206,12 +209,12 @@ class SpeechEmotionEnsemble(nn.Module):
     def __init__(self, config: DownstreamConfig):
         super().__init__()
         self.config = config
-        branch = replace(config, branches=1, probe_blocks=0)
+        branch = replace(config, branches=1, probe_blocks=0, probe_std=False)
         self.branches = nn.ModuleList(DownstreamBranch(branch) for _ in range(config.branches))
         self.dropout = nn.Dropout(config.dropout)
-        probe_width = config.probe_blocks * config.width
+        probe_width = config.probe_blocks * config.width * (2 if config.probe_std else 1)
         if probe_width:  # only then: files written before the probe hold no such entries
-            # What standardises the block means (the probe's scaler, from the training clips).
+            # What standardises the probe's statistics (its scaler, from the training clips).
             self.register_buffer("probe_mean", torch.zeros(probe_width))
             self.register_buffer("probe_scale", torch.ones(probe_width))
         self.head = nn.Linear(config.branches * 2 * config.lstm_hidden + probe_width,
@@ -225,7 +228,8 @@ class SpeechEmotionEnsemble(nn.Module):
         """The members as one network whose logits are the mean of theirs, exactly, plus the
         probe's (already weighted) logits when one is given."""
         config = replace(members[0].config, branches=len(members),
-                         probe_blocks=probe.blocks if probe else 0)
+                         probe_blocks=probe.blocks if probe else 0,
+                         probe_std=bool(probe and probe.std))
         ensemble = cls(config)
         for branch, member in zip(ensemble.branches, members):
             own = {k: v for k, v in member.state_dict().items() if not k.startswith("head.")}
@@ -245,15 +249,18 @@ class SpeechEmotionEnsemble(nn.Module):
     def embed(self, states: torch.Tensor, lengths: torch.Tensor,
               adapter: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, N, T, D), (B,) -> (B, head.in_features): the branches' embeddings, and the
-        standardised block means when the head reads a probe."""
+        standardised block statistics when the head reads a probe."""
         parts = []
         for k, branch in enumerate(self.branches):
             own = None if adapter is None else {name: adapter[f"branches.{k}.{name}"]
                                                 for name in branch.adaptable}
             parts.append(branch.embed(states, lengths, adapter=own))
         if self.config.probe_blocks:
-            parts.append((clip_means(states[:, : self.config.probe_blocks], lengths).flatten(1)
-                          - self.probe_mean) / self.probe_scale)
+            probed = states[:, : self.config.probe_blocks]
+            statistics = [clip_means(probed, lengths).flatten(1)]
+            if self.config.probe_std:
+                statistics.append(clip_stds(probed, lengths).flatten(1))
+            parts.append((torch.cat(statistics, dim=1) - self.probe_mean) / self.probe_scale)
         return torch.cat(parts, dim=1)
 
     def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -266,16 +273,26 @@ def clip_means(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (states * mask).sum(dim=2) / lengths.clamp(min=1)[:, None, None]
 
 
+def clip_stds(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, N, T, D), (B,) -> (B, N, D): each block's standard deviation over the clip's own
+    frames (population: divided by the frame count, as numpy's default)."""
+    mask = time_mask(lengths, states.shape[2])[:, None, :, None]
+    centred = (states - clip_means(states, lengths)[:, :, None]) * mask
+    return (centred.square().sum(dim=2) / lengths.clamp(min=1)[:, None, None]).sqrt()
+
+
 @dataclass(frozen=True)
 class BlockMeanProbe:
-    """A fitted linear probe on the first `blocks` blocks' clip means: standardise with `mean`
-    and `scale`, then `weight` (n_classes, blocks * D) and `bias`, already scaled by its share
-    of the joined answer."""
+    """A fitted linear probe on the first `blocks` blocks' clip means (then, when `std`, their
+    standard deviations): standardise with `mean` and `scale`, then `weight` (n_classes,
+    blocks * D, twice that with `std`) and `bias`, already scaled by its share of the joined
+    answer."""
     blocks: int
     mean: torch.Tensor
     scale: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor
+    std: bool = False
 
 
 def build_downstream(config: DownstreamConfig) -> SpeechEmotionNet | SpeechEmotionEnsemble:

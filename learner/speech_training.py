@@ -177,9 +177,11 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips, 
 def fit_block_mean_probe(train: CachedClips, probe: dict,
                          labels: tuple[str, ...]) -> BlockMeanProbe:
     """The linear probe the head reads beside the branches: each training clip's mean state of
-    the first `probe["blocks"]` blocks (the clean pass), standardised, a logistic regression
-    (classes balanced, `probe["C"]`), its logits scaled by `probe["weight"]`."""
-    from learner.linear_probe import block_means, fit_standardised_regression  # imports this
+    the first `probe["blocks"]` blocks (the clean pass), and with `probe["std"]` their standard
+    deviations over the clip too, standardised, a logistic regression (classes balanced,
+    `probe["C"]`), its logits scaled by `probe["weight"]`."""
+    from learner.linear_probe import (block_means, block_stds,  # imports this module
+                                      fit_standardised_regression)
 
     missing = sorted(set(labels) - {c.emotion for c in train.clips})
     if missing:
@@ -187,7 +189,9 @@ def fit_block_mean_probe(train: CachedClips, probe: dict,
     blocks = int(probe["blocks"])
     if not 1 <= blocks <= train.n_blocks:
         raise ValueError(f"probe.blocks is {blocks}: the model reads {train.n_blocks} blocks")
-    fitted = fit_standardised_regression(block_means(train, tuple(range(blocks))), train.targets,
+    probed, std = tuple(range(blocks)), bool(probe.get("std", False))
+    statistics = [block_means(train, probed)] + ([block_stds(train, probed)] if std else [])
+    fitted = fit_standardised_regression(np.concatenate(statistics, axis=1), train.targets,
                                          float(probe["C"]))
     scaler, regression = fitted[0], fitted[-1]
     coef, intercept = regression.coef_, regression.intercept_
@@ -197,7 +201,7 @@ def fit_block_mean_probe(train: CachedClips, probe: dict,
     as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)
     share = float(probe["weight"])
     return BlockMeanProbe(blocks, as_tensor(scaler.mean_), as_tensor(scaler.scale_),
-                          as_tensor(coef * share), as_tensor(intercept * share))
+                          as_tensor(coef * share), as_tensor(intercept * share), std)
 
 
 def map_on_splits(task: Callable, args: list[tuple], *, config: dict, train: CachedClips,

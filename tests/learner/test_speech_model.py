@@ -69,22 +69,23 @@ def test_the_bilstm_over_padded_clips_is_the_packed_bilstm_forward_and_backward(
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def _probe(blocks: int = 2) -> BlockMeanProbe:
+def _probe(blocks: int = 2, std: bool = False) -> BlockMeanProbe:
     gen = torch.Generator().manual_seed(5)
-    width = blocks * CONFIG.width
+    width = blocks * CONFIG.width * (2 if std else 1)
     return BlockMeanProbe(blocks, torch.randn(width, generator=gen),
                           torch.rand(width, generator=gen) + 0.5,
                           torch.randn(CONFIG.n_classes, width, generator=gen),
-                          torch.randn(CONFIG.n_classes, generator=gen))
+                          torch.randn(CONFIG.n_classes, generator=gen), std)
 
 
 @pytest.mark.parametrize("block_mix", ["sum", "concat"])
-@pytest.mark.parametrize("branches,probe", [(1, False), (3, False), (1, True), (3, True)])
+@pytest.mark.parametrize("branches,probe", [(1, None), (3, None), (1, "means"), (3, "means"),
+                                            (3, "means and stds")])
 def test_padding_inside_a_batch_does_not_change_a_clips_output(branches, probe, block_mix):
     members = [_branch(seed, block_mix) for seed in range(branches)]
     joined = branches > 1 or probe
-    net = SpeechEmotionEnsemble.of(members, _probe() if probe else None).eval() if joined \
-        else members[0]
+    fitted = _probe(std=probe == "means and stds") if probe else None
+    net = SpeechEmotionEnsemble.of(members, fitted).eval() if joined else members[0]
     clips = _clips((7, 20, 21, 1, 16))
     with torch.inference_mode():
         alone = [net(c[None], torch.tensor([c.shape[1]]))[0] for c in clips]
@@ -117,22 +118,29 @@ def test_branches_joined_answer_the_mean_of_their_logits_and_read_as_one_network
     assert isinstance(build_downstream(CONFIG), SpeechEmotionNet)
 
 
-def test_a_probe_joined_adds_its_logits_on_the_clips_block_means_to_the_branches_mean():
-    """The linear probe (standardised clip means of the first blocks, then a linear map) is read
-    by the same head as the branches, so the joined answer is exactly the sum of the two, and a
-    model file with a probe loads back as written."""
-    members, probe = [_branch(seed) for seed in (1, 2)], _probe(blocks=2)
+@pytest.mark.parametrize("std", [False, True])
+def test_a_probe_joined_adds_its_logits_on_the_clips_block_means_to_the_branches_mean(std):
+    """The linear probe (standardised clip means of the first blocks, and with `std` their
+    standard deviations over the clip, then a linear map) is read by the same head as the
+    branches, so the joined answer is exactly the sum of the two, and a model file with a probe
+    loads back as written."""
+    members, probe = [_branch(seed) for seed in (1, 2)], _probe(blocks=2, std=std)
     joined = SpeechEmotionEnsemble.of(members, probe).eval()
     clips = _clips((9, 14, 4))
     x, lengths = _padded(clips, fill=0.0)
-    means = torch.stack([c[:2].mean(dim=1).flatten() for c in clips])
-    probe_logits = ((means - probe.mean) / probe.scale) @ probe.weight.T + probe.bias
+    statistics = [torch.stack([c[:2].mean(dim=1).flatten() for c in clips])]
+    if std:  # numpy's population deviation, computed apart from the model's masked one
+        statistics.append(torch.from_numpy(np.stack([c[:2].numpy().std(axis=1).reshape(-1)
+                                                     for c in clips])))
+    probe_logits = ((torch.cat(statistics, dim=1) - probe.mean) / probe.scale) @ probe.weight.T \
+        + probe.bias
     with torch.inference_mode():
         branches = torch.stack([m(x, lengths) for m in members]).mean(dim=0)
         torch.testing.assert_close(joined(x, lengths), branches + probe_logits, atol=1e-5,
                                    rtol=1e-5)
-    assert joined.config.probe_blocks == 2
-    assert joined.head.in_features == 2 * 2 * CONFIG.lstm_hidden + 2 * CONFIG.width
+    assert (joined.config.probe_blocks, joined.config.probe_std) == (2, std)
+    assert joined.head.in_features == (2 * 2 * CONFIG.lstm_hidden
+                                       + 2 * CONFIG.width * (2 if std else 1))
     rebuilt = build_downstream(joined.config)
     rebuilt.load_state_dict(joined.state_dict(), strict=True)
     with torch.inference_mode():

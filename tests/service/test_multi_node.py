@@ -292,7 +292,12 @@ def test_two_nodes_and_a_learner_share_only_the_database_and_survive_kill_9(
             after_kill = load.b_answered
             wait_for(lambda: load.b_answered >= after_kill + 20, "B stopped answering")
         assert load.b_failures == []
-        assert b.serves(keys.app) == 1
+        # B serves the rolled-back version, or a newer one that a later round (the learner
+        # still runs every 2 s, on the load's corrections) accepted and activated meanwhile.
+        accepted_later = {r["candidate_version"] for r in b.runs(keys.admin)
+                          if r["id"] not in (killed["id"], run["id"])
+                          and r["status"] == "accepted"}
+        assert b.serves(keys.app) in {1} | accepted_later
         with sessions() as session:
             stored = set(session.scalars(select(Prediction.id)))
             assert {str(p) for p in stored} >= {*load.a_predictions, *load.b_predictions}
