@@ -257,9 +257,10 @@ class SpeechEmotionEnsemble(nn.Module):
             parts.append(branch.embed(states, lengths, adapter=own))
         if self.config.probe_blocks:
             probed = states[:, : self.config.probe_blocks]
-            statistics = [clip_means(probed, lengths).flatten(1)]
+            means = clip_means(probed, lengths)
+            statistics = [means.flatten(1)]
             if self.config.probe_std:
-                statistics.append(clip_stds(probed, lengths).flatten(1))
+                statistics.append(clip_stds(probed, lengths, means).flatten(1))
             parts.append((torch.cat(statistics, dim=1) - self.probe_mean) / self.probe_scale)
         return torch.cat(parts, dim=1)
 
@@ -273,11 +274,12 @@ def clip_means(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (states * mask).sum(dim=2) / lengths.clamp(min=1)[:, None, None]
 
 
-def clip_stds(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, N, T, D), (B,) -> (B, N, D): each block's standard deviation over the clip's own
-    frames (population: divided by the frame count, as numpy's default)."""
+def clip_stds(states: torch.Tensor, lengths: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """(B, N, T, D), (B,), their `clip_means` (B, N, D) -> (B, N, D): each block's standard
+    deviation over the clip's own frames (population: divided by the frame count, as numpy's
+    default). The means are passed in because the probe has already computed them."""
     mask = time_mask(lengths, states.shape[2])[:, None, :, None]
-    centred = (states - clip_means(states, lengths)[:, :, None]) * mask
+    centred = (states - means[:, :, None]) * mask
     return (centred.square().sum(dim=2) / lengths.clamp(min=1)[:, None, None]).sqrt()
 
 
