@@ -10,18 +10,33 @@ from learner.speech_training import CachedClips
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
-def block_means(data: CachedClips, blocks: tuple[int, ...]) -> np.ndarray:
-    """(clips, len(blocks) * D): each clip's mean state of those blocks (the clean pass)."""
-    cache, rows = data.variants[0]
+def block_means(data: CachedClips, blocks: tuple[int, ...], variant: int = 0) -> np.ndarray:
+    """(clips, len(blocks) * D): each clip's mean state of those blocks (on the clean pass, or
+    on perturbed pass `variant`)."""
+    cache, rows = data.variants[variant]
     return cache.means[rows][:, list(blocks)].reshape(len(rows), -1)
 
 
-def block_stds(data: CachedClips, blocks: tuple[int, ...]) -> np.ndarray:
+def block_stds(data: CachedClips, blocks: tuple[int, ...], variant: int = 0) -> np.ndarray:
     """(clips, len(blocks) * D): each clip's standard deviation of those blocks' states over its
-    frames (the clean pass; read from the cached float16 states, which serving computes in
-    float32: a difference far below the spread between clips that the probe reads)."""
-    cache, rows = data.variants[0]
-    return np.stack([cache.clip(int(r))[list(blocks)].astype(np.float32).std(axis=1).reshape(-1)
+    frames (read from the cached float16 states, which serving computes in float32: a
+    difference far below the spread between clips that the probe reads)."""
+    return _per_clip(data, blocks, variant, lambda states: states.std(axis=1))
+
+
+def block_deltas(data: CachedClips, blocks: tuple[int, ...], variant: int = 0) -> np.ndarray:
+    """(clips, len(blocks) * D): each clip's mean absolute change of those blocks' states from
+    one frame to the next (learner.speech_model.clip_deltas; zero for a clip of one frame)."""
+    def deltas(states: np.ndarray) -> np.ndarray:
+        if states.shape[1] < 2:
+            return np.zeros((states.shape[0], states.shape[2]), dtype=np.float32)
+        return np.abs(np.diff(states, axis=1)).mean(axis=1)
+    return _per_clip(data, blocks, variant, deltas)
+
+
+def _per_clip(data: CachedClips, blocks: tuple[int, ...], variant: int, statistic) -> np.ndarray:
+    cache, rows = data.variants[variant]
+    return np.stack([statistic(cache.clip(int(r))[list(blocks)].astype(np.float32)).reshape(-1)
                      for r in rows])
 
 

@@ -53,6 +53,9 @@ class DownstreamConfig:
     # The probe also reads each of those blocks' standard deviation over the clip (how much a
     # state moves within the utterance, which a mean cannot say).
     probe_std: bool = False
+    # And each block's mean absolute change from one frame to the next (how fast the states
+    # move: a deviation cannot tell a slow drift from a quick alternation).
+    probe_deltas: bool = False
 
     def __post_init__(self):
         if self.block_mix not in ("sum", "concat"):
@@ -209,10 +212,11 @@ class SpeechEmotionEnsemble(nn.Module):
     def __init__(self, config: DownstreamConfig):
         super().__init__()
         self.config = config
-        branch = replace(config, branches=1, probe_blocks=0, probe_std=False)
+        branch = replace(config, branches=1, probe_blocks=0, probe_std=False, probe_deltas=False)
         self.branches = nn.ModuleList(DownstreamBranch(branch) for _ in range(config.branches))
         self.dropout = nn.Dropout(config.dropout)
-        probe_width = config.probe_blocks * config.width * (2 if config.probe_std else 1)
+        probe_width = (config.probe_blocks * config.width
+                       * (1 + int(config.probe_std) + int(config.probe_deltas)))
         if probe_width:  # only then: files written before the probe hold no such entries
             # What standardises the probe's statistics (its scaler, from the training clips).
             self.register_buffer("probe_mean", torch.zeros(probe_width))
@@ -229,7 +233,8 @@ class SpeechEmotionEnsemble(nn.Module):
         probe's (already weighted) logits when one is given."""
         config = replace(members[0].config, branches=len(members),
                          probe_blocks=probe.blocks if probe else 0,
-                         probe_std=bool(probe and probe.std))
+                         probe_std=bool(probe and probe.std),
+                         probe_deltas=bool(probe and probe.deltas))
         ensemble = cls(config)
         for branch, member in zip(ensemble.branches, members):
             own = {k: v for k, v in member.state_dict().items() if not k.startswith("head.")}
@@ -261,6 +266,8 @@ class SpeechEmotionEnsemble(nn.Module):
             statistics = [means.flatten(1)]
             if self.config.probe_std:
                 statistics.append(clip_stds(probed, lengths, means).flatten(1))
+            if self.config.probe_deltas:
+                statistics.append(clip_deltas(probed, lengths).flatten(1))
             parts.append((torch.cat(statistics, dim=1) - self.probe_mean) / self.probe_scale)
         return torch.cat(parts, dim=1)
 
@@ -283,18 +290,28 @@ def clip_stds(states: torch.Tensor, lengths: torch.Tensor, means: torch.Tensor) 
     return (centred.square().sum(dim=2) / lengths.clamp(min=1)[:, None, None]).sqrt()
 
 
+def clip_deltas(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, N, T, D), (B,) -> (B, N, D): each block's mean absolute change between consecutive
+    frames of the clip's own (T_i - 1 pairs; zero for a clip of one frame)."""
+    pairs = (lengths - 1).clamp(min=0)
+    mask = time_mask(pairs, states.shape[2] - 1)[:, None, :, None]
+    change = (states[:, :, 1:] - states[:, :, :-1]).abs() * mask
+    return change.sum(dim=2) / pairs.clamp(min=1)[:, None, None]
+
+
 @dataclass(frozen=True)
 class BlockMeanProbe:
     """A fitted linear probe on the first `blocks` blocks' clip means (then, when `std`, their
-    standard deviations): standardise with `mean` and `scale`, then `weight` (n_classes,
-    blocks * D, twice that with `std`) and `bias`, already scaled by its share of the joined
-    answer."""
+    standard deviations, then, when `deltas`, their mean frame-to-frame changes): standardise
+    with `mean` and `scale`, then `weight` (n_classes, blocks * D for each statistic) and
+    `bias`, already scaled by its share of the joined answer."""
     blocks: int
     mean: torch.Tensor
     scale: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor
     std: bool = False
+    deltas: bool = False
 
 
 def build_downstream(config: DownstreamConfig) -> SpeechEmotionNet | SpeechEmotionEnsemble:

@@ -177,11 +177,13 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips, 
 def fit_block_mean_probe(train: CachedClips, probe: dict,
                          labels: tuple[str, ...]) -> BlockMeanProbe:
     """The linear probe the head reads beside the branches: each training clip's mean state of
-    the first `probe["blocks"]` blocks (the clean pass), and with `probe["std"]` their standard
-    deviations over the clip too, standardised, a logistic regression (classes balanced,
-    `probe["C"]`), its logits scaled by `probe["weight"]`."""
-    from learner.linear_probe import (block_means, block_stds,  # imports this module
-                                      fit_standardised_regression)
+    the first `probe["blocks"]` blocks, with `probe["std"]` their standard deviations over the
+    clip too, with `probe["deltas"]` their mean changes from frame to frame too, standardised,
+    a logistic regression (classes balanced, `probe["C"]`), its logits scaled by
+    `probe["weight"]`. It fits on the clean pass, or with `probe["perturbed"]` on every cached
+    pass of each clip (clean and perturbed, one row each): the clips it answers come clean."""
+    from learner.linear_probe import (block_deltas, block_means,  # imports this module
+                                      block_stds, fit_standardised_regression)
 
     missing = sorted(set(labels) - {c.emotion for c in train.clips})
     if missing:
@@ -189,9 +191,14 @@ def fit_block_mean_probe(train: CachedClips, probe: dict,
     blocks = int(probe["blocks"])
     if not 1 <= blocks <= train.n_blocks:
         raise ValueError(f"probe.blocks is {blocks}: the model reads {train.n_blocks} blocks")
-    probed, std = tuple(range(blocks)), bool(probe.get("std", False))
-    statistics = [block_means(train, probed)] + ([block_stds(train, probed)] if std else [])
-    fitted = fit_standardised_regression(np.concatenate(statistics, axis=1), train.targets,
+    probed = tuple(range(blocks))
+    std, deltas = bool(probe.get("std", False)), bool(probe.get("deltas", False))
+    passes = range(len(train.variants)) if probe.get("perturbed", False) else range(1)
+    rows = [np.concatenate([block_means(train, probed, v)]
+                           + ([block_stds(train, probed, v)] if std else [])
+                           + ([block_deltas(train, probed, v)] if deltas else []), axis=1)
+            for v in passes]
+    fitted = fit_standardised_regression(np.concatenate(rows), np.tile(train.targets, len(rows)),
                                          float(probe["C"]))
     scaler, regression = fitted[0], fitted[-1]
     coef, intercept = regression.coef_, regression.intercept_
@@ -201,7 +208,7 @@ def fit_block_mean_probe(train: CachedClips, probe: dict,
     as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)
     share = float(probe["weight"])
     return BlockMeanProbe(blocks, as_tensor(scaler.mean_), as_tensor(scaler.scale_),
-                          as_tensor(coef * share), as_tensor(intercept * share), std)
+                          as_tensor(coef * share), as_tensor(intercept * share), std, deltas)
 
 
 def map_on_splits(task: Callable, args: list[tuple], *, config: dict, train: CachedClips,

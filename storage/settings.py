@@ -230,8 +230,8 @@ class PersonalSettings(Section):
     memory_neighbours: int = Field(3, ge=1)
     memory_size: int = Field(100, ge=1)  # the newest corrections; 2 bytes a dimension each
     # Serving, per worker process: personal versions kept in memory (a head, input layers and
-    # memory, at most 531 KB each on the bundled model's five branches: 200 hold about what
-    # 1,000 held on one branch, 106 MB; a version not cached loads in about 4 ms, README), and
+    # memory, about 330 KB each on the bundled model: its head reads 5,248 numbers, the memory
+    # keeps the branches' 640 of them; a version not cached loads in about 4 ms, README), and
     # global versions other than the active one kept loaded for personal versions built on them.
     cache_size: int = Field(200, ge=1)
     global_cache_size: int = Field(2, ge=1)

@@ -23,6 +23,11 @@ answer blends the head's probabilities with the labels of the user's nearest cor
 but only for a clip that close to one of them (cosine similarity of the embeddings at least
 `threshold`): other voices, and the global gate set, are answered by the head alone. The file
 adds the corrections' embeddings (float16: 2 bytes a dimension; at most `personal.memory_size`).
+On a parent whose head also reads a probe (its block statistics after the branches' embeddings),
+the memory keeps and compares the branches' part alone (`memory_width`): the threshold was chosen
+on that embedding, and the statistics (4,608 numbers on the bundled model, against 640) would
+both outweigh it in the similarity and take a 100-correction memory past the 1 MB a version may
+take.
 
 This module is imported by the service: no Avalanche here.
 """
@@ -49,7 +54,7 @@ _ADAPTER_PREFIX = "adapter."
 class CorrectionMemory:
     """A user's corrected clips as embeddings, and how their answers blend with the head's."""
 
-    embeddings: torch.Tensor  # (n, D) float32, unit length
+    embeddings: torch.Tensor  # (n, W) float32, unit length: the first W of the D an embedding has
     labels: torch.Tensor  # (n,) label indices
     weight: float  # the memory's share of the answer for a clip close to a correction
     threshold: float  # cosine similarity a clip needs to a correction for the memory to speak
@@ -57,10 +62,17 @@ class CorrectionMemory:
 
     @classmethod
     def of(cls, embeddings: torch.Tensor, labels: torch.Tensor, *, weight: float,
-           threshold: float, neighbours: int, size: int) -> "CorrectionMemory":
-        """The memory of the last `size` of these corrections (oldest first)."""
-        return cls(nn.functional.normalize(embeddings[-size:].float(), dim=1),
-                   labels[-size:].long(), weight, threshold, neighbours)
+           threshold: float, neighbours: int, size: int,
+           width: int | None = None) -> "CorrectionMemory":
+        """The memory of the last `size` of these corrections (oldest first), each kept as the
+        first `width` numbers of its (n, D) embedding (all of them where `width` is None)."""
+        kept = embeddings[-size:, :width].float()
+        return cls(nn.functional.normalize(kept, dim=1), labels[-size:].long(), weight,
+                   threshold, neighbours)
+
+    @property
+    def width(self) -> int:
+        return int(self.embeddings.shape[1])
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +86,8 @@ class CorrectionMemory:
         probabilities = torch.softmax(logits, dim=1)
         if not len(self.labels):
             return torch.log(probabilities)
-        similarity = nn.functional.normalize(embeddings.float(), dim=1) @ self.embeddings.T
+        compared = embeddings[:, : self.width].float()
+        similarity = nn.functional.normalize(compared, dim=1) @ self.embeddings.T
         nearest = similarity.topk(min(self.neighbours, len(self.labels)), dim=1)
         votes = torch.zeros_like(probabilities).scatter_add_(
             1, self.labels[nearest.indices], nearest.values.clamp(min=0.0))
@@ -117,6 +130,15 @@ def personal_logits(weight: torch.Tensor, bias: torch.Tensor, memory: Correction
                     embeddings: torch.Tensor) -> torch.Tensor:
     logits = nn.functional.linear(embeddings, weight, bias)
     return logits if memory is None else memory.blend(logits, embeddings)
+
+
+def memory_width(net: nn.Module) -> int:
+    """How much of `net`'s embedding a correction memory keeps: the branches' part where the
+    head also reads a probe's statistics (module docstring), else all of it."""
+    config = net.config
+    if getattr(config, "probe_blocks", 0):
+        return config.branches * 2 * config.lstm_hidden
+    return int(net.head.in_features)
 
 
 def personal_head_bytes(head: nn.Linear, labels: tuple[str, ...], *, parent_version: int,
@@ -181,7 +203,7 @@ def _read_memory(tensors: dict, metadata: dict, head_shape) -> CorrectionMemory 
         return None
     embeddings, labels = tensors["memory"].float(), tensors["memory_labels"].long()
     n_labels, width = head_shape
-    if (embeddings.ndim != 2 or embeddings.shape[1] != width
+    if (embeddings.ndim != 2 or not 1 <= embeddings.shape[1] <= width
             or labels.shape != (embeddings.shape[0],)
             or bool(((labels < 0) | (labels >= n_labels)).any())):
         raise ModelFileError(f"personal memory shapes {tuple(embeddings.shape)}, "

@@ -54,7 +54,7 @@ from learner.continual.rounds import (
     restore_buffer,
     settle_candidate,
 )
-from learner.personal.model import (CorrectionMemory, as_stored, personal_head_bytes,
+from learner.personal.model import (CorrectionMemory, as_stored, memory_width, personal_head_bytes,
                                     personal_head_from_bytes, personal_logits)
 from storage.artifacts import ArtifactStore
 from storage.models import Feedback, ModelVersion
@@ -294,7 +294,8 @@ class PersonalRound:
                                          weight=self.personal.memory_weight,
                                          threshold=self.personal.memory_threshold,
                                          neighbours=self.personal.memory_neighbours,
-                                         size=self.personal.memory_size)
+                                         size=self.personal.memory_size,
+                                         width=memory_width(model.net))
         return PersonalAnswers(model.net, part.head, model.labels, adapter, memory)
 
     def _cross_validate(self, model: LoadedModel, inputs: list[np.ndarray], targets: list[int],

@@ -234,7 +234,7 @@ def _test_accuracy(test: list, answers: dict) -> dict:
 def _cost_bench(root: Path, versions: int, probes: int) -> dict:
     import torch
 
-    from learner.personal.model import CorrectionMemory, personal_head_bytes
+    from learner.personal.model import CorrectionMemory, memory_width, personal_head_bytes
     from learner.speech_model import SpeechEmotionModel
     from service.bench.clips import to_wav, voiced_clip
     from storage.registry import ModelRegistry
@@ -263,7 +263,7 @@ def _cost_bench(root: Path, versions: int, probes: int) -> dict:
                 torch.randn(n, base_head.in_features, generator=generator),
                 torch.randint(len(labels), (n,), generator=generator),
                 weight=personal.memory_weight, threshold=personal.memory_threshold,
-                neighbours=personal.memory_neighbours, size=n)
+                neighbours=personal.memory_neighbours, size=n, width=memory_width(base_net))
             adapter = None
             if isinstance(base_net, SpeechEmotionModel):
                 own = dict(base_net.downstream.named_parameters())

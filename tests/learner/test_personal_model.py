@@ -140,3 +140,38 @@ def test_a_memory_that_does_not_fit_its_head_is_refused(global_model):
                                parent_kind=global_model.kind, memory=memory)
     with pytest.raises(ModelFileError, match="memory"):
         personal_head_from_bytes(data)
+
+
+def test_on_a_parent_with_a_probe_the_memory_keeps_and_compares_the_branches_part_alone():
+    """The probe's block statistics follow the branches' embedding in what the head reads; the
+    memory keeps the branches' part only, so a clip said the same way is recognised whatever
+    its statistics do, and a full memory stays within the 1 MB a version may take."""
+    from learner.personal.model import memory_width
+    from learner.speech_model import DownstreamConfig, build_downstream
+
+    net = build_downstream(DownstreamConfig(n_blocks=2, width=96, channels=8, conv_layers=1,
+                                            lstm_hidden=8, branches=2, block_mix="concat",
+                                            probe_blocks=2, probe_std=True, probe_deltas=True))
+    branches = 2 * 2 * 8
+    assert net.head.in_features == branches + 3 * 2 * 96
+    assert memory_width(net) == branches
+    torch.manual_seed(5)
+    corrected = torch.randn(4, net.head.in_features)
+    memory = CorrectionMemory.of(corrected, torch.tensor([3, 3, 6, 6]), weight=0.5,
+                                 threshold=0.7, neighbours=3, size=100,
+                                 width=memory_width(net))
+    assert memory.embeddings.shape == (4, branches)
+    # The first correction's voice, its statistics elsewhere: the memory still speaks.
+    again = torch.cat([corrected[:1, :branches], torch.randn(1, net.head.in_features - branches)],
+                      dim=1)
+    assert float(torch.exp(memory.blend(torch.zeros(1, 8), again))[0, 3]) >= 0.5
+    head = torch.nn.Linear(net.head.in_features, 8)
+    full = CorrectionMemory.of(torch.randn(100, net.head.in_features),
+                               torch.arange(100) % 8, weight=0.5, threshold=0.7,
+                               neighbours=3, size=100, width=memory_width(net))
+    data = personal_head_bytes(head, DEFAULT_LABELS, parent_version=3, parent_sha256="c" * 64,
+                               parent_kind="whisper-cnn-bilstm", memory=full)
+    assert len(data) < 100 * branches * 2 + head.weight.numel() * 4 + 4_000
+    loaded = personal_head_from_bytes(data).memory
+    assert loaded.width == branches
+    assert torch.allclose(loaded.embeddings, full.embeddings, atol=1e-3)

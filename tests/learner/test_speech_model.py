@@ -69,22 +69,22 @@ def test_the_bilstm_over_padded_clips_is_the_packed_bilstm_forward_and_backward(
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def _probe(blocks: int = 2, std: bool = False) -> BlockMeanProbe:
+def _probe(blocks: int = 2, std: bool = False, deltas: bool = False) -> BlockMeanProbe:
     gen = torch.Generator().manual_seed(5)
-    width = blocks * CONFIG.width * (2 if std else 1)
+    width = blocks * CONFIG.width * (1 + int(std) + int(deltas))
     return BlockMeanProbe(blocks, torch.randn(width, generator=gen),
                           torch.rand(width, generator=gen) + 0.5,
                           torch.randn(CONFIG.n_classes, width, generator=gen),
-                          torch.randn(CONFIG.n_classes, generator=gen), std)
+                          torch.randn(CONFIG.n_classes, generator=gen), std, deltas)
 
 
 @pytest.mark.parametrize("block_mix", ["sum", "concat"])
 @pytest.mark.parametrize("branches,probe", [(1, None), (3, None), (1, "means"), (3, "means"),
-                                            (3, "means and stds")])
+                                            (3, "means and stds"), (3, "all three")])
 def test_padding_inside_a_batch_does_not_change_a_clips_output(branches, probe, block_mix):
     members = [_branch(seed, block_mix) for seed in range(branches)]
     joined = branches > 1 or probe
-    fitted = _probe(std=probe == "means and stds") if probe else None
+    fitted = _probe(std=probe != "means", deltas=probe == "all three") if probe else None
     net = SpeechEmotionEnsemble.of(members, fitted).eval() if joined else members[0]
     clips = _clips((7, 20, 21, 1, 16))
     with torch.inference_mode():
@@ -118,13 +118,14 @@ def test_branches_joined_answer_the_mean_of_their_logits_and_read_as_one_network
     assert isinstance(build_downstream(CONFIG), SpeechEmotionNet)
 
 
-@pytest.mark.parametrize("std", [False, True])
-def test_a_probe_joined_adds_its_logits_on_the_clips_block_means_to_the_branches_mean(std):
-    """The linear probe (standardised clip means of the first blocks, and with `std` their
-    standard deviations over the clip, then a linear map) is read by the same head as the
-    branches, so the joined answer is exactly the sum of the two, and a model file with a probe
-    loads back as written."""
-    members, probe = [_branch(seed) for seed in (1, 2)], _probe(blocks=2, std=std)
+@pytest.mark.parametrize("std,deltas", [(False, False), (True, False), (True, True)])
+def test_a_probe_joined_adds_its_logits_on_the_clips_block_means_to_the_branches_mean(std, deltas):
+    """The linear probe (standardised clip means of the first blocks, with `std` their standard
+    deviations over the clip, with `deltas` their mean absolute changes from frame to frame,
+    then a linear map) is read by the same head as the branches, so the joined answer is
+    exactly the sum of the two, and a model file with a probe loads back as written."""
+    members = [_branch(seed) for seed in (1, 2)]
+    probe = _probe(blocks=2, std=std, deltas=deltas)
     joined = SpeechEmotionEnsemble.of(members, probe).eval()
     clips = _clips((9, 14, 4))
     x, lengths = _padded(clips, fill=0.0)
@@ -132,15 +133,19 @@ def test_a_probe_joined_adds_its_logits_on_the_clips_block_means_to_the_branches
     if std:  # numpy's population deviation, computed apart from the model's masked one
         statistics.append(torch.from_numpy(np.stack([c[:2].numpy().std(axis=1).reshape(-1)
                                                      for c in clips])))
+    if deltas:  # the clip of 4 frames has 3 changes, whatever the batch pads it to
+        statistics.append(torch.stack([(c[:2, 1:] - c[:2, :-1]).abs().mean(dim=1).flatten()
+                                       for c in clips]))
     probe_logits = ((torch.cat(statistics, dim=1) - probe.mean) / probe.scale) @ probe.weight.T \
         + probe.bias
     with torch.inference_mode():
         branches = torch.stack([m(x, lengths) for m in members]).mean(dim=0)
         torch.testing.assert_close(joined(x, lengths), branches + probe_logits, atol=1e-5,
                                    rtol=1e-5)
-    assert (joined.config.probe_blocks, joined.config.probe_std) == (2, std)
+    assert (joined.config.probe_blocks, joined.config.probe_std,
+            joined.config.probe_deltas) == (2, std, deltas)
     assert joined.head.in_features == (2 * 2 * CONFIG.lstm_hidden
-                                       + 2 * CONFIG.width * (2 if std else 1))
+                                       + 2 * CONFIG.width * (1 + int(std) + int(deltas)))
     rebuilt = build_downstream(joined.config)
     rebuilt.load_state_dict(joined.state_dict(), strict=True)
     with torch.inference_mode():

@@ -220,32 +220,41 @@ def test_emoloop_train_writes_a_model_of_the_speech_kind_the_same_for_the_same_s
     assert summaries[1]["sha256"] == sha256_bytes(outs[1].read_bytes()) == model.sha256
 
 
-@pytest.mark.parametrize("std", [False, True])
+@pytest.mark.parametrize("std,deltas,perturbed", [(False, False, False), (True, False, False),
+                                                   (True, True, True)])
 def test_a_recipe_with_a_probe_answers_its_branches_plus_the_weighted_probe(
-        recipe, toy_corpus, splits, tiny_encoder_file, std):
-    """`probe` in the recipe: a logistic regression on the training clips' block means (and,
-    with `std`, their standard deviations over the clip) joins the branches under the same head,
-    its logits scaled by the probe's weight; the branches are the ones trained without it."""
+        recipe, toy_corpus, splits, tiny_encoder_file, std, deltas, perturbed):
+    """`probe` in the recipe: a logistic regression on the training clips' block means (with
+    `std` their standard deviations over the clip, with `deltas` their mean changes from frame
+    to frame) joins the branches under the same head, its logits scaled by the probe's weight;
+    the branches are the ones trained without it. With `perturbed` it fits on every encoder
+    pass of each training clip, not on the clean pass alone."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     train, validation, _ = splits
-    probe = {"blocks": BLOCKS, "C": 0.1, "weight": 0.5, "std": std}
+    probe = {"blocks": BLOCKS, "C": 0.1, "weight": 0.5, "std": std, "deltas": deltas,
+             "perturbed": perturbed}
     common = dict(data_dir=toy_corpus, encoder_path=tiny_encoder_file[0], progress=False)
     plain = {k: v for k, v in recipe.items() if k != "probe"}
     joined, _ = train_downstream({**plain, "probe": probe}, train, validation, **common)
     plain, _ = train_downstream(plain, train, validation, **common)
-    assert (joined.config.probe_blocks, joined.config.probe_std) == (BLOCKS, std)
+    assert (joined.config.probe_blocks, joined.config.probe_std,
+            joined.config.probe_deltas) == (BLOCKS, std, deltas)
 
     def statistics(states: np.ndarray) -> np.ndarray:  # (blocks, frames, D) of one clip
         kept = [states[:BLOCKS].mean(axis=1)] + ([states[:BLOCKS].std(axis=1)] if std else [])
+        if deltas:
+            kept.append(np.abs(states[:BLOCKS, 1:] - states[:BLOCKS, :-1]).mean(axis=1))
         return np.concatenate([k.reshape(-1) for k in kept])
 
-    cache, rows = train.variants[0]
-    x = np.stack([statistics(cache.clip(int(r)).astype(np.float32)) for r in rows])
+    passes = train.variants if perturbed else train.variants[:1]
+    assert len(passes) == (2 if perturbed else 1)  # the recipe caches one perturbed pass
+    x = np.stack([statistics(cache.clip(int(r)).astype(np.float32))
+                  for cache, rows in passes for r in rows])
     scaler = StandardScaler().fit(x)
     regression = LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced")
-    regression.fit(scaler.transform(x), train.targets)
+    regression.fit(scaler.transform(x), np.tile(train.targets, len(passes)))
     held = np.stack([statistics(validation.states(i, 0, None, None))
                      for i in range(len(validation.clips))])
     odds = regression.decision_function(scaler.transform(held))  # two labels: one log-odds
