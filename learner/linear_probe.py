@@ -17,27 +17,27 @@ def block_means(data: CachedClips, blocks: tuple[int, ...], variant: int = 0) ->
     return cache.means[rows][:, list(blocks)].reshape(len(rows), -1)
 
 
-def block_stds(data: CachedClips, blocks: tuple[int, ...], variant: int = 0) -> np.ndarray:
-    """(clips, len(blocks) * D): each clip's standard deviation of those blocks' states over its
-    frames (read from the cached float16 states, which serving computes in float32: a
-    difference far below the spread between clips that the probe reads)."""
-    return _per_clip(data, blocks, variant, lambda states: states.std(axis=1))
-
-
-def block_deltas(data: CachedClips, blocks: tuple[int, ...], variant: int = 0) -> np.ndarray:
-    """(clips, len(blocks) * D): each clip's mean absolute change of those blocks' states from
-    one frame to the next (learner.speech_model.clip_deltas; zero for a clip of one frame)."""
-    def deltas(states: np.ndarray) -> np.ndarray:
-        if states.shape[1] < 2:
-            return np.zeros((states.shape[0], states.shape[2]), dtype=np.float32)
-        return np.abs(np.diff(states, axis=1)).mean(axis=1)
-    return _per_clip(data, blocks, variant, deltas)
-
-
-def _per_clip(data: CachedClips, blocks: tuple[int, ...], variant: int, statistic) -> np.ndarray:
+def block_statistics(data: CachedClips, blocks: tuple[int, ...], variant: int = 0, *,
+                     std: bool = False, deltas: bool = False) -> np.ndarray:
+    """(clips, k * len(blocks) * D): each clip's mean state of those blocks, then with `std`
+    their standard deviations over its frames, then with `deltas` their mean absolute change
+    from one frame to the next (zero for a clip of one frame), in the order
+    learner.speech_model.SpeechEmotionEnsemble reads them. Deviations and changes come from one
+    read of the cached float16 states, which serving computes in float32: a difference far
+    below the spread between clips that the probe reads."""
+    means = block_means(data, blocks, variant)
+    if not (std or deltas):
+        return means
     cache, rows = data.variants[variant]
-    return np.stack([statistic(cache.clip(int(r))[list(blocks)].astype(np.float32)).reshape(-1)
-                     for r in rows])
+    spreads = []
+    for r in rows:
+        states = cache.clip(int(r))[list(blocks)].astype(np.float32)  # (blocks, frames, D)
+        parts = [states.std(axis=1)] if std else []
+        if deltas:
+            parts.append(np.abs(np.diff(states, axis=1)).mean(axis=1) if states.shape[1] > 1
+                         else np.zeros((states.shape[0], states.shape[2]), np.float32))
+        spreads.append(np.concatenate([part.reshape(-1) for part in parts]))
+    return np.concatenate([means, np.stack(spreads)], axis=1)
 
 
 def _report(model, x: np.ndarray, data: CachedClips, labels: tuple[str, ...]) -> dict:

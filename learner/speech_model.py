@@ -57,6 +57,11 @@ class DownstreamConfig:
     # move: a deviation cannot tell a slow drift from a quick alternation).
     probe_deltas: bool = False
 
+    @property
+    def probe_width(self) -> int:
+        """The numbers the probe adds to what the head reads (after the branches' embeddings)."""
+        return self.probe_blocks * self.width * (1 + int(self.probe_std) + int(self.probe_deltas))
+
     def __post_init__(self):
         if self.block_mix not in ("sum", "concat"):
             raise ValueError(f"block_mix must be 'sum' or 'concat', not {self.block_mix!r}")
@@ -215,8 +220,7 @@ class SpeechEmotionEnsemble(nn.Module):
         branch = replace(config, branches=1, probe_blocks=0, probe_std=False, probe_deltas=False)
         self.branches = nn.ModuleList(DownstreamBranch(branch) for _ in range(config.branches))
         self.dropout = nn.Dropout(config.dropout)
-        probe_width = (config.probe_blocks * config.width
-                       * (1 + int(config.probe_std) + int(config.probe_deltas)))
+        probe_width = config.probe_width
         if probe_width:  # only then: files written before the probe hold no such entries
             # What standardises the probe's statistics (its scaler, from the training clips).
             self.register_buffer("probe_mean", torch.zeros(probe_width))

@@ -182,8 +182,8 @@ def fit_block_mean_probe(train: CachedClips, probe: dict,
     a logistic regression (classes balanced, `probe["C"]`), its logits scaled by
     `probe["weight"]`. It fits on the clean pass, or with `probe["perturbed"]` on every cached
     pass of each clip (clean and perturbed, one row each): the clips it answers come clean."""
-    from learner.linear_probe import (block_deltas, block_means,  # imports this module
-                                      block_stds, fit_standardised_regression)
+    from learner.linear_probe import (block_statistics,  # imports this module
+                                      fit_standardised_regression)
 
     missing = sorted(set(labels) - {c.emotion for c in train.clips})
     if missing:
@@ -194,10 +194,7 @@ def fit_block_mean_probe(train: CachedClips, probe: dict,
     probed = tuple(range(blocks))
     std, deltas = bool(probe.get("std", False)), bool(probe.get("deltas", False))
     passes = range(len(train.variants)) if probe.get("perturbed", False) else range(1)
-    rows = [np.concatenate([block_means(train, probed, v)]
-                           + ([block_stds(train, probed, v)] if std else [])
-                           + ([block_deltas(train, probed, v)] if deltas else []), axis=1)
-            for v in passes]
+    rows = [block_statistics(train, probed, v, std=std, deltas=deltas) for v in passes]
     fitted = fit_standardised_regression(np.concatenate(rows), np.tile(train.targets, len(rows)),
                                          float(probe["C"]))
     scaler, regression = fitted[0], fitted[-1]

@@ -135,10 +135,7 @@ def personal_logits(weight: torch.Tensor, bias: torch.Tensor, memory: Correction
 def memory_width(net: nn.Module) -> int:
     """How much of `net`'s embedding a correction memory keeps: the branches' part where the
     head also reads a probe's statistics (module docstring), else all of it."""
-    config = net.config
-    if getattr(config, "probe_blocks", 0):
-        return config.branches * 2 * config.lstm_hidden
-    return int(net.head.in_features)
+    return int(net.head.in_features) - getattr(net.config, "probe_width", 0)  # log-mel: none
 
 
 def personal_head_bytes(head: nn.Linear, labels: tuple[str, ...], *, parent_version: int,
