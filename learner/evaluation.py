@@ -262,12 +262,15 @@ def evaluate_folder(data_dir: Path, model_path: Path | None = None, *,
                     progress: bool = True) -> dict:
     """Evaluate a model (default: the bundled one) on every corpus under `data_dir`, or on the
     named speakers only; with `encoder_path`, its downstream on that encoder file instead of the
-    one it names (checkpoint.with_encoder)."""
+    one it names (checkpoint.with_encoder). The model answers in the form the service runs it
+    (learner.serving_net.for_serving), so the figures are the served model's."""
     from learner.checkpoint import load_default_model, load_model, with_encoder
     from learner.inference import EmotionPredictor
+    from learner.serving_net import for_serving
 
     model = load_model(model_path) if model_path else load_default_model()
-    predictor = EmotionPredictor(with_encoder(model, encoder_path) if encoder_path else model)
+    predictor = EmotionPredictor(for_serving(with_encoder(model, encoder_path) if encoder_path
+                                             else model))
     clips = read_corpora(data_dir)
     if speakers:
         clips = [c for c in clips if c.speaker in set(speakers)]

@@ -82,25 +82,25 @@ def prediction_from_logits(logits: np.ndarray, labels: tuple[str, ...],
 def logits_batches(predictors: Sequence, features: list[np.ndarray],
                    batch_size: int = 32, memo: dict | None = None) -> list[np.ndarray]:
     """Each predictor's `logits_batch(features)`, the frozen encoder run once for all: models
-    on the same encoder file (its sha256) read the same states, so each batch is encoded once
-    and every such model's downstream reads it. That is what each model run whole computes on
-    the same batch (the same ops on the same states: the answers are identical), for the cost of
-    one encoder pass instead of one per model; the encoder is nearly all of a model's time. Any
-    other predictor (the log-mel kind, a personal head) answers through its own logits_batch, with
-    its own batching. `memo`, a dict the caller keeps, holds each batch's states for the next
+    on the same encoder file (its sha256) reading as many of its blocks read the same states,
+    so each batch is encoded once and every such model's downstream reads it. That is what each
+    model run whole computes on the same batch (the same ops on the same states: the answers are
+    identical), for the cost of one encoder pass instead of one per model; the encoder is
+    nearly all of a model's time. Any other predictor (the log-mel kind, a personal head)
+    answers through its own logits_batch, with its own batching. `memo`, a dict the caller keeps, holds each batch's states for the next
     call on the same clips (a round judges two candidates on one gate set: one encoder pass)."""
     out: list[np.ndarray | None] = [None] * len(predictors)
-    by_encoder: dict[str, list[int]] = {}
+    by_encoder: dict[tuple[str, int], list[int]] = {}
     for i, predictor in enumerate(predictors):
-        if (sha256 := _encoder_read(predictor)) is None:
+        if (read := _encoder_read(predictor)) is None:
             out[i] = predictor.logits_batch(features)
         else:
-            by_encoder.setdefault(sha256, []).append(i)
+            by_encoder.setdefault(read, []).append(i)
             out[i] = np.zeros((len(features), len(predictor.labels)), dtype=np.float32)
-    for sha256, members in by_encoder.items():
+    for read, members in by_encoder.items():
         nets = [predictors[i].model.net for i in members]
         for chunk, x, lengths in length_batches(features, batch_size):
-            key = ("states", sha256, *(id(features[i]) for i in chunk))
+            key = ("states", *read, *(id(features[i]) for i in chunk))
             if memo is not None and key in memo:
                 states, state_lengths = memo[key][0]
             else:
@@ -112,12 +112,15 @@ def logits_batches(predictors: Sequence, features: list[np.ndarray],
     return out
 
 
-def _encoder_read(predictor) -> str | None:
-    """The sha256 of the encoder file whose states a predictor's answers are a function of: a
-    SpeechEmotionModel answering whole (EmotionPredictor's own logits_batch), else None."""
+def _encoder_read(predictor) -> tuple[str, int] | None:
+    """The sha256 of the encoder file whose states a predictor's answers are a function of, and
+    how many of its blocks: a SpeechEmotionModel answering whole (EmotionPredictor's own
+    logits_batch), else None."""
     net = getattr(getattr(predictor, "model", None), "net", None)
     whole = type(predictor).logits_batch is EmotionPredictor.logits_batch
-    return net.encoder_sha256 if whole and isinstance(net, SpeechEmotionModel) else None
+    if not (whole and isinstance(net, SpeechEmotionModel)):
+        return None
+    return net.encoder_sha256, net.config.n_blocks
 
 
 def length_batches(features: list[np.ndarray], batch_size: int):

@@ -104,10 +104,19 @@ def time_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """All parameters, or only those training may change (a frozen encoder's are not)."""
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-    if not trainable_only:  # an int8 encoder's linear layers keep theirs packed, outside parameters()
-        for m in model.modules():
-            if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
-                total += m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0)
+    """All parameters the model computes with, or only those training may change (a frozen
+    encoder's are not). A speech encoder's blocks past those the downstream reads never run
+    (the file may hold more): they are not counted."""
+    encoder, config = getattr(model, "encoder", None), getattr(model, "config", None)
+    idle = [] if encoder is None else list(encoder.blocks[config.n_blocks:])
+    skipped = {id(m) for block in idle for m in block.modules()}
+    total = 0
+    for m in model.modules():
+        if id(m) in skipped:
+            continue
+        total += sum(p.numel() for p in m.parameters(recurse=False)
+                     if p.requires_grad or not trainable_only)
+        # An int8 encoder's linear layers keep theirs packed, outside parameters().
+        if not trainable_only and isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            total += m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0)
     return total

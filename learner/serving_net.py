@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from learner.checkpoint import LOGMEL_KIND, LoadedModel
+from learner.checkpoint import LOGMEL_KIND, WHISPER_KIND, LoadedModel
 from learner.model import EmotionNet, time_mask
+from learner.serving_ensemble import ServingEnsemble
+from learner.speech_model import SpeechEmotionEnsemble, SpeechEmotionModel
 
 
 class ServingNet(nn.Module):
@@ -64,11 +66,17 @@ class ServingNet(nn.Module):
 
 
 def for_serving(model: LoadedModel) -> LoadedModel:
-    """The same loaded version with its network in serving form. Only the log-mel EmotionNet
-    has one; a model on the speech encoder serves as it is."""
-    if model.kind != LOGMEL_KIND or isinstance(model.net, ServingNet):
-        return model
-    return replace(model, net=ServingNet(model.net.eval()))
+    """The same loaded version with its network in serving form: a log-mel EmotionNet as a
+    ServingNet; a speech-encoder model's ensemble of side-by-side branches as a ServingEnsemble
+    (learner.serving_ensemble) on the same encoder. Anything else serves as it is."""
+    net = model.net
+    if model.kind == LOGMEL_KIND and not isinstance(net, ServingNet):
+        return replace(model, net=ServingNet(net.eval()))
+    if (model.kind == WHISPER_KIND and isinstance(net.downstream, SpeechEmotionEnsemble)
+            and net.config.block_mix == "concat"):
+        serving = ServingEnsemble(net.downstream.eval())
+        return replace(model, net=SpeechEmotionModel(net.encoder, serving, net.encoder_sha256))
+    return model
 
 
 def _fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:

@@ -265,14 +265,8 @@ class SpeechEmotionEnsemble(nn.Module):
                                                 for name in branch.adaptable}
             parts.append(branch.embed(states, lengths, adapter=own))
         if self.config.probe_blocks:
-            probed = states[:, : self.config.probe_blocks]
-            means = clip_means(probed, lengths)
-            statistics = [means.flatten(1)]
-            if self.config.probe_std:
-                statistics.append(clip_stds(probed, lengths, means).flatten(1))
-            if self.config.probe_deltas:
-                statistics.append(clip_deltas(probed, lengths).flatten(1))
-            parts.append((torch.cat(statistics, dim=1) - self.probe_mean) / self.probe_scale)
+            parts.append((probe_statistics(states, lengths, self.config) - self.probe_mean)
+                         / self.probe_scale)
         return torch.cat(parts, dim=1)
 
     def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -301,6 +295,21 @@ def clip_deltas(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     mask = time_mask(pairs, states.shape[2] - 1)[:, None, :, None]
     change = (states[:, :, 1:] - states[:, :, :-1]).abs() * mask
     return change.sum(dim=2) / pairs.clamp(min=1)[:, None, None]
+
+
+def probe_statistics(states: torch.Tensor, lengths: torch.Tensor,
+                     config: DownstreamConfig) -> torch.Tensor:
+    """(B, N, T, D), (B,) -> (B, config.probe_width): what the head's probe reads, before its
+    standardisation: the first `probe_blocks` blocks' clip means, then (`probe_std`) their
+    deviations, then (`probe_deltas`) their frame-to-frame changes."""
+    probed = states[:, : config.probe_blocks]
+    means = clip_means(probed, lengths)
+    statistics = [means.flatten(1)]
+    if config.probe_std:
+        statistics.append(clip_stds(probed, lengths, means).flatten(1))
+    if config.probe_deltas:
+        statistics.append(clip_deltas(probed, lengths).flatten(1))
+    return torch.cat(statistics, dim=1)
 
 
 @dataclass(frozen=True)
@@ -350,9 +359,10 @@ class SpeechEmotionModel(nn.Module):
                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, 80) Whisper log-mel, (B,) frame counts -> (B, N, T', D) pooled encoder states
         and (B,) their lengths: what the downstream reads. Every model on the same encoder file
-        reads the same states (learner.inference.logits_batches computes them once for all)."""
+        reading as many blocks reads the same states (learner.inference.logits_batches computes
+        them once for all); the encoder runs only the blocks the downstream reads."""
         with torch.no_grad():
-            states, lengths = self.encoder(mel, lengths)
+            states, lengths = self.encoder(mel, lengths, blocks=self.config.n_blocks)
             states, lengths = pool_frames(states, lengths)
         return states.transpose(0, 1), lengths
 

@@ -63,22 +63,25 @@ class WhisperEncoder(nn.Module):
                                     for _ in range(config.n_blocks))
         self.requires_grad_(False)
 
-    def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, 80) log-mel, (B,) frame counts -> (n_blocks, B, T', D) hidden states and (B,)
-        lengths T' = ceil(T / 2)."""
+    def forward(self, mel: torch.Tensor, lengths: torch.Tensor,
+                blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, 80) log-mel, (B,) frame counts -> (n, B, T', D) hidden states of the first n
+        blocks (`blocks`, else all the file holds: a model reading fewer runs only those) and
+        (B,) lengths T' = ceil(T / 2)."""
         if self.config.precision != "float32" and mel.shape[0] > 1:
             # In a batch a clip's states would depend on its neighbours (and padding): dynamic
             # int8 takes one activation scale per call, and bfloat16 rounds each product to 8
             # bits, where the batch's shape picks the kernel and so the order of the sums (logits
             # 0.01 apart). Each clip alone keeps its answer its own.
-            alone = [self._states(mel[i : i + 1, :n], lengths[i : i + 1])
+            alone = [self._states(mel[i : i + 1, :n], lengths[i : i + 1], blocks)
                      for i, n in enumerate(lengths.tolist())]
             t = max(states.shape[2] for states, _ in alone)
             return (torch.cat([F.pad(states, (0, 0, 0, t - states.shape[2])) for states, _ in alone], 1),
                     torch.cat([n for _, n in alone]))
-        return self._states(mel, lengths)
+        return self._states(mel, lengths, blocks)
 
-    def _states(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _states(self, mel: torch.Tensor, lengths: torch.Tensor,
+                blocks: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         full = bool((lengths == mel.shape[1]).all())  # one clip, or clips of one length
         x = mel.transpose(1, 2).to(self.conv1.weight.dtype)  # (B, 80, T)
         if not full:  # the conv must see zeros past a clip's end, as it does on the clip alone
@@ -94,7 +97,7 @@ class WhisperEncoder(nn.Module):
         x = x + self.positions[:t]
         attn_mask = None if full else _mask(lengths, t)[:, None, None, :]  # keys only
         states = []
-        for block in self.blocks:
+        for block in self.blocks[:blocks]:
             x = block(x, attn_mask)
             states.append(x)
         return torch.stack(states).float(), lengths

@@ -17,10 +17,13 @@ from learner.continual.base_sets import load_base_set
 from learner.continual.gate import Answers
 from learner.continual.replay import Sample
 from learner.continual.strategies import cut_inputs
-from learner.inference import EmotionPredictor, logits_batches
+from learner.inference import EmotionPredictor, logits_batches, pad_batch
 from learner.model import EmotionNet, ModelConfig
+from learner.speech_encoder.whisper_mel import extract_speech_features
 from learner.speech_model import SpeechEmotionModel
+from service.bench.clips import voiced_clip
 from storage.runs import ExemplarRow
+from tests.learner.tiny_speech import tiny_encoder_file, tiny_speech_model  # noqa: F401
 from tests.learner.toy_learning import TOY_LABELS, toy_features
 
 
@@ -77,6 +80,24 @@ def test_models_without_a_shared_encoder_answer_each_on_their_own():
     features = [toy_features(label, 20 + k) for k, label in enumerate(TOY_LABELS * 3)]
     for predictor, logits in zip(logmel, logits_batches(logmel, features)):
         np.testing.assert_array_equal(logits, predictor.logits_batch(features))
+
+
+def test_a_model_reading_fewer_blocks_of_an_encoder_file_runs_only_those(tiny_encoder_file):
+    """A downstream reading the first block of the two-block encoder runs one block, reads what
+    the first block of a full run holds, and beside a model reading both gets its own answers."""
+    first = tiny_speech_model(tiny_encoder_file, branches=2, block_mix="concat", n_blocks=1)
+    both = tiny_speech_model(tiny_encoder_file, branches=2, block_mix="concat", seed=1)
+    assert first.encoder_sha256 == both.encoder_sha256
+    features = [extract_speech_features(voiced_clip(s, seed=i)) for i, s in enumerate((1.0, 2.5, 0.6))]
+    x, lengths = pad_batch(features)
+    with torch.inference_mode():
+        states, _ = first.encoder(x, lengths, blocks=1)
+        assert states.shape[0] == 1
+        torch.testing.assert_close(first.encode(x, lengths)[0], both.encode(x, lengths)[0][:, :1])
+    predictors = [EmotionPredictor(LoadedModel(net.eval(), ("a", "b"), "", WHISPER_KIND))
+                  for net in (first, both)]
+    for predictor, logits in zip(predictors, logits_batches(predictors, features, batch_size=2)):
+        np.testing.assert_array_equal(logits, predictor.logits_batch(features, batch_size=2))
 
 
 def test_a_round_reads_each_clips_encoder_states_as_serving_computes_them():

@@ -43,9 +43,9 @@ def tiny_encoder_bytes(seed: int = 0) -> bytes:
     return import_encoder(ct2, BLOCKS, pinned={sha256_bytes(ct2): TINY_SOURCE_TEXT})
 
 
-def tiny_downstream(n_classes: int = 2, branches: int = 1,
-                    block_mix: str = "sum") -> torch.nn.Module:
-    return build_downstream(DownstreamConfig(n_blocks=BLOCKS, width=WIDTH, n_classes=n_classes,
+def tiny_downstream(n_classes: int = 2, branches: int = 1, block_mix: str = "sum",
+                    n_blocks: int = BLOCKS) -> torch.nn.Module:
+    return build_downstream(DownstreamConfig(n_blocks=n_blocks, width=WIDTH, n_classes=n_classes,
                                              channels=8, conv_layers=1, kernel=3,
                                              lstm_hidden=8, dropout=0.0, branches=branches,
                                              block_mix=block_mix))
@@ -71,12 +71,14 @@ def bundled_tiny_encoder(tiny_encoder_file, monkeypatch) -> str:
 
 
 def tiny_speech_model(tiny_encoder_file, n_classes: int = 2, seed: int = 0,
-                      branches: int = 1, block_mix: str = "sum") -> SpeechEmotionModel:
-    """A random tiny model of the speech kind on (a load of) the tiny encoder file."""
+                      branches: int = 1, block_mix: str = "sum",
+                      n_blocks: int = BLOCKS) -> SpeechEmotionModel:
+    """A random tiny model of the speech kind on (a load of) the tiny encoder file, reading its
+    first `n_blocks` blocks."""
     path, sha256 = tiny_encoder_file
     torch.manual_seed(seed)
     return SpeechEmotionModel(load_encoder(path, sha256),
-                              tiny_downstream(n_classes, branches, block_mix), sha256)
+                              tiny_downstream(n_classes, branches, block_mix, n_blocks), sha256)
 
 
 @pytest.fixture(scope="session")
