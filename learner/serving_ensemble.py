@@ -3,7 +3,7 @@ computed side by side instead of one after another.
 
 Built once per loaded version (`learner.serving_net.for_serving`), never trained. A downstream
 of five branches ran about fifty small ops a branch, most of them on 75 frames, and took 6 ms a
-3 s clip on one thread, a quarter of the whole model (README, "Latency"). Here:
+3 s clip on one thread, a quarter of the whole model (README, "Speed"). Here:
 - each block is normalised once (every branch normalises the same states, with its own gain and
   offset after), and the branches' gains, offsets and projections are folded into one matrix:
   one matmul projects all of them;
