@@ -87,8 +87,9 @@ def logits_batches(predictors: Sequence, features: list[np.ndarray],
     model run whole computes on the same batch (the same ops on the same states: the answers are
     identical), for the cost of one encoder pass instead of one per model; the encoder is
     nearly all of a model's time. Any other predictor (the log-mel kind, a personal head)
-    answers through its own logits_batch, with its own batching. `memo`, a dict the caller keeps, holds each batch's states for the next
-    call on the same clips (a round judges two candidates on one gate set: one encoder pass)."""
+    answers through its own logits_batch, with its own batching. `memo`, a dict the caller
+    keeps, holds each batch's states for the next call on the same clips (a round judges two
+    candidates on one gate set: one encoder pass)."""
     out: list[np.ndarray | None] = [None] * len(predictors)
     by_encoder: dict[tuple[str, int], list[int]] = {}
     for i, predictor in enumerate(predictors):

@@ -84,7 +84,8 @@ def test_a_loaded_speech_model_serves_in_this_form_with_the_same_answers(
     trained = count_parameters(model.net, trainable_only=True)
     serving = for_serving(model)
     assert isinstance(serving.net.downstream, ServingEnsemble)
-    assert (serving.labels, serving.sha256, serving.kind) == (model.labels, model.sha256, model.kind)
+    assert (serving.labels, serving.sha256, serving.kind) == (model.labels, model.sha256,
+                                                              model.kind)
     assert serving.net.encoder is model.net.encoder  # one encoder, shared
     assert for_serving(serving).net is serving.net  # already in serving form: kept as it is
     assert count_parameters(model.net, trainable_only=True) == trained  # the loaded one untouched

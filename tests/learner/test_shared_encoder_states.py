@@ -88,7 +88,8 @@ def test_a_model_reading_fewer_blocks_of_an_encoder_file_runs_only_those(tiny_en
     first = tiny_speech_model(tiny_encoder_file, branches=2, block_mix="concat", n_blocks=1)
     both = tiny_speech_model(tiny_encoder_file, branches=2, block_mix="concat", seed=1)
     assert first.encoder_sha256 == both.encoder_sha256
-    features = [extract_speech_features(voiced_clip(s, seed=i)) for i, s in enumerate((1.0, 2.5, 0.6))]
+    features = [extract_speech_features(voiced_clip(s, seed=i))
+                for i, s in enumerate((1.0, 2.5, 0.6))]
     x, lengths = pad_batch(features)
     with torch.inference_mode():
         states, _ = first.encoder(x, lengths, blocks=1)
