@@ -103,6 +103,15 @@ def time_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def fold_batch_norm(conv: nn.Module, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv (any dimension) then BatchNorm with its running statistics, as the weight and bias
+    of one conv: what the serving forms compute instead of the two."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    weight = conv.weight * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    return weight, (bias - norm.running_mean) * scale + norm.bias
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """All parameters the model computes with, or only those training may change (a frozen
     encoder's are not). A speech encoder's blocks past those the downstream reads never run

@@ -19,7 +19,7 @@ eval mode to float rounding (tests/learner/test_serving_ensemble.py holds them w
 import torch
 from torch import nn
 
-from learner.model import time_mask
+from learner.model import fold_batch_norm, time_mask
 from learner.speech_model import SpeechEmotionEnsemble, bidirectional_lstm, probe_statistics
 
 
@@ -111,10 +111,5 @@ class ServingEnsemble(nn.Module):
 def _grouped_conv(blocks: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
     """The branches' ConvBlock1d at one depth (conv, then BatchNorm with its running statistics)
     as the weight and bias of one grouped conv, group k being branch k's."""
-    weights, biases = [], []
-    for block in blocks:
-        norm = block.norm
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        weights.append(block.conv.weight * scale[:, None, None])
-        biases.append(norm.bias - norm.running_mean * scale)
+    weights, biases = zip(*(fold_batch_norm(block.conv, block.norm) for block in blocks))
     return torch.cat(weights), torch.cat(biases)

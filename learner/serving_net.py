@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from learner.checkpoint import LOGMEL_KIND, WHISPER_KIND, LoadedModel
-from learner.model import EmotionNet, time_mask
+from learner.model import EmotionNet, fold_batch_norm, time_mask
 from learner.serving_ensemble import ServingEnsemble
 from learner.speech_model import SpeechEmotionEnsemble, SpeechEmotionModel
 
@@ -81,13 +81,12 @@ def for_serving(model: LoadedModel) -> LoadedModel:
 
 def _fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
     """conv then BN (running statistics) as one conv with a bias."""
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                        padding=conv.padding, bias=True)
     with torch.no_grad():
-        folded.weight.copy_(conv.weight * scale[:, None, None, None])
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
-        folded.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+        weight, bias = fold_batch_norm(conv, norm)
+        folded.weight.copy_(weight)
+        folded.bias.copy_(bias)
     return folded
 
 

@@ -25,7 +25,7 @@ but only for a clip that close to one of them (cosine similarity of the embeddin
 adds the corrections' embeddings (float16: 2 bytes a dimension; at most `personal.memory_size`).
 On a parent whose head also reads a probe (its block statistics after the branches' embeddings),
 the memory keeps and compares the branches' part alone (`memory_width`): the threshold was chosen
-on that embedding, and the statistics (4,608 numbers on the bundled model, against 640) would
+on that embedding, and the statistics (3,456 numbers on the bundled model, against 640) would
 both outweigh it in the similarity and take a 100-correction memory past the 1 MB a version may
 take.
 
