@@ -114,8 +114,9 @@ def fold_batch_norm(conv: nn.Module, norm: nn.Module) -> tuple[torch.Tensor, tor
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """All parameters the model computes with, or only those training may change (a frozen
-    encoder's are not). A speech encoder's blocks past those the downstream reads never run
-    (the file may hold more): they are not counted."""
+    encoder's are not, nor a network probe's hidden layer: `probe_parameters`). A speech
+    encoder's blocks past those the downstream reads never run (the file may hold more): they
+    are not counted."""
     encoder, config = getattr(model, "encoder", None), getattr(model, "config", None)
     idle = [] if encoder is None else list(encoder.blocks[config.n_blocks:])
     skipped = {id(m) for block in idle for m in block.modules()}
@@ -128,4 +129,12 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
         # An int8 encoder's linear layers keep theirs packed, outside parameters().
         if not trainable_only and isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
             total += m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0)
-    return total
+    return total + (0 if trainable_only else probe_parameters(model))
+
+
+def probe_parameters(model: nn.Module) -> int:
+    """The weights and biases of a network probe's hidden layer (learner.speech_model): fitted
+    once by the recipe and kept in buffers, int8, so outside parameters(); rounds never train
+    them. 0 for a model without one."""
+    return sum(m.probe_hidden_weight.numel() + m.probe_hidden_bias.numel()
+               for m in model.modules() if "probe_hidden_weight" in m._buffers)

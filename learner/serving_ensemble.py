@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from learner.model import fold_batch_norm, time_mask
-from learner.speech_model import SpeechEmotionEnsemble, bidirectional_lstm, probe_statistics
+from learner.speech_model import (SpeechEmotionEnsemble, bidirectional_lstm, dequantise_rows,
+                                  probe_reading)
 
 
 class ServingEnsemble(nn.Module):
@@ -36,6 +37,8 @@ class ServingEnsemble(nn.Module):
         self.adaptable = ensemble.adaptable  # what a personal version re-fits, by those names
         if config.probe_width:
             self.probe_mean, self.probe_scale = ensemble.probe_mean, ensemble.probe_scale
+            if config.probe_hidden:
+                self.probe_hidden_bias = ensemble.probe_hidden_bias
         self.eps = ensemble.branches[0].in_norm.eps
         with torch.no_grad():
             weight, bias = self.projection()
@@ -51,6 +54,9 @@ class ServingEnsemble(nn.Module):
             self.register_buffer("score_in_bias", torch.stack([s[0].bias for s in scores]))
             self.register_buffer("score_out_weight", torch.stack([s[2].weight[0] for s in scores]))
             self.register_buffer("score_out_bias", torch.cat([s[2].bias for s in scores]))
+            if config.probe_hidden:  # dequantised once, not a request
+                self.register_buffer("probe_hidden_float", dequantise_rows(
+                    ensemble.probe_hidden_weight, ensemble.probe_hidden_scale))
         self.eval()
 
     def projection(self, adapter: dict[str, torch.Tensor] | None = None
@@ -99,8 +105,8 @@ class ServingEnsemble(nn.Module):
         pooled = torch.einsum("btk,btkd->bkd", torch.softmax(scores, dim=1), hidden)
         parts = [pooled.reshape(b, k * 2 * h)]
         if self.config.probe_blocks:
-            parts.append((probe_statistics(states, lengths, self.config) - self.probe_mean)
-                         / self.probe_scale)
+            hidden = self.probe_hidden_float if self.config.probe_hidden else None
+            parts.append(probe_reading(self, states, lengths, hidden))
         return torch.cat(parts, dim=1)
 
     def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

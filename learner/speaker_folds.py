@@ -100,6 +100,7 @@ def _held_out_logits(config: dict, train: CachedClips, validation: CachedClips,
                     dtype=np.int64)
     net, history = train_branch(config, train.subset(kept), validation, seed, progress=False)
     if config.get("probe"):  # the recipe's probe too, fitted on the same training speakers
-        probe = fit_block_mean_probe(train.subset(kept), config["probe"], tuple(config["labels"]))
+        probe = fit_block_mean_probe(train.subset(kept), config["probe"], tuple(config["labels"]),
+                                     int(config["seed"]))
         net = SpeechEmotionEnsemble.of([net], probe).eval()
     return held, cached_logits(net, train.subset(held)), history

@@ -25,6 +25,7 @@ from learner.corpora import CorpusClip, CorpusError, read_corpora, split_by_spea
 from learner.encoder_cache import EncoderCache, build_or_load_cache
 from learner.evaluation import build_report, outcomes_from_logits
 from learner.inference import limit_threads
+from learner.probe_network import fit_probe_network
 from learner.speech_encoder.weights import encoder_from_bytes
 from learner.speech_model import (BlockMeanProbe, DownstreamConfig, SpeechEmotionEnsemble,
                                   SpeechEmotionModel, SpeechEmotionNet)
@@ -167,21 +168,23 @@ def train_downstream(config: dict, train: CachedClips, validation: CachedClips, 
                             encoder_path=encoder_path, bar=bar)
     nets = [net.eval() for net, _ in trained]
     history = [epoch for _, h in trained for epoch in h]
-    probe = (fit_block_mean_probe(train, config["probe"], tuple(config["labels"]))
+    probe = (fit_block_mean_probe(train, config["probe"], tuple(config["labels"]), seed)
              if config.get("probe") else None)
     if n == 1 and probe is None:
         return nets[0], history
     return SpeechEmotionEnsemble.of(nets, probe).eval(), history
 
 
-def fit_block_mean_probe(train: CachedClips, probe: dict,
-                         labels: tuple[str, ...]) -> BlockMeanProbe:
-    """The linear probe the head reads beside the branches: each training clip's mean state of
-    the first `probe["blocks"]` blocks, with `probe["std"]` their standard deviations over the
-    clip too, with `probe["deltas"]` their mean changes from frame to frame too, standardised,
-    a logistic regression (classes balanced, `probe["C"]`), its logits scaled by
-    `probe["weight"]`. It fits on the clean pass, or with `probe["perturbed"]` on every cached
-    pass of each clip (clean and perturbed, one row each): the clips it answers come clean."""
+def fit_block_mean_probe(train: CachedClips, probe: dict, labels: tuple[str, ...],
+                         seed: int) -> BlockMeanProbe:
+    """The probe the head reads beside the branches: each training clip's mean state of the
+    first `probe["blocks"]` blocks, with `probe["std"]` their standard deviations over the
+    clip too, with `probe["deltas"]` their mean changes from frame to frame too, standardised;
+    then a logistic regression (classes balanced, `probe["C"]`), or with `probe["hidden"]` a
+    network of that many hidden units (learner.probe_network, trained on `seed`); its logits
+    scaled by `probe["weight"]`. It fits on the clean pass, or with `probe["perturbed"]` on
+    every cached pass of each clip (clean and perturbed, one row each): the clips it answers
+    come clean."""
     from learner.linear_probe import (block_statistics,  # imports this module
                                       fit_standardised_regression)
 
@@ -195,15 +198,20 @@ def fit_block_mean_probe(train: CachedClips, probe: dict,
     std, deltas = bool(probe.get("std", False)), bool(probe.get("deltas", False))
     passes = range(len(train.variants)) if probe.get("perturbed", False) else range(1)
     rows = [block_statistics(train, probed, v, std=std, deltas=deltas) for v in passes]
-    fitted = fit_standardised_regression(np.concatenate(rows), np.tile(train.targets, len(rows)),
-                                         float(probe["C"]))
+    x, targets = np.concatenate(rows), np.tile(train.targets, len(rows))
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)
+    share = float(probe["weight"])
+    if probe.get("hidden"):
+        network = fit_probe_network(x, targets, len(labels), probe, seed)
+        return BlockMeanProbe(blocks, as_tensor(network.mean), as_tensor(network.scale),
+                              network.out.weight * share, network.out.bias * share, std, deltas,
+                              network.hidden.weight.clone(), network.hidden.bias.clone())
+    fitted = fit_standardised_regression(x, targets, float(probe["C"]))
     scaler, regression = fitted[0], fitted[-1]
     coef, intercept = regression.coef_, regression.intercept_
     if len(labels) == 2:  # scikit-learn keeps one row for two classes: the second's log-odds
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2,
                                                                        intercept[0] / 2])
-    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)
-    share = float(probe["weight"])
     return BlockMeanProbe(blocks, as_tensor(scaler.mean_), as_tensor(scaler.scale_),
                           as_tensor(coef * share), as_tensor(intercept * share), std, deltas)
 

@@ -23,11 +23,12 @@ answer blends the head's probabilities with the labels of the user's nearest cor
 but only for a clip that close to one of them (cosine similarity of the embeddings at least
 `threshold`): other voices, and the global gate set, are answered by the head alone. The file
 adds the corrections' embeddings (float16: 2 bytes a dimension; at most `personal.memory_size`).
-On a parent whose head also reads a probe (its block statistics after the branches' embeddings),
-the memory keeps and compares the branches' part alone (`memory_width`): the threshold was chosen
-on that embedding, and the statistics (3,456 numbers on the bundled model, against 640) would
-both outweigh it in the similarity and take a 100-correction memory past the 1 MB a version may
-take.
+On a parent whose head also reads a probe (after the branches' embeddings: its block statistics,
+or a network probe's hidden units), the memory keeps and compares the branches' part alone
+(`memory_width`): the threshold was chosen on that embedding, and the probe's part would weigh in
+the similarity (a linear probe's statistics, 3,456 numbers on three blocks against the branches'
+640, would also take a 100-correction memory past the 1 MB a version may take; the bundled
+model's network probe adds 256 units).
 
 This module is imported by the service: no Avalanche here.
 """
@@ -134,8 +135,8 @@ def personal_logits(weight: torch.Tensor, bias: torch.Tensor, memory: Correction
 
 def memory_width(net: nn.Module) -> int:
     """How much of `net`'s embedding a correction memory keeps: the branches' part where the
-    head also reads a probe's statistics (module docstring), else all of it."""
-    return int(net.head.in_features) - getattr(net.config, "probe_width", 0)  # log-mel: none
+    head also reads a probe (module docstring), else all of it."""
+    return int(net.head.in_features) - getattr(net.config, "probe_features", 0)  # log-mel: none
 
 
 def personal_head_bytes(head: nn.Linear, labels: tuple[str, ...], *, parent_version: int,

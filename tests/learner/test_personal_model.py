@@ -1,6 +1,7 @@
 """What a personal version holds, what it costs on disk, and that it only ever runs on the global
 network it was trained on."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -149,12 +150,16 @@ def test_on_a_parent_with_a_probe_the_memory_keeps_and_compares_the_branches_par
     from learner.personal.model import memory_width
     from learner.speech_model import DownstreamConfig, build_downstream
 
-    net = build_downstream(DownstreamConfig(n_blocks=2, width=96, channels=8, conv_layers=1,
-                                            lstm_hidden=8, branches=2, block_mix="concat",
-                                            probe_blocks=2, probe_std=True, probe_deltas=True))
+    config = DownstreamConfig(n_blocks=2, width=96, channels=8, conv_layers=1, lstm_hidden=8,
+                              branches=2, block_mix="concat", probe_blocks=2, probe_std=True,
+                              probe_deltas=True)
+    net = build_downstream(config)
     branches = 2 * 2 * 8
     assert net.head.in_features == branches + 3 * 2 * 96
     assert memory_width(net) == branches
+    # A network probe's hidden units, in place of the statistics: still the branches' part.
+    network = build_downstream(replace(config, probe_hidden=16))
+    assert network.head.in_features == branches + 16 and memory_width(network) == branches
     torch.manual_seed(5)
     corrected = torch.randn(4, net.head.in_features)
     memory = CorrectionMemory.of(corrected, torch.tensor([3, 3, 6, 6]), weight=0.5,

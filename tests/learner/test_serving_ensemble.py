@@ -20,7 +20,8 @@ from tests.learner.tiny_speech import (bundled_tiny_encoder, tiny_encoder_file, 
                                        toy_speech_model)
 
 
-def _ensemble(branches: int = 3, probe: bool = True, conv_layers: int = 1) -> SpeechEmotionEnsemble:
+def _ensemble(branches: int = 3, probe: bool = True, conv_layers: int = 1,
+              probe_hidden: int = 0) -> SpeechEmotionEnsemble:
     members = [_branch(seed, "concat") for seed in range(branches)]
     if conv_layers > 1:  # CONFIG's branches have one conv: rebuild them with more
         members = []
@@ -37,13 +38,15 @@ def _ensemble(branches: int = 3, probe: bool = True, conv_layers: int = 1) -> Sp
                 net.in_norm.weight.uniform_(0.5, 2)
                 net.in_norm.bias.uniform_(-1, 1)
             members.append(net.eval())
-    fitted = _probe(blocks=2, std=True, deltas=True) if probe else None
+    fitted = _probe(blocks=2, std=True, deltas=True, hidden=probe_hidden) if probe else None
     return SpeechEmotionEnsemble.of(members, fitted).eval()
 
 
-@pytest.mark.parametrize("branches,probe,conv_layers", [(3, True, 1), (2, False, 1), (2, True, 2)])
-def test_full_clips_and_padded_batches_get_the_downstreams_logits(branches, probe, conv_layers):
-    ensemble = _ensemble(branches, probe, conv_layers)
+@pytest.mark.parametrize("branches,probe,conv_layers,probe_hidden",
+                         [(3, True, 1, 0), (2, False, 1, 0), (2, True, 2, 0), (3, True, 1, 16)])
+def test_full_clips_and_padded_batches_get_the_downstreams_logits(branches, probe, conv_layers,
+                                                                  probe_hidden):
+    ensemble = _ensemble(branches, probe, conv_layers, probe_hidden)
     serving = ServingEnsemble(ensemble)
     clips = _clips((7, 20, 21, 1, 16))
     with torch.inference_mode():

@@ -181,6 +181,14 @@ def test_a_round_trains_the_downstream_only_and_registers_a_version_of_the_kind(
     assert all(name.startswith("net.downstream.") for name in state.anchor)
     assert sum(t.numel() for t in state.anchor.values()) == sum(
         p.numel() for p in model.net.downstream.parameters())
+    # The probe's scaler and hidden layer, fitted once by the recipe, are read, not trained.
+    parent = _net_of(world, 1).downstream.state_dict()
+    probe = {k: v for k, v in model.net.downstream.state_dict().items() if k.startswith("probe_")}
+    assert set(probe) == {"probe_mean", "probe_scale", "probe_hidden_weight",
+                          "probe_hidden_scale", "probe_hidden_bias"}
+    for name, tensor in probe.items():
+        assert torch.equal(tensor, parent[name]), name
+    assert bool((_net_of(world, 1).downstream.probe_hidden_weight != 0).any())
 
 
 def _net_of(world, version: int) -> SpeechEmotionModel:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from learner.model import count_parameters, probe_parameters
 from learner.speech_model import (BlockMeanProbe, DownstreamConfig, SpeechEmotionEnsemble,
                                   SpeechEmotionNet, bidirectional_lstm, build_downstream)
 
@@ -69,22 +70,29 @@ def test_the_bilstm_over_padded_clips_is_the_packed_bilstm_forward_and_backward(
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def _probe(blocks: int = 2, std: bool = False, deltas: bool = False) -> BlockMeanProbe:
+def _probe(blocks: int = 2, std: bool = False, deltas: bool = False,
+           hidden: int = 0) -> BlockMeanProbe:
+    """A random probe; with `hidden`, a network probe of that many hidden units."""
     gen = torch.Generator().manual_seed(5)
     width = blocks * CONFIG.width * (1 + int(std) + int(deltas))
+    reads = hidden or width
+    layer = dict(hidden_weight=torch.randn(hidden, width, generator=gen) / width ** 0.5,
+                 hidden_bias=torch.randn(hidden, generator=gen)) if hidden else {}
     return BlockMeanProbe(blocks, torch.randn(width, generator=gen),
                           torch.rand(width, generator=gen) + 0.5,
-                          torch.randn(CONFIG.n_classes, width, generator=gen),
-                          torch.randn(CONFIG.n_classes, generator=gen), std, deltas)
+                          torch.randn(CONFIG.n_classes, reads, generator=gen),
+                          torch.randn(CONFIG.n_classes, generator=gen), std, deltas, **layer)
 
 
 @pytest.mark.parametrize("block_mix", ["sum", "concat"])
 @pytest.mark.parametrize("branches,probe", [(1, None), (3, None), (1, "means"), (3, "means"),
-                                            (3, "means and stds"), (3, "all three")])
+                                            (3, "means and stds"), (3, "all three"),
+                                            (3, "network")])
 def test_padding_inside_a_batch_does_not_change_a_clips_output(branches, probe, block_mix):
     members = [_branch(seed, block_mix) for seed in range(branches)]
     joined = branches > 1 or probe
-    fitted = _probe(std=probe != "means", deltas=probe == "all three") if probe else None
+    fitted = _probe(std=probe != "means", deltas=probe in ("all three", "network"),
+                    hidden=16 if probe == "network" else 0) if probe else None
     net = SpeechEmotionEnsemble.of(members, fitted).eval() if joined else members[0]
     clips = _clips((7, 20, 21, 1, 16))
     with torch.inference_mode():
@@ -150,6 +158,60 @@ def test_a_probe_joined_adds_its_logits_on_the_clips_block_means_to_the_branches
     rebuilt.load_state_dict(joined.state_dict(), strict=True)
     with torch.inference_mode():
         torch.testing.assert_close(rebuilt.eval()(x, lengths), joined(x, lengths))
+
+
+def test_a_network_probe_joined_adds_its_networks_logits_and_the_head_reads_its_hidden_units():
+    """A network probe (`probe_hidden`): the standardised statistics through its hidden layer
+    (its weights kept in int8 steps) and a ReLU; the head reads those units beside the
+    branches' embeddings, its columns for them the network's last layer, so the joined answer
+    is the branches' mean plus the network's logits; such a file loads back as written, and one
+    written before network probes (no `probe_hidden` in its config) loads as the linear probe
+    it holds."""
+    members = [_branch(seed) for seed in (1, 2)]
+    probe = _probe(blocks=2, std=True, deltas=True, hidden=16)
+    joined = SpeechEmotionEnsemble.of(members, probe).eval()
+    clips = _clips((9, 14, 4))
+    x, lengths = _padded(clips, fill=0.0)
+    statistics = torch.stack([torch.cat([c[:2].mean(dim=1).flatten(),
+                                         c[:2].std(dim=1, unbiased=False).flatten(),
+                                         (c[:2, 1:] - c[:2, :-1]).abs().mean(dim=1).flatten()])
+                              for c in clips])
+    # The hidden weights as the file keeps them: each unit's row in 255 even steps of its
+    # largest magnitude, so within half a step of the fitted ones.
+    step = probe.hidden_weight.abs().amax(dim=1, keepdim=True) / 127
+    kept = torch.round(probe.hidden_weight / step) * step
+    assert joined.probe_hidden_weight.dtype == torch.int8
+    stored = joined.probe_hidden_weight.float() * joined.probe_hidden_scale[:, None]
+    torch.testing.assert_close(stored, kept, atol=1e-6, rtol=1e-5)
+    assert float((kept - probe.hidden_weight).abs().max()) <= float(step.max()) / 2 + 1e-6
+    units = torch.relu(((statistics - probe.mean) / probe.scale) @ kept.T + probe.hidden_bias)
+    assert bool((units == 0).any()) and bool((units > 0).any())  # the ReLU is at work
+    with torch.inference_mode():
+        branches = torch.stack([m(x, lengths) for m in members]).mean(dim=0)
+        torch.testing.assert_close(joined(x, lengths),
+                                   branches + units @ probe.weight.T + probe.bias,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(joined.embed(x, lengths)[:, 2 * 2 * CONFIG.lstm_hidden:], units,
+                                   atol=1e-5, rtol=1e-5)
+    assert joined.config.probe_hidden == 16 and joined.config.probe_features == 16
+    # Computed with, so counted among the model's parameters; fitted once, so not trainable.
+    own = sum(p.numel() for p in joined.parameters())
+    assert probe_parameters(joined) == 16 * statistics.shape[1] + 16
+    assert count_parameters(joined) == own + probe_parameters(joined)
+    assert count_parameters(joined, trainable_only=True) == own
+    assert joined.head.in_features == 2 * 2 * CONFIG.lstm_hidden + 16
+    rebuilt = build_downstream(DownstreamConfig.from_dict(joined.config.to_dict()))
+    rebuilt.load_state_dict(joined.state_dict(), strict=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt.eval()(x, lengths), joined(x, lengths))
+
+    linear = SpeechEmotionEnsemble.of(members, _probe(blocks=2, std=True, deltas=True)).eval()
+    older = {k: v for k, v in linear.config.to_dict().items() if k != "probe_hidden"}
+    loaded = build_downstream(DownstreamConfig.from_dict(older))
+    loaded.load_state_dict(linear.state_dict(), strict=True)
+    assert loaded.config.probe_hidden == 0 and not hasattr(loaded, "probe_hidden_weight")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.eval()(x, lengths), linear(x, lengths))
 
 
 def test_a_personal_adapter_moves_only_its_own_branch():

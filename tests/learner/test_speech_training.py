@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from learner import encoder_cache
@@ -17,7 +18,8 @@ from learner.checkpoint import WHISPER_KIND, load_model
 from learner.corpora import CorpusClip, CorpusError
 from learner.encoder_cache import build_or_load_cache, cache_key, encode_wave
 from learner.inference import EmotionPredictor
-from learner.linear_probe import C_GRID
+from learner.linear_probe import C_GRID, fit_standardised_regression
+from learner.probe_network import fit_probe_network
 from learner.speaker_folds import speaker_folds
 from learner.speech_encoder.weights import load_encoder
 from learner.speech_training import (cached_logits, corpus_mean_ua, load_cached_splits,
@@ -265,6 +267,71 @@ def test_a_recipe_with_a_probe_answers_its_branches_plus_the_weighted_probe(
                          **common)
 
 
+def test_a_recipe_with_a_network_probe_reads_its_hidden_units_and_fits_the_same_each_time(
+        recipe, toy_corpus, splits, tiny_encoder_file):
+    """`probe.hidden` in the recipe: a network of that many ReLU units on the standardised
+    statistics (by the training rows' own mean and deviation) in place of the regression,
+    trained on the recipe's seed: the same file on a rerun, the caller's random streams left
+    as they were, and the joined answer the branches' plus the weighted network's."""
+    train, validation, _ = splits
+    probe = {"blocks": BLOCKS, "weight": 0.5, "std": True, "deltas": True, "perturbed": True,
+             "hidden": 8, "dropout": 0.5, "epochs": 3, "batch_size": 4, "lr": 0.001,
+             "weight_decay": 0.01}
+    common = dict(data_dir=toy_corpus, encoder_path=tiny_encoder_file[0], progress=False)
+    plain = {k: v for k, v in recipe.items() if k != "probe"}
+    torch.manual_seed(0)
+    joined, _ = train_downstream({**plain, "probe": probe}, train, validation, **common)
+    after_one_fit = torch.rand(1)
+    torch.manual_seed(0)
+    again, _ = train_downstream({**plain, "probe": probe}, train, validation, **common)
+    assert torch.equal(torch.rand(1), after_one_fit)  # the probe's fit drew on its own streams
+    plain, _ = train_downstream(plain, train, validation, **common)
+    assert joined.config.probe_hidden == 8 and joined.head.in_features == 2 * 8 + 8
+    for (name, a), b in zip(joined.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    def statistics(states: np.ndarray) -> np.ndarray:  # (blocks, frames, D) of one clip
+        states = states[:BLOCKS]
+        return np.concatenate([states.mean(axis=1).reshape(-1), states.std(axis=1).reshape(-1),
+                               np.abs(states[:, 1:] - states[:, :-1]).mean(axis=1).reshape(-1)])
+
+    x = np.stack([statistics(cache.clip(int(r)).astype(np.float32))
+                  for cache, rows in train.variants for r in rows])
+    np.testing.assert_allclose(joined.probe_mean.numpy(), x.mean(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(joined.probe_scale.numpy(), x.std(axis=0), rtol=1e-4, atol=1e-5)
+    held = np.stack([statistics(validation.states(i, 0, None, None))
+                     for i in range(len(validation.clips))])
+    standardised = torch.from_numpy((held - x.mean(axis=0)) / x.std(axis=0)).float()
+    hidden = joined.probe_hidden_weight.float() * joined.probe_hidden_scale[:, None]
+    with torch.no_grad():
+        units = torch.relu(standardised @ hidden.T + joined.probe_hidden_bias)
+        # The head's columns for the units, and its bias less the branch's: the network's last
+        # layer, weighted.
+        network = units @ joined.head.weight[:, 2 * 8:].T + joined.head.bias - plain.head.bias
+    expected = cached_logits(plain, validation) + network.numpy()
+    np.testing.assert_allclose(cached_logits(joined, validation), expected, atol=1e-4)
+
+
+def test_a_network_probe_learns_what_no_hyperplane_separates():
+    """Why a hidden layer: two classes by the sign of the product of two statistics (no
+    linear boundary scores above chance) are told apart by the network probe."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 2)) * np.array([1.0, 50.0])  # scales apart: it standardises
+    targets = (x[:, 0] * x[:, 1] > 0).astype(np.int64)
+    settings = {"hidden": 32, "dropout": 0.0, "epochs": 60, "batch_size": 64, "lr": 0.01,
+                "weight_decay": 0.0}
+    network = fit_probe_network(x, targets, 2, settings, seed=1)
+    held = rng.normal(size=(500, 2)) * np.array([1.0, 50.0])
+    with torch.no_grad():
+        rows = torch.from_numpy((held - network.mean) / network.scale).float()
+        answers = network.out(torch.relu(network.hidden(rows))).argmax(dim=1).numpy()
+    assert np.mean(answers == (held[:, 0] * held[:, 1] > 0)) > 0.9
+    regression = fit_standardised_regression(x, targets, 1.0)
+    assert np.mean(regression.predict(held) == (held[:, 0] * held[:, 1] > 0)) < 0.65
+    again = fit_probe_network(x, targets, 2, settings, seed=1)
+    assert torch.equal(again.hidden.weight, network.hidden.weight)
+
+
 def test_the_linear_probe_prints_its_reports_and_trains_nothing(recipe, toy_corpus, splits,
                                                                  tmp_path, capsys, monkeypatch):
     config = _write_recipe(recipe, tmp_path)
@@ -304,8 +371,9 @@ def test_a_recipe_of_two_branches_answers_the_mean_of_its_two_seeds_models(
     file is the same on a rerun, and its logits are the mean of the one-branch models' on those
     seeds, so an ensemble is exactly what the comparison in the README measured."""
     # Clean states only: augmented variants are drawn with the recipe's seed, which a one-branch
-    # run on seed + 1 would change.
-    one = {**recipe, "augment": {**recipe["augment"], "variants": 1}}
+    # run on seed + 1 would change; and no probe, whose network trains on the recipe's seed too.
+    one = {**{k: v for k, v in recipe.items() if k != "probe"},
+           "augment": {**recipe["augment"], "variants": 1}}
     pair = {**one, "model": {**one["model"], "branches": 2}, "train": {**one["train"], "workers": 2}}
     runs = {"pair": pair, "pair again": pair, "first": one,
             "second": {**one, "seed": one["seed"] + 1}}
@@ -370,9 +438,9 @@ def test_cross_validation_scores_every_training_speaker_by_a_model_that_never_he
     probed_on = []
     original_probe = speaker_folds_module.fit_block_mean_probe
 
-    def probe_spy(train, probe, labels):
+    def probe_spy(train, probe, labels, seed):
         probed_on.append({c.speaker for c in train.clips})
-        return original_probe(train, probe, labels)
+        return original_probe(train, probe, labels, seed)
 
     monkeypatch.setattr(speaker_folds_module, "fit_block_mean_probe", probe_spy)
     _no_encoder_runs(monkeypatch)  # the recipe's own cache

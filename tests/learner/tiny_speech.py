@@ -44,11 +44,21 @@ def tiny_encoder_bytes(seed: int = 0) -> bytes:
 
 
 def tiny_downstream(n_classes: int = 2, branches: int = 1, block_mix: str = "sum",
-                    n_blocks: int = BLOCKS) -> torch.nn.Module:
-    return build_downstream(DownstreamConfig(n_blocks=n_blocks, width=WIDTH, n_classes=n_classes,
-                                             channels=8, conv_layers=1, kernel=3,
-                                             lstm_hidden=8, dropout=0.0, branches=branches,
-                                             block_mix=block_mix))
+                    n_blocks: int = BLOCKS, probe_hidden: int = 0) -> torch.nn.Module:
+    """With `probe_hidden`, the head also reads a network probe of that many units on every
+    block's means, deviations and changes, as the default ships."""
+    probe = dict(probe_blocks=n_blocks, probe_std=True, probe_deltas=True,
+                 probe_hidden=probe_hidden) if probe_hidden else {}
+    net = build_downstream(DownstreamConfig(n_blocks=n_blocks, width=WIDTH, n_classes=n_classes,
+                                            channels=8, conv_layers=1, kernel=3,
+                                            lstm_hidden=8, dropout=0.0, branches=branches,
+                                            block_mix=block_mix, **probe))
+    if probe_hidden:  # a fitted probe's buffers are not trained: random ones, not zeros
+        width = net.probe_hidden_weight.shape[1]
+        net.probe_hidden_weight.copy_(torch.randint(-127, 128, net.probe_hidden_weight.shape))
+        net.probe_hidden_scale.fill_(1 / (127 * width ** 0.5))
+        net.probe_hidden_bias.normal_(0, 0.1)
+    return net
 
 
 @pytest.fixture(scope="session")
@@ -72,23 +82,24 @@ def bundled_tiny_encoder(tiny_encoder_file, monkeypatch) -> str:
 
 def tiny_speech_model(tiny_encoder_file, n_classes: int = 2, seed: int = 0,
                       branches: int = 1, block_mix: str = "sum",
-                      n_blocks: int = BLOCKS) -> SpeechEmotionModel:
+                      n_blocks: int = BLOCKS, probe_hidden: int = 0) -> SpeechEmotionModel:
     """A random tiny model of the speech kind on (a load of) the tiny encoder file, reading its
     first `n_blocks` blocks."""
     path, sha256 = tiny_encoder_file
     torch.manual_seed(seed)
     return SpeechEmotionModel(load_encoder(path, sha256),
-                              tiny_downstream(n_classes, branches, block_mix, n_blocks), sha256)
+                              tiny_downstream(n_classes, branches, block_mix, n_blocks,
+                                              probe_hidden), sha256)
 
 
 @pytest.fixture(scope="session")
 def toy_speech_model(tiny_encoder_file) -> bytes:
     """The toy model (tests/learner/toy_learning.py) of the speech kind: a model file. Two
-    branches reading the blocks side by side, as the default ships
+    branches reading the blocks side by side and a network probe, as the default ships
     (learner.speech_model.SpeechEmotionEnsemble)."""
     limit_threads(1)  # as toy_model: one thread trains these tiny models fastest
     return train_toy_model(net=tiny_speech_model(tiny_encoder_file, branches=2,
-                                                 block_mix="concat"),
+                                                 block_mix="concat", probe_hidden=8),
                            kind=WHISPER_KIND)
 
 
