@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 
@@ -28,14 +29,14 @@ def fit_probe_network(x: np.ndarray, targets: np.ndarray, n_classes: int, settin
     """Standardise `x` (rows: clips, columns: statistics) by its own mean and deviation, then
     train Linear(`hidden`) -> ReLU -> Dropout(`dropout`) -> Linear(n_classes) for `epochs`
     passes in shuffled batches of `batch_size`, AdamW (`lr`, `weight_decay`), cross-entropy
-    with classes weighted by the inverse of their counts (as the regression's "balanced")."""
+    with classes weighted by the inverse of their counts (the regression's "balanced")."""
     mean = x.mean(axis=0, dtype=np.float64)
     scale = x.std(axis=0, dtype=np.float64)
     scale[scale == 0] = 1.0  # a statistic constant over the training clips: left as it is
     rows = torch.from_numpy(((x - mean) / scale).astype(np.float32))
     labels = torch.from_numpy(targets.astype(np.int64))
-    counts = np.bincount(targets, minlength=n_classes)
-    class_weights = np.where(counts > 0, len(targets) / (n_classes * np.maximum(counts, 1)), 0.0)
+    # The regression's own "balanced" weights: every class must have rows (the caller checks).
+    class_weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=targets)
     # Its own random streams: the result depends on `seed` alone, and the caller's are untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

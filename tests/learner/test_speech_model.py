@@ -126,6 +126,20 @@ def test_branches_joined_answer_the_mean_of_their_logits_and_read_as_one_network
     assert isinstance(build_downstream(CONFIG), SpeechEmotionNet)
 
 
+def _clip_statistics(clips: list[torch.Tensor], std: bool, deltas: bool) -> torch.Tensor:
+    """(clips, statistics): each clip's first two blocks' means, then (`std`) their deviations,
+    then (`deltas`) their mean absolute frame-to-frame changes, computed clip by clip, apart
+    from the model's masked batch computation."""
+    statistics = [torch.stack([c[:2].mean(dim=1).flatten() for c in clips])]
+    if std:  # numpy's population deviation
+        statistics.append(torch.from_numpy(np.stack([c[:2].numpy().std(axis=1).reshape(-1)
+                                                     for c in clips])))
+    if deltas:  # the clip of 4 frames has 3 changes, whatever the batch pads it to
+        statistics.append(torch.stack([(c[:2, 1:] - c[:2, :-1]).abs().mean(dim=1).flatten()
+                                       for c in clips]))
+    return torch.cat(statistics, dim=1)
+
+
 @pytest.mark.parametrize("std,deltas", [(False, False), (True, False), (True, True)])
 def test_a_probe_joined_adds_its_logits_on_the_clips_block_means_to_the_branches_mean(std, deltas):
     """The linear probe (standardised clip means of the first blocks, with `std` their standard
@@ -137,15 +151,8 @@ def test_a_probe_joined_adds_its_logits_on_the_clips_block_means_to_the_branches
     joined = SpeechEmotionEnsemble.of(members, probe).eval()
     clips = _clips((9, 14, 4))
     x, lengths = _padded(clips, fill=0.0)
-    statistics = [torch.stack([c[:2].mean(dim=1).flatten() for c in clips])]
-    if std:  # numpy's population deviation, computed apart from the model's masked one
-        statistics.append(torch.from_numpy(np.stack([c[:2].numpy().std(axis=1).reshape(-1)
-                                                     for c in clips])))
-    if deltas:  # the clip of 4 frames has 3 changes, whatever the batch pads it to
-        statistics.append(torch.stack([(c[:2, 1:] - c[:2, :-1]).abs().mean(dim=1).flatten()
-                                       for c in clips]))
-    probe_logits = ((torch.cat(statistics, dim=1) - probe.mean) / probe.scale) @ probe.weight.T \
-        + probe.bias
+    probe_logits = ((_clip_statistics(clips, std, deltas) - probe.mean) / probe.scale) \
+        @ probe.weight.T + probe.bias
     with torch.inference_mode():
         branches = torch.stack([m(x, lengths) for m in members]).mean(dim=0)
         torch.testing.assert_close(joined(x, lengths), branches + probe_logits, atol=1e-5,
@@ -172,10 +179,7 @@ def test_a_network_probe_joined_adds_its_networks_logits_and_the_head_reads_its_
     joined = SpeechEmotionEnsemble.of(members, probe).eval()
     clips = _clips((9, 14, 4))
     x, lengths = _padded(clips, fill=0.0)
-    statistics = torch.stack([torch.cat([c[:2].mean(dim=1).flatten(),
-                                         c[:2].std(dim=1, unbiased=False).flatten(),
-                                         (c[:2, 1:] - c[:2, :-1]).abs().mean(dim=1).flatten()])
-                              for c in clips])
+    statistics = _clip_statistics(clips, std=True, deltas=True)
     # The hidden weights as the file keeps them: each unit's row in 255 even steps of its
     # largest magnitude, so within half a step of the fitted ones.
     step = probe.hidden_weight.abs().amax(dim=1, keepdim=True) / 127

@@ -222,6 +222,17 @@ def test_emoloop_train_writes_a_model_of_the_speech_kind_the_same_for_the_same_s
     assert summaries[1]["sha256"] == sha256_bytes(outs[1].read_bytes()) == model.sha256
 
 
+def _statistics(states: np.ndarray, std: bool, deltas: bool) -> np.ndarray:
+    """What a recipe's probe reads of one clip's (blocks, frames, D) states, computed apart
+    from learner.linear_probe: the first BLOCKS blocks' means, then (`std`) their deviations,
+    then (`deltas`) their mean absolute frame-to-frame changes."""
+    states = states[:BLOCKS]
+    kept = [states.mean(axis=1)] + ([states.std(axis=1)] if std else [])
+    if deltas:
+        kept.append(np.abs(states[:, 1:] - states[:, :-1]).mean(axis=1))
+    return np.concatenate([k.reshape(-1) for k in kept])
+
+
 @pytest.mark.parametrize("std,deltas,perturbed", [(False, False, False), (True, False, False),
                                                    (True, True, True)])
 def test_a_recipe_with_a_probe_answers_its_branches_plus_the_weighted_probe(
@@ -244,20 +255,14 @@ def test_a_recipe_with_a_probe_answers_its_branches_plus_the_weighted_probe(
     assert (joined.config.probe_blocks, joined.config.probe_std,
             joined.config.probe_deltas) == (BLOCKS, std, deltas)
 
-    def statistics(states: np.ndarray) -> np.ndarray:  # (blocks, frames, D) of one clip
-        kept = [states[:BLOCKS].mean(axis=1)] + ([states[:BLOCKS].std(axis=1)] if std else [])
-        if deltas:
-            kept.append(np.abs(states[:BLOCKS, 1:] - states[:BLOCKS, :-1]).mean(axis=1))
-        return np.concatenate([k.reshape(-1) for k in kept])
-
     passes = train.variants if perturbed else train.variants[:1]
     assert len(passes) == (2 if perturbed else 1)  # the recipe caches one perturbed pass
-    x = np.stack([statistics(cache.clip(int(r)).astype(np.float32))
+    x = np.stack([_statistics(cache.clip(int(r)).astype(np.float32), std, deltas)
                   for cache, rows in passes for r in rows])
     scaler = StandardScaler().fit(x)
     regression = LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced")
     regression.fit(scaler.transform(x), np.tile(train.targets, len(passes)))
-    held = np.stack([statistics(validation.states(i, 0, None, None))
+    held = np.stack([_statistics(validation.states(i, 0, None, None), std, deltas)
                      for i in range(len(validation.clips))])
     odds = regression.decision_function(scaler.transform(held))  # two labels: one log-odds
     expected = cached_logits(plain, validation) + 0.5 * np.stack([-odds / 2, odds / 2], axis=1)
@@ -290,16 +295,11 @@ def test_a_recipe_with_a_network_probe_reads_its_hidden_units_and_fits_the_same_
     for (name, a), b in zip(joined.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
 
-    def statistics(states: np.ndarray) -> np.ndarray:  # (blocks, frames, D) of one clip
-        states = states[:BLOCKS]
-        return np.concatenate([states.mean(axis=1).reshape(-1), states.std(axis=1).reshape(-1),
-                               np.abs(states[:, 1:] - states[:, :-1]).mean(axis=1).reshape(-1)])
-
-    x = np.stack([statistics(cache.clip(int(r)).astype(np.float32))
+    x = np.stack([_statistics(cache.clip(int(r)).astype(np.float32), True, True)
                   for cache, rows in train.variants for r in rows])
     np.testing.assert_allclose(joined.probe_mean.numpy(), x.mean(axis=0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(joined.probe_scale.numpy(), x.std(axis=0), rtol=1e-4, atol=1e-5)
-    held = np.stack([statistics(validation.states(i, 0, None, None))
+    held = np.stack([_statistics(validation.states(i, 0, None, None), True, True)
                      for i in range(len(validation.clips))])
     standardised = torch.from_numpy((held - x.mean(axis=0)) / x.std(axis=0)).float()
     hidden = joined.probe_hidden_weight.float() * joined.probe_hidden_scale[:, None]
